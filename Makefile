@@ -1,0 +1,66 @@
+# The two commands: `make run` and `make test`. Everything installs into the project.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NU_STAMP := $(VENV)/.nushell
+DATA_DIR ?= $(CURDIR)/.data
+PYTEST_ARGS ?=
+
+.PHONY: help install run test lint format bench chaos clean
+
+help:
+	@echo "make run    install, start the local stack and run the sample workflow (Ctrl-C stops)"
+	@echo "make test   install, then run the test suite against real NATS servers"
+	@echo "make lint   ruff format check, ruff, mypy"
+	@echo "make bench  benchmarks (see docs/performance.md)"
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is required (PYTHON=$(PYTHON))" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Nushell: use `nu` from PATH when there is one, otherwise the pinned npm package,
+# linked into the virtual environment so that every service finds it.
+$(NU_STAMP): $(BIN)/python tools/package.json
+	@if command -v nu >/dev/null 2>&1; then \
+		echo "using nu from PATH: $$(command -v nu)"; \
+	else \
+		npm install --prefix tools --no-package-lock --no-audit --no-fund --loglevel=error && \
+		native=$$(ls tools/node_modules/@nushell/*/bin/nu | head -n1) && \
+		ln -sf "$(CURDIR)/$$native" $(BIN)/nu && \
+		echo "installed $$($(BIN)/nu --version) into $(BIN)/nu"; \
+	fi
+	touch $@
+
+install: $(STAMP) $(NU_STAMP)
+
+run: install
+	$(BIN)/provisioning-orchestrator up --data-dir $(DATA_DIR) --demo
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+chaos: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) tools/node_modules .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,187 @@
+"""Infra definitions (Nickel) and the workflows the seed's shortcuts build from them.
+
+``POST /workflows/servers/create {"infra": "wuji"}`` becomes one ``server.create`` task per
+server of the infra, all in parallel; ``taskserv/create`` installs task services on every server
+(in the infra's order, chained per server); ``cluster/create`` is the whole seed Example 3:
+servers in parallel, then task services, then the cluster, then its applications.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nickel
+
+from shared.errors import DefinitionError
+from shared.ids import NAME_RE
+from shared.messages import TaskSpec, WorkflowDefinition
+
+from . import INFRA_DIR
+
+__all__ = [
+    "KNOBS",
+    "cluster_workflow",
+    "load_infra",
+    "servers_workflow",
+    "strip_ansi",
+    "taskserv_workflow",
+]
+
+# Arguments passed through from "params" to every task (the local provider's test knobs).
+KNOBS = ("delay_seconds", "fail", "fail_at")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI_RE.sub("", text)
+
+
+def infra_root(infra_dir: str = "") -> Path:
+    return Path(infra_dir).expanduser() if infra_dir else INFRA_DIR
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluate(path: Path, mtime: float) -> dict[str, Any]:
+    try:
+        value = json.loads(nickel.run(path.read_text("utf-8"), import_paths=[str(path.parent)]))
+    except nickel.NickelException as exc:
+        raise DefinitionError(
+            f"infra {path.parent.name!r}: {strip_ansi(str(exc)).strip()}", reason="invalid_infra"
+        ) from None
+    if not isinstance(value, dict):
+        raise DefinitionError(f"infra {path.parent.name!r} is not a record", reason="invalid_infra")
+    return value
+
+
+def load_infra(name: str, infra_dir: str = "") -> dict[str, Any]:
+    """Evaluate ``<infra_dir>/<name>/settings.ncl`` to plain data."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise DefinitionError(f"invalid infra name {name!r}", reason="unknown_infra")
+    path = infra_root(infra_dir) / name / "settings.ncl"
+    if not path.is_file():
+        raise DefinitionError(f"unknown infra {name!r} (no {path})", reason="unknown_infra")
+    return _evaluate(path, path.stat().st_mtime)
+
+
+def _knobs(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: params[k] for k in KNOBS if k in params}
+
+
+def _servers(infra: dict[str, Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+    servers = [s for s in infra.get("servers", []) if isinstance(s, dict)]
+    wanted = params.get("servers")
+    if wanted is not None:
+        if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+            raise DefinitionError(
+                "params.servers must be a list of hostnames", reason="wrong_field"
+            )
+        known = {s.get("hostname") for s in servers}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise DefinitionError(
+                f"servers not in infra {infra.get('name')!r}: {', '.join(unknown)}",
+                reason="unknown_server",
+            )
+        servers = [s for s in servers if s.get("hostname") in wanted]
+    if not servers:
+        raise DefinitionError(f"infra {infra.get('name')!r} defines no servers", reason="empty")
+    return servers
+
+
+def _server_tasks(name: str, infra: dict[str, Any], params: dict[str, Any]) -> list[TaskSpec]:
+    return [
+        TaskSpec(
+            id=f"server-{s['hostname']}",
+            action="server.create",
+            args={"infra": name, "server": s, **_knobs(params)},
+            retries=int(params.get("retries", 1)),
+        )
+        for s in _servers(infra, params)
+    ]
+
+
+def servers_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> WorkflowDefinition:
+    infra = load_infra(name, infra_dir)
+    return WorkflowDefinition(
+        name=f"{name}: create servers",
+        tasks=_server_tasks(name, infra, params),
+        on_failure="continue",
+    )
+
+
+def _taskserv_tasks(
+    name: str, infra: dict[str, Any], params: dict[str, Any], *, after_servers: bool
+) -> list[TaskSpec]:
+    only = params.get("taskserv")
+    taskservs = [only] if only else list(infra.get("taskservs", []))
+    if not taskservs or not all(isinstance(t, str) and NAME_RE.match(t) for t in taskservs):
+        raise DefinitionError("no valid task services to install", reason="wrong_field")
+    tasks = []
+    for server in _servers(infra, params):
+        host = server["hostname"]
+        previous = f"server-{host}" if after_servers else None
+        for ts in taskservs:
+            task_id = f"{ts}-{host}"
+            tasks.append(
+                TaskSpec(
+                    id=task_id,
+                    action="taskserv.create",
+                    args={"infra": name, "taskserv": ts, "server": host, **_knobs(params)},
+                    depends_on=[previous] if previous else [],
+                    retries=int(params.get("retries", 1)),
+                )
+            )
+            previous = task_id
+    return tasks
+
+
+def taskserv_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> WorkflowDefinition:
+    infra = load_infra(name, infra_dir)
+    return WorkflowDefinition(
+        name=f"{name}: install task services",
+        tasks=_taskserv_tasks(name, infra, params, after_servers=False),
+    )
+
+
+def cluster_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> WorkflowDefinition:
+    """Servers in parallel -> task services per server -> the cluster -> its applications."""
+    infra = load_infra(name, infra_dir)
+    servers = _server_tasks(name, infra, params)
+    taskservs = _taskserv_tasks(name, infra, params, after_servers=True)
+    cluster = infra.get("cluster") or {}
+    cluster_name = str(cluster.get("name") or f"{name}-cluster")
+    hosts = [s.args["server"]["hostname"] for s in servers]
+    last_per_host = {t.args["server"]: t.id for t in taskservs}
+    cluster_task = TaskSpec(
+        id="cluster",
+        action="cluster.create",
+        args={
+            "infra": name,
+            "cluster": {
+                "name": cluster_name,
+                "type": cluster.get("type", "kubernetes"),
+                "servers": hosts,
+            },
+            **_knobs(params),
+        },
+        depends_on=sorted(set(last_per_host.values())) or [s.id for s in servers],
+    )
+    apps = params.get("apps", cluster.get("apps", []))
+    app_tasks = [
+        TaskSpec(
+            id=f"app-{app}",
+            action="app.deploy",
+            args={"infra": name, "cluster": cluster_name, "app": app, **_knobs(params)},
+            depends_on=["cluster"],
+        )
+        for app in apps
+        if isinstance(app, str) and NAME_RE.match(app)
+    ]
+    return WorkflowDefinition(
+        name=f"{name}: create cluster {cluster_name}",
+        tasks=[*servers, *taskservs, cluster_task, *app_tasks],
+    )

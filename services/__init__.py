@@ -1,0 +1,1 @@
+"""The services: gateway (HTTP API), scheduler (DAG engine), executor (runs tasks)."""

@@ -1,0 +1,3 @@
+from services.runner import main
+
+main()

@@ -1,0 +1,510 @@
+"""The executor service.
+
+Many executors share one durable pull consumer per pool. Each fetches only as many task attempts
+as it has free slots, reports ``started``, keeps the ack deadline alive while the task runs,
+publishes ``finished`` (and waits for JetStream's ack) and only then acks the task. A crash
+anywhere in between means a redelivery, never a lost task; a redelivered attempt that already
+finished is recognised (KV checkpoint or pending report) and not run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from core.registry import Registry
+from core.runner import Runner, RunResult
+from shared import __version__, subjects
+from shared.bus import Bus
+from shared.config import Config
+from shared.errors import ActionNotFound
+from shared.messages import (
+    TERMINAL_TASK,
+    DecodeError,
+    ExecutorBeat,
+    LogChunk,
+    Progress,
+    ProgressEvent,
+    TaskDispatch,
+    TaskFinished,
+    TaskStarted,
+    decode_dispatch,
+    decode_report,
+    encode,
+)
+from shared.store import Store
+from shared.tracing import context_from, current_traceparent
+
+from .builtins import run_builtin
+
+__all__ = ["Executor"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("provisioning.executor")
+LOG_FLUSH_S = 0.2
+LOG_FLUSH_LINES = 100
+_task_list = msgspec.json.Decoder(list[str])
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Running:
+    """One task attempt in progress on this executor."""
+
+    def __init__(self, msg: Msg, dispatch: TaskDispatch) -> None:
+        self.msg = msg
+        self.dispatch = dispatch
+        self.cancel = asyncio.Event()
+        self.handed_back = False
+
+
+class _LogSink:
+    """Batches a task's output lines into LogChunks, bounded in bytes per attempt."""
+
+    def __init__(self, bus: Bus, dispatch: TaskDispatch, limit: int) -> None:
+        self.bus = bus
+        self.dispatch = dispatch
+        self.limit = limit
+        self.used = 0
+        self.truncated = False
+        self.pending: dict[str, list[str]] = {}
+        self.last_flush = time.monotonic()
+        self.subject = subjects.log_subject(dispatch.workflow_id, dispatch.task_id)
+
+    async def add(self, stream: str, line: str) -> None:
+        if self.truncated:
+            return
+        self.used += len(line) + 1
+        if self.used > self.limit:
+            self.truncated = True
+            line = f"[log truncated at {self.limit} bytes]"
+            stream = "system"
+        self.pending.setdefault(stream, []).append(line)
+        count = sum(len(v) for v in self.pending.values())
+        if count >= LOG_FLUSH_LINES or time.monotonic() - self.last_flush > LOG_FLUSH_S:
+            await self.flush()
+
+    async def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        pending, self.pending = self.pending, {}
+        for stream, lines in pending.items():
+            chunk = LogChunk(
+                workflow_id=self.dispatch.workflow_id,
+                task_id=self.dispatch.task_id,
+                attempt=self.dispatch.attempt,
+                stream=stream,
+                lines=lines,
+                at=_now(),
+            )
+            with contextlib.suppress(nats.errors.Error):
+                await self.bus.nc.publish(self.subject, encode(chunk))
+
+
+class Executor:
+    def __init__(
+        self,
+        config: Config,
+        bus: Bus,
+        registry: Registry,
+        runner: Runner,
+        *,
+        pool: str | None = None,
+        max_concurrent_tasks: int | None = None,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.store = Store(bus)
+        self.registry = registry
+        self.runner = runner
+        self.pool = pool or config.executor.pool
+        self.slots = max_concurrent_tasks or config.executor.max_concurrent_tasks
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started_at = _now()
+        self._running: dict[str, _Running] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._draining = False
+        self.completed = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config.executor
+        durable = await self.bus.ensure_pool_consumer(self.pool, cfg.ack_wait_seconds)
+        sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
+        kill_sub = await self.bus.nc.subscribe(f"{subjects.PREFIX}.kill.*", cb=self._on_kill)
+        await self._beat()
+        beats = asyncio.create_task(self._beat_loop(stop), name="heartbeat")
+        log.info("executor %s serving pool %r with %d slots", self.id, self.pool, self.slots)
+        fetcher = asyncio.create_task(self._fetch_loop(sub, stop), name="fetch")
+        await stop.wait()
+        await self._shutdown(fetcher, beats, sub)
+        with contextlib.suppress(nats.errors.Error):
+            await kill_sub.unsubscribe()
+
+    async def _shutdown(self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Any) -> None:
+        """Stop fetching; let running tasks finish within the grace period; hand back the rest."""
+        self._draining = True
+        fetcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetcher
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self._beat()
+        grace = self.config.executor.shutdown_grace_seconds
+        if self._workers:
+            log.info("waiting up to %.0fs for %d running tasks", grace, len(self._workers))
+            _, pending = await asyncio.wait(self._workers, timeout=grace)
+            for running in list(self._running.values()):
+                running.handed_back = True
+                running.cancel.set()
+            if pending:
+                log.info("handing %d unfinished tasks back for redelivery", len(pending))
+                await asyncio.wait(pending, timeout=self.config.executor.kill_grace_seconds + 5)
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self.bus.kv.executors.delete(self.id)
+
+    async def _fetch_loop(self, sub: Any, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            free = self.slots - len(self._workers)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                msgs = await sub.fetch(free, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("fetch failed: %s; retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            for msg in msgs:
+                worker = asyncio.create_task(self._handle(msg))
+                self._workers.add(worker)
+                worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, worker: asyncio.Task[None]) -> None:
+        self._workers.discard(worker)
+        self._slot_free.set()
+        if not worker.cancelled() and (exc := worker.exception()) is not None:
+            log.error("task handler crashed: %r", exc, exc_info=exc)
+
+    async def _beat_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self.config.executor.heartbeat_interval_seconds)
+            try:
+                await self._beat()
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    async def _beat(self) -> None:
+        beat = ExecutorBeat(
+            id=self.id,
+            pool=self.pool,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            max_concurrent_tasks=self.slots,
+            running=len(self._running),
+            started_at=self.started_at,
+            at=_now(),
+            version=__version__,
+            running_tasks=sorted(self._running)[:100],
+            draining=self._draining,
+            interval_seconds=self.config.executor.heartbeat_interval_seconds,
+        )
+        await self.bus.kv.executors.put(self.id, encode(beat))
+
+    async def _on_kill(self, msg: Msg) -> None:
+        workflow_id = msg.subject.rsplit(".", 1)[-1]
+        try:
+            task_ids = _task_list.decode(msg.data)
+        except DecodeError:
+            return
+        for task_id in task_ids:
+            running = self._running.get(f"{workflow_id}.{task_id}")
+            if running is not None:
+                log.info("cancelling %s.%s on request", workflow_id, task_id)
+                running.cancel.set()
+
+    # -- one task -------------------------------------------------------------------------------
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            dispatch = decode_dispatch(msg.data)
+        except DecodeError as exc:
+            await self.bus.dead_letter("executor", msg, f"undecodable dispatch: {exc}")
+            await msg.term()
+            return
+        delivery = msg.metadata.num_delivered or 1
+        key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        if delivery > self.config.executor.max_deliveries:
+            log.error(
+                "%s attempt %d delivered %d times; failing it", key, dispatch.attempt, delivery
+            )
+            now = _now()
+            await self._report_finished(
+                dispatch,
+                delivery,
+                RunResult(
+                    "failed",
+                    reason="max_deliveries",
+                    error=f"delivered {delivery} times without a result (executors crashing?)",
+                ),
+                now,
+                now,
+                retryable=False,
+            )
+            await msg.ack()
+            return
+        if await self._already_done(dispatch, delivery):
+            await msg.ack()
+            return
+        running = _Running(msg, dispatch)
+        self._running[key] = running
+        try:
+            await self._execute(running, delivery)
+        finally:
+            self._running.pop(key, None)
+
+    async def _already_done(self, dispatch: TaskDispatch, delivery: int) -> bool:
+        """Fencing: skip an attempt that is stale, finished or whose result is on its way."""
+        key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
+        if found is None:
+            log.warning("%s: no checkpoint for this task; dropping the dispatch", key)
+            return True
+        record, _ = found
+        if record.attempt != dispatch.attempt or record.status in TERMINAL_TASK:
+            log.info(
+                "%s attempt %d is %s (now attempt %d); not running it",
+                key,
+                dispatch.attempt,
+                record.status,
+                record.attempt,
+            )
+            return True
+        if record.cancel_requested:
+            now = _now()
+            await self._report_finished(
+                dispatch,
+                delivery,
+                RunResult("cancelled", reason="cancelled", error="cancelled"),
+                now,
+                now,
+            )
+            return True
+        try:
+            last = await self.bus.js.get_last_msg(
+                subjects.STREAM_REPORTS,
+                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        try:
+            report = decode_report(last.data or b"")
+        except DecodeError:
+            return False
+        if isinstance(report, TaskFinished) and report.attempt == dispatch.attempt:
+            log.info("%s attempt %d already finished; not running it again", key, dispatch.attempt)
+            return True
+        return False
+
+    async def _execute(self, running: _Running, delivery: int) -> None:
+        dispatch, msg = running.dispatch, running.msg
+        key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        with tracer.start_as_current_span(
+            f"execute {dispatch.task_id}",
+            context=context_from(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation.type": "process",
+                "workflow.id": dispatch.workflow_id,
+                "task.id": dispatch.task_id,
+                "task.attempt": dispatch.attempt,
+                "task.delivery": delivery,
+                "task.action": dispatch.action,
+                "executor.id": self.id,
+            },
+        ) as span:
+            started = _now()
+            await self.bus.publish(
+                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+                encode(
+                    TaskStarted(
+                        dispatch.workflow_id,
+                        dispatch.task_id,
+                        dispatch.attempt,
+                        delivery,
+                        self.id,
+                        started,
+                    )
+                ),
+            )
+            keepalive = asyncio.create_task(self._keepalive(running))
+            t0 = time.monotonic()
+            try:
+                result = await self._run_action(running, span)
+            finally:
+                keepalive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keepalive
+            if running.handed_back:
+                span.set_attribute("task.handed_back", True)
+                log.info("%s handed back for redelivery", key)
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
+                return
+            if result.outcome == "failed":
+                span.set_status(Status(StatusCode.ERROR, result.error or result.reason or "failed"))
+            span.set_attribute("task.outcome", result.outcome)
+            await self._report_finished(dispatch, delivery, result, started, _now())
+            await msg.ack()
+            self.completed += 1
+            log.info(
+                "%s attempt %d %s in %.3fs%s",
+                key,
+                dispatch.attempt,
+                result.outcome,
+                time.monotonic() - t0,
+                f" ({result.error})" if result.error else "",
+            )
+
+    async def _run_action(self, running: _Running, span: trace.Span) -> RunResult:
+        dispatch = running.dispatch
+        try:
+            action = self.registry.get(dispatch.action)
+        except ActionNotFound:
+            return RunResult(
+                "failed", reason="refused", error=f"unknown action {dispatch.action!r}"
+            )
+        if action.kind == "builtin":
+            return await run_builtin(
+                action.name,
+                dispatch.args,
+                timeout_s=dispatch.timeout_seconds,
+                cancel=running.cancel,
+            )
+        if action.kind == "command" and not self.config.executor.allow_commands:
+            return RunResult(
+                "failed",
+                reason="refused",
+                error="plain-command tasks are disabled on this executor ([executor] allow_commands)",
+            )
+        sink = _LogSink(self.bus, dispatch, self.config.executor.log_limit_bytes)
+
+        async def on_progress(percent: int, message: str) -> None:
+            span.add_event("progress", {"progress.percent": percent, "progress.message": message})
+            await self._progress(dispatch, percent, message)
+
+        with tracer.start_as_current_span(
+            f"subprocess {action.name}", attributes={"process.command": action.kind}
+        ) as sub_span:
+            task_env = {
+                "PROVISIONING_TASK_ID": f"{dispatch.workflow_id}.{dispatch.task_id}",
+                "PROVISIONING_WORKFLOW_ID": dispatch.workflow_id,
+                "PROVISIONING_ATTEMPT": str(dispatch.attempt),
+                "PROVISIONING_GATEWAY_URL": self.config.orchestrator.endpoint,
+            }
+            if traceparent := current_traceparent():
+                task_env["TRACEPARENT"] = traceparent
+            result = await self.runner.run(
+                action,
+                dispatch.args,
+                task_env=task_env,
+                timeout_s=dispatch.timeout_seconds,
+                on_line=sink.add,
+                on_progress=on_progress,
+                cancel=running.cancel,
+            )
+            sub_span.set_attribute(
+                "process.exit.code", result.exit_code if result.exit_code is not None else -1
+            )
+            if result.outcome != "completed":
+                sub_span.set_status(Status(StatusCode.ERROR, result.error or "failed"))
+        await sink.flush()
+        return result
+
+    async def _keepalive(self, running: _Running) -> None:
+        """Hold the ack deadline while the task runs; notice cancellation from checkpoints."""
+        interval = max(1.0, self.config.executor.ack_wait_seconds / 3)
+        dispatch = running.dispatch
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(nats.errors.Error):
+                await running.msg.in_progress()
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
+                if found and (found[0].cancel_requested or found[0].attempt != dispatch.attempt):
+                    running.cancel.set()
+
+    async def _progress(self, dispatch: TaskDispatch, percent: int, message: str) -> None:
+        now = _now()
+        event = ProgressEvent(
+            dispatch.workflow_id, dispatch.task_id, percent, now, message, dispatch.attempt
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await self.bus.nc.publish(subjects.event_subject(dispatch.workflow_id), encode(event))
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self.bus.kv.progress.put(
+                f"{dispatch.workflow_id}.{dispatch.task_id}",
+                encode(
+                    Progress(percent=percent, at=now, message=message, attempt=dispatch.attempt)
+                ),
+            )
+
+    async def _report_finished(
+        self,
+        dispatch: TaskDispatch,
+        delivery: int,
+        result: RunResult,
+        started: datetime,
+        finished: datetime,
+        *,
+        retryable: bool = True,
+    ) -> None:
+        report = TaskFinished(
+            workflow_id=dispatch.workflow_id,
+            task_id=dispatch.task_id,
+            attempt=dispatch.attempt,
+            delivery=delivery,
+            executor_id=self.id,
+            outcome=result.outcome,  # type: ignore[arg-type]
+            started_at=started,
+            finished_at=finished,
+            exit_code=result.exit_code,
+            reason=result.reason,  # type: ignore[arg-type]
+            error=result.error,
+            output=result.output,
+            retryable=retryable,
+        )
+        await self.bus.publish(
+            subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+            encode(report),
+            msg_id=f"{dispatch.workflow_id}.{dispatch.task_id}.{dispatch.attempt}.{delivery}.done",
+        )

@@ -1,0 +1,667 @@
+"""The HTTP API, v1. Stateless: every answer comes from JetStream.
+
+A ``202`` is returned only once the submission is stored in JetStream (the publish was acked),
+so no crash after it can lose the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from aiohttp import web
+from nats.js.api import DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from core import infra
+from core.registry import Registry
+from shared import API_VERSION, __version__, subjects
+from shared.bus import Bus
+from shared.config import Config
+from shared.errors import (
+    BusUnavailable,
+    DefinitionError,
+    NotFound,
+    PayloadTooLarge,
+    ProvisioningError,
+    QueueFull,
+)
+from shared.ids import idempotent_workflow_id, is_workflow_id, new_workflow_id, split_task_key
+from shared.messages import (
+    TERMINAL_TASK,
+    TERMINAL_WORKFLOW,
+    CancelWorkflow,
+    DecodeError,
+    Progress,
+    ProgressEvent,
+    RetryWorkflow,
+    SubmitWorkflow,
+    WorkflowDefinition,
+    decode_beat,
+    decode_command,
+    decode_event,
+    decode_log,
+    encode,
+)
+from shared.nickel_source import evaluate_nickel
+from shared.store import Store
+from shared.tracing import headers_with_context, trace_id_hex
+from shared.workflow import (
+    definition_from_data,
+    format_for_content_type,
+    parse_definition,
+    validate_definition,
+)
+
+from .openapi import openapi_document
+from .views import pending_view, task_view, workflow_summary, workflow_view
+
+__all__ = ["BUS", "create_app"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("provisioning.gateway")
+
+BUS = web.AppKey("bus", Bus)
+CONFIG = web.AppKey("config", Config)
+REGISTRY = web.AppKey("registry", Registry)
+STORE = web.AppKey("store", Store)
+SSE_HEARTBEAT_S = 15.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _ProgressBody(msgspec.Struct, forbid_unknown_fields=False):
+    progress: int
+    message: str = ""
+    status: str = ""
+
+
+class _ShortcutBody(msgspec.Struct, forbid_unknown_fields=True):
+    infra: str
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return web.json_response({"error": body}, status=status)
+
+
+_STATUS_FOR: dict[type[ProvisioningError], int] = {
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    BusUnavailable: 503,
+    QueueFull: 503,
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except DefinitionError as exc:
+        status = 400 if exc.reason == "malformed" else 422
+        return _error(status, "bad_request" if status == 400 else exc.code, exc.message, **exc.data)
+    except ProvisioningError as exc:
+        status = _STATUS_FOR.get(type(exc), 400)
+        return _error(status, exc.code, exc.message, **exc.data)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _error(413, "payload_too_large", f"request body over {exc.max_size} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return _error(exc.status, code, exc.text or exc.reason)
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        log.warning("bus error on %s %s: %s", request.method, request.path, exc)
+        return _error(503, "bus_unavailable", f"NATS/JetStream error: {exc or type(exc).__name__}")
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error(500, "internal", "internal error; see the gateway log")
+
+
+def _auth_middleware(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/health":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "unauthorized", "missing or invalid bearer token")
+        return await handler(request)
+
+    return auth
+
+
+@web.middleware
+async def bus_ready_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in ("/health", "/openapi.json") and not request.app[BUS].ready:
+        return _error(503, "bus_unavailable", "not connected to NATS yet")
+    return await handler(request)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _workflow_id(request: web.Request) -> str:
+    wf_id = request.match_info["id"]
+    if not is_workflow_id(wf_id):
+        raise NotFound(f"no workflow {wf_id!r}", workflow_id=wf_id[:100])
+    return wf_id
+
+
+def _task_ids(request: web.Request) -> tuple[str, str]:
+    try:
+        return split_task_key(request.match_info["id"])
+    except ValueError:
+        raise NotFound(f"no task {request.match_info['id'][:100]!r}") from None
+
+
+async def _json_body(request: web.Request) -> Any:
+    body = await request.read()
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise DefinitionError("malformed JSON body", reason="malformed") from None
+
+
+async def _pending_submission(bus: Bus, wf_id: str) -> SubmitWorkflow | None:
+    try:
+        raw = await bus.js.get_last_msg(
+            subjects.STREAM_COMMANDS, subjects.command_subject("submit", wf_id)
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    try:
+        command = decode_command(raw.data or b"")
+    except DecodeError:
+        return None
+    return command if isinstance(command, SubmitWorkflow) else None
+
+
+async def _submit(
+    request: web.Request, definition: WorkflowDefinition, source: str
+) -> web.Response:
+    app = request.app
+    config = app[CONFIG]
+    bus = app[BUS]
+    validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200):
+        raise DefinitionError("Idempotency-Key must be 1 to 200 characters", reason="malformed")
+    wf_id = idempotent_workflow_id(key) if key else new_workflow_id()
+    if key:
+        found = await app[STORE].workflow(wf_id)
+        if found is not None:
+            return web.json_response(
+                {"workflow_id": wf_id, "status": found[0].status, "idempotent_replay": True},
+                status=202,
+                headers={"Idempotent-Replayed": "true"},
+            )
+    with tracer.start_as_current_span(
+        "gateway.submit",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": subjects.command_subject("submit", wf_id),
+            "messaging.operation.type": "publish",
+            "workflow.id": wf_id,
+            "workflow.name": definition.name,
+            "workflow.tasks": len(definition.tasks),
+        },
+    ):
+        command = SubmitWorkflow(
+            workflow_id=wf_id,
+            definition=definition,
+            submitted_at=datetime.now(UTC),
+            source=source,
+            idempotency_key=key,
+        )
+        data = encode(command)
+        limit = bus.nc.max_payload - 4096
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"the workflow encodes to {len(data)} bytes; NATS accepts {limit}", limit=limit
+            )
+        ack = await bus.publish(
+            subjects.command_subject("submit", wf_id),
+            data,
+            msg_id=f"submit.{wf_id}",
+            headers=headers_with_context(),
+        )
+        trace_id = trace_id_hex()
+    log.info(
+        "accepted workflow %s %r (%d tasks, %s)",
+        wf_id,
+        definition.name,
+        len(definition.tasks),
+        source,
+    )
+    body = {
+        "workflow_id": wf_id,
+        "status": "queued",
+        "name": definition.name,
+        "tasks": len(definition.tasks),
+        "trace_id": trace_id,
+    }
+    if ack.duplicate:
+        body["idempotent_replay"] = True
+    return web.json_response(body, status=202, headers={"Location": f"/workflows/{wf_id}"})
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    bus = request.app[BUS]
+    ok, reason = await bus.healthy()
+    body = {
+        "status": "healthy" if ok else "unhealthy",
+        "version": __version__,
+        "api_version": API_VERSION,
+        "nats": {"connected": bus.connected, "jetstream": ok, "detail": reason},
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def submit_workflow(request: web.Request) -> web.Response:
+    content_type = request.headers.get("Content-Type", "application/json")
+    fmt = format_for_content_type(content_type)
+    if fmt is None:
+        raise web.HTTPUnsupportedMediaType(
+            text=f"unsupported Content-Type {content_type!r}: use JSON, TOML, YAML or Nickel"
+        )
+    body = await request.read()
+    if fmt == "nickel":
+        definition = definition_from_data(json.loads(await evaluate_nickel(body)))
+    else:
+        definition = parse_definition(body, fmt)
+    return await _submit(request, definition, f"api:{fmt}")
+
+
+def _shortcut(kind: str) -> Handler:
+    build = {
+        "servers": infra.servers_workflow,
+        "taskserv": infra.taskserv_workflow,
+        "cluster": infra.cluster_workflow,
+    }[kind]
+
+    async def handler(request: web.Request) -> web.Response:
+        raw = await _json_body(request)
+        try:
+            body = msgspec.convert(raw, _ShortcutBody, strict=True)
+        except msgspec.ValidationError as exc:
+            raise DefinitionError(f"{exc}", reason="wrong_field") from None
+        config = request.app[CONFIG]
+        definition = await asyncio.to_thread(
+            build, body.infra, body.params, config.orchestrator.infra_dir
+        )
+        return await _submit(request, definition, f"{kind}/create")
+
+    return handler
+
+
+async def list_workflows(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    status = request.query.get("status")
+    allowed = {"queued", "running", "completed", "failed", "cancelled"}
+    statuses = set(status.split(",")) if status else None
+    if statuses and not statuses <= allowed:
+        raise DefinitionError(f"status must be among {sorted(allowed)}", reason="malformed")
+    try:
+        limit = min(500, max(1, int(request.query.get("limit", "50"))))
+        offset = max(0, int(request.query.get("offset", "0")))
+    except ValueError:
+        raise DefinitionError("limit and offset must be integers", reason="malformed") from None
+    name = request.query.get("name")
+    ids = await store.workflow_ids()  # newest first: ids are time-ordered
+    matched: list[dict[str, Any]] = []
+    skipped = 0
+    for start in range(0, len(ids), 100):
+        for record in await store.workflows(ids[start : start + 100]):
+            if statuses and record.status not in statuses:
+                continue
+            if name and name not in record.name:
+                continue
+            if skipped < offset:
+                skipped += 1
+                continue
+            matched.append(workflow_summary(record))
+        if len(matched) > limit:
+            break
+    has_more = len(matched) > limit
+    return web.json_response(
+        {
+            "workflows": matched[:limit],
+            "limit": limit,
+            "offset": offset,
+            "next_offset": offset + limit if has_more else None,
+        }
+    )
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    wf_id = _workflow_id(request)
+    store = request.app[STORE]
+    found = await store.workflow(wf_id)
+    if found is None:
+        pending = await _pending_submission(request.app[BUS], wf_id)
+        if pending is None:
+            raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+        return web.json_response(pending_view(wf_id, pending.definition, pending.submitted_at))
+    include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
+    tasks, progress = await asyncio.gather(store.tasks(wf_id), store.progress(wf_id))
+    view = workflow_view(
+        found[0], {k: v[0] for k, v in tasks.items()}, progress, include_tasks=include
+    )
+    return web.json_response(view)
+
+
+async def _workflow_exists(request: web.Request, wf_id: str) -> bool:
+    if await request.app[STORE].workflow(wf_id) is not None:
+        return True
+    return await _pending_submission(request.app[BUS], wf_id) is not None
+
+
+async def _sse_response(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _replay(bus: Bus, subject: str) -> AsyncIterator[tuple[int, int, bytes]]:
+    """Every message on ``subject`` from the start, then live: ``(seq, pending, data)``."""
+    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=SSE_HEARTBEAT_S)
+            except nats.errors.TimeoutError:
+                yield 0, 0, b""
+                continue
+            meta = msg.metadata
+            yield meta.sequence.stream, meta.num_pending, msg.data
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def workflow_events(request: web.Request) -> web.StreamResponse:
+    try:
+        return await _workflow_events(request)
+    except ConnectionResetError:  # the client went away
+        return web.Response(status=204)
+
+
+async def _workflow_events(request: web.Request) -> web.StreamResponse:
+    wf_id = _workflow_id(request)
+    if not await _workflow_exists(request, wf_id):
+        raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+    last_id = (
+        int(request.headers.get("Last-Event-ID", "0") or 0)
+        if request.headers.get("Last-Event-ID", "").isdigit()
+        else 0
+    )
+    response = await _sse_response(request)
+    terminal_seen = False
+    async for seq, pending, data in _replay(request.app[BUS], subjects.event_subject(wf_id)):
+        if not data:
+            await response.write(b": keepalive\n\n")
+            continue
+        if seq <= last_id:
+            continue
+        try:
+            event = decode_event(data)
+        except DecodeError:
+            continue
+        kind = type(event).__name__.removesuffix("Event").lower()
+        await response.write(f"id: {seq}\nevent: {kind}\ndata: ".encode() + data + b"\n\n")
+        if kind == "workflow":
+            terminal_seen = getattr(event, "status", "") in TERMINAL_WORKFLOW
+        if terminal_seen and pending == 0:
+            break
+    await response.write_eof()
+    return response
+
+
+async def cancel_workflow(request: web.Request) -> web.Response:
+    wf_id = _workflow_id(request)
+    found = await request.app[STORE].workflow(wf_id)
+    if found is None and await _pending_submission(request.app[BUS], wf_id) is None:
+        raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+    if found is not None and found[0].status in TERMINAL_WORKFLOW:
+        return _error(
+            409,
+            "conflict",
+            f"workflow {wf_id} is already {found[0].status}",
+            status=found[0].status,
+        )
+    await request.app[BUS].publish(
+        subjects.command_subject("cancel", wf_id),
+        encode(CancelWorkflow(workflow_id=wf_id)),
+        headers=headers_with_context(),
+    )
+    return web.json_response({"workflow_id": wf_id, "status": "cancelling"}, status=202)
+
+
+async def retry_workflow(request: web.Request) -> web.Response:
+    wf_id = _workflow_id(request)
+    found = await request.app[STORE].workflow(wf_id)
+    if found is None:
+        raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+    record = found[0]
+    if record.status not in ("failed", "cancelled"):
+        return _error(
+            409,
+            "conflict",
+            f"only failed or cancelled workflows can be retried; {wf_id} is {record.status}",
+            status=record.status,
+        )
+    await request.app[BUS].publish(
+        subjects.command_subject("retry", wf_id),
+        encode(RetryWorkflow(workflow_id=wf_id, runs=record.runs)),
+        msg_id=f"retry.{wf_id}.{record.runs}",
+        headers=headers_with_context(),
+    )
+    return web.json_response(
+        {"workflow_id": wf_id, "status": "queued", "run": record.runs + 1}, status=202
+    )
+
+
+async def get_task(request: web.Request) -> web.Response:
+    wf_id, task_id = _task_ids(request)
+    store = request.app[STORE]
+    found = await store.task(wf_id, task_id)
+    if found is None:
+        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+    return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
+
+
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    wf_id, task_id = _task_ids(request)
+    store = request.app[STORE]
+    found = await store.task(wf_id, task_id)
+    if found is None:
+        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+    bus = request.app[BUS]
+    subject = subjects.log_subject(wf_id, task_id)
+    follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
+    if not follow:
+        lines: list[dict[str, Any]] = []
+        async for _, pending, data in _replay(bus, subject):
+            if data:
+                with contextlib.suppress(DecodeError):
+                    chunk = decode_log(data)
+                    lines += [
+                        {
+                            "attempt": chunk.attempt,
+                            "stream": chunk.stream,
+                            "line": line,
+                            "at": chunk.at.isoformat(),
+                        }
+                        for line in chunk.lines
+                    ]
+            if pending == 0:
+                break
+        return web.json_response({"task_id": f"{wf_id}.{task_id}", "lines": lines})
+    response = await _sse_response(request)
+    with contextlib.suppress(ConnectionResetError):
+        async for _, pending, data in _replay(bus, subject):
+            if data:
+                await response.write(b"event: log\ndata: " + data + b"\n\n")
+            if pending == 0:
+                current = await store.task(wf_id, task_id)
+                if current is None or current[0].status in TERMINAL_TASK:
+                    break
+                await response.write(b": waiting\n\n")
+        await response.write_eof()
+    return response
+
+
+async def post_progress(request: web.Request) -> web.Response:
+    wf_id, task_id = _task_ids(request)
+    raw = await _json_body(request)
+    try:
+        body = msgspec.convert(raw, _ProgressBody, strict=True)
+    except msgspec.ValidationError as exc:
+        raise DefinitionError(f"{exc}", reason="wrong_field") from None
+    if not 0 <= body.progress <= 100:
+        raise DefinitionError("progress must be within 0..100", reason="wrong_field")
+    found = await request.app[STORE].task(wf_id, task_id)
+    if found is None:
+        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+    record = found[0]
+    if record.status in TERMINAL_TASK:
+        return _error(409, "conflict", f"task {wf_id}.{task_id} is already {record.status}")
+    bus = request.app[BUS]
+    now = datetime.now(UTC)
+    message = body.message[:500]
+    with tracer.start_as_current_span(
+        "gateway.progress", attributes={"workflow.id": wf_id, "task.id": task_id}
+    ) as span:
+        span.add_event("progress", {"progress.percent": body.progress, "progress.message": message})
+        await bus.nc.publish(
+            subjects.event_subject(wf_id),
+            encode(ProgressEvent(wf_id, task_id, body.progress, now, message, record.attempt)),
+        )
+        await bus.kv.progress.put(
+            f"{wf_id}.{task_id}",
+            encode(
+                Progress(percent=body.progress, at=now, message=message, attempt=record.attempt)
+            ),
+        )
+    return web.json_response(
+        {"task_id": f"{wf_id}.{task_id}", "progress": body.progress}, status=202
+    )
+
+
+async def list_executors(request: web.Request) -> web.Response:
+    kv = request.app[BUS].kv.executors
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        keys = []
+    now = datetime.now(UTC)
+    executors = []
+    for key in sorted(keys):
+        try:
+            entry = await kv.get(key)
+            beat = decode_beat(entry.value or b"")
+        except (nats.js.errors.KeyNotFoundError, DecodeError):
+            continue
+        age = (now - beat.at).total_seconds()
+        executors.append(
+            {
+                "id": beat.id,
+                "pool": beat.pool,
+                "hostname": beat.hostname,
+                "pid": beat.pid,
+                "slots": beat.max_concurrent_tasks,
+                "running": beat.running,
+                "running_tasks": beat.running_tasks,
+                "draining": beat.draining,
+                "alive": age <= 3 * beat.interval_seconds,
+                "last_beat": beat.at.isoformat(),
+                "last_beat_age_seconds": round(age, 1),
+                "started_at": beat.started_at.isoformat(),
+                "version": beat.version,
+            }
+        )
+    return web.json_response({"executors": executors})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise web.HTTPNotFound(text=f"no route {request.method} {request.path}")
+
+
+# -- application -------------------------------------------------------------------------------
+
+
+async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
+    bus = app[BUS]
+
+    async def connect() -> None:
+        await bus.connect()
+        await bus.bootstrap()
+        bus.ready = True
+        log.info("gateway connected to JetStream")
+
+    task = asyncio.create_task(connect())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    await bus.drain()
+
+
+def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
+    middlewares: list[Any] = [error_middleware]
+    if config.gateway.auth_token:
+        middlewares.append(_auth_middleware(config.gateway.auth_token))
+    middlewares.append(bus_ready_middleware)
+    app = web.Application(client_max_size=config.gateway.max_body_bytes, middlewares=middlewares)
+    the_bus = bus or Bus(config.nats, name="gateway")
+    app[BUS] = the_bus
+    app[CONFIG] = config
+    app[REGISTRY] = registry
+    app[STORE] = Store(the_bus)
+    app.cleanup_ctx.append(_bus_ctx)
+    app.router.add_get("/health", health)
+    app.router.add_get("/openapi.json", get_openapi)
+    app.router.add_post("/workflows", submit_workflow)
+    app.router.add_get("/workflows", list_workflows)
+    app.router.add_post("/workflows/servers/create", _shortcut("servers"))
+    app.router.add_post("/workflows/taskserv/create", _shortcut("taskserv"))
+    app.router.add_post("/workflows/cluster/create", _shortcut("cluster"))
+    app.router.add_get("/workflows/{id}", get_workflow)
+    app.router.add_get("/workflows/{id}/events", workflow_events)
+    app.router.add_post("/workflows/{id}/cancel", cancel_workflow)
+    app.router.add_post("/workflows/{id}/retry", retry_workflow)
+    app.router.add_get("/tasks/{id}", get_task)
+    app.router.add_get("/tasks/{id}/logs", task_logs)
+    app.router.add_post("/tasks/{id}/progress", post_progress)
+    app.router.add_get("/executors", list_executors)
+    return app

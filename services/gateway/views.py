@@ -1,0 +1,125 @@
+"""JSON views of records for API responses."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from shared.messages import Progress, TaskRecord, WorkflowDefinition, WorkflowRecord
+
+__all__ = ["pending_view", "task_view", "workflow_summary", "workflow_view"]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _duration(start: datetime | None, end: datetime | None) -> float | None:
+    return round((end - start).total_seconds(), 3) if start and end else None
+
+
+def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
+    spec = record.spec
+    percent = 100 if record.status == "completed" else 0
+    message = ""
+    if progress is not None and progress.attempt == record.attempt and record.status != "completed":
+        percent, message = progress.percent, progress.message
+    return {
+        "id": spec.id,
+        "task_id": f"{record.workflow_id}.{spec.id}",
+        "workflow_id": record.workflow_id,
+        "action": spec.action,
+        "status": record.status,
+        "attempt": record.attempt,
+        "max_attempts": spec.retries + 1,
+        "progress": percent,
+        "progress_message": message,
+        "executor_id": record.executor_id,
+        "exit_code": record.exit_code,
+        "reason": record.reason,
+        "error": record.error,
+        "output": record.output,
+        "depends_on": spec.depends_on,
+        "priority": spec.priority,
+        "pool": spec.pool,
+        "queued_at": _iso(record.queued_at),
+        "started_at": _iso(record.started_at),
+        "finished_at": _iso(record.finished_at),
+        "next_attempt_at": _iso(record.next_attempt_at),
+        "duration_seconds": _duration(record.started_at, record.finished_at),
+        "attempts": msgspec.to_builtins(record.attempts),
+    }
+
+
+def workflow_summary(record: WorkflowRecord) -> dict[str, Any]:
+    return {
+        "workflow_id": record.id,
+        "name": record.name,
+        "status": record.status,
+        "tasks_total": len(record.task_ids),
+        "created_at": _iso(record.created_at),
+        "started_at": _iso(record.started_at),
+        "finished_at": _iso(record.finished_at),
+        "duration_seconds": _duration(record.started_at or record.created_at, record.finished_at),
+        "source": record.source,
+        "runs": record.runs,
+        "trace_id": record.trace_id,
+        "error": record.error,
+    }
+
+
+def workflow_view(
+    record: WorkflowRecord,
+    tasks: dict[str, TaskRecord],
+    progress: dict[str, Progress],
+    *,
+    include_tasks: bool = True,
+) -> dict[str, Any]:
+    view = workflow_summary(record)
+    view.update(
+        priority=record.priority,
+        on_failure=record.on_failure,
+        description=record.description,
+        cancel_requested=record.cancel_requested,
+        counts=dict(Counter(t.status for t in tasks.values())),
+    )
+    if include_tasks:
+        view["tasks"] = [
+            task_view(tasks[t], progress.get(t)) for t in record.task_ids if t in tasks
+        ]
+    done = sum(1 for t in tasks.values() if t.status == "completed")
+    view["progress"] = round(100 * done / max(1, len(record.task_ids)))
+    return view
+
+
+def pending_view(
+    workflow_id: str, definition: WorkflowDefinition, submitted_at: datetime
+) -> dict[str, Any]:
+    """A workflow whose submission is durable but not yet taken by the scheduler."""
+    return {
+        "workflow_id": workflow_id,
+        "name": definition.name,
+        "status": "queued",
+        "tasks_total": len(definition.tasks),
+        "created_at": _iso(submitted_at),
+        "started_at": None,
+        "finished_at": None,
+        "trace_id": None,
+        "counts": {"pending": len(definition.tasks)},
+        "progress": 0,
+        "tasks": [
+            {
+                "id": t.id,
+                "task_id": f"{workflow_id}.{t.id}",
+                "action": t.action,
+                "status": "pending",
+                "attempt": 0,
+                "progress": 0,
+                "depends_on": t.depends_on,
+            }
+            for t in definition.tasks
+        ],
+    }

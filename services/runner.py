@@ -1,0 +1,205 @@
+"""``provisioning-orchestrator``: run one service, or the whole local stack (``up``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from aiohttp import web
+
+from core.registry import load_registry
+from core.runner import Runner, resolve_binary
+from shared import __version__
+from shared.bus import Bus
+from shared.config import Config, load_config
+from shared.errors import ProvisioningError
+from shared.logs import setup_logging
+from shared.tracing import setup_tracing, shutdown_tracing
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+
+def _stop_event() -> asyncio.Event:
+    """Set on SIGTERM or SIGINT: the service stops taking work and drains."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _with_bus(
+    config: Config, name: str, body: Callable[[Bus, asyncio.Event], Awaitable[None]]
+) -> None:
+    stop = _stop_event()
+    bus = Bus(config.nats, name=name)
+    connect = asyncio.create_task(bus.connect())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({connect, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        connect.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connect
+        return
+    stopper.cancel()
+    await connect
+    async with bus:
+        await bus.bootstrap()
+        bus.ready = True
+        await body(bus, stop)
+
+
+def _load(ctx: click.Context, **overrides: Any) -> Config:
+    params = ctx.find_root().params
+    flags = {"orchestrator.data_dir": params.get("data_dir"), **overrides}
+    if params.get("nats_url"):
+        flags["nats.url"] = params["nats_url"]
+    try:
+        return load_config(params.get("config"), overrides=flags)
+    except ProvisioningError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _registry(config: Config) -> Any:
+    try:
+        return load_registry(config.nushell.registry or None, config.nushell.registry_lib or None)
+    except ProvisioningError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@click.group()
+@click.option("--config", type=click.Path(dir_okay=False), help="User configuration file (TOML).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory.")
+@click.option("--nats-url", help="NATS server URL(s), comma-separated (default $NATS_URL).")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@click.version_option(__version__, prog_name="provisioning-orchestrator")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, data_dir: str | None, nats_url: str | None, log_level: str | None) -> None:
+    """Run the provisioning orchestrator's services."""
+    ctx.ensure_object(dict)
+    ctx.obj["log_level"] = log_level
+
+
+@main.command()
+@click.option("--host", default=None, help="Listen address (default from [gateway] host).")
+@click.option("--port", type=int, default=None, help="Listen port (default 9090).")
+@click.pass_context
+def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """The HTTP API."""
+    from services.gateway import create_app
+
+    config = _load(ctx, **{"gateway.host": host, "gateway.port": port})
+    setup_logging(ctx.obj["log_level"], service="gateway")
+    setup_tracing("provisioning-gateway", config.tracing)
+    app = create_app(config, _registry(config))
+    log.info("gateway listening on http://%s:%d", config.gateway.host, config.gateway.port)
+    try:
+        web.run_app(
+            app,
+            host=config.gateway.host,
+            port=config.gateway.port,
+            print=None,
+            shutdown_timeout=5,
+            access_log=None,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.gateway.host, config.gateway.port, exc)
+        sys.exit(EXIT_STARTUP)
+    finally:
+        shutdown_tracing()
+
+
+@main.command()
+@click.pass_context
+def scheduler(ctx: click.Context) -> None:
+    """The DAG engine (one active at a time)."""
+    from services.scheduler import Scheduler
+
+    config = _load(ctx)
+    setup_logging(ctx.obj["log_level"], service="scheduler")
+    setup_tracing("provisioning-scheduler", config.tracing)
+    registry = _registry(config)
+
+    async def body(bus: Bus, stop: asyncio.Event) -> None:
+        await Scheduler(config, bus, registry).run(stop)
+
+    try:
+        asyncio.run(_with_bus(config, "scheduler", body))
+    finally:
+        shutdown_tracing()
+
+
+@main.command()
+@click.option("--max-concurrent-tasks", type=int, default=None, help="Slots on this executor.")
+@click.option("--pool", default=None, help="The pool of executors to serve.")
+@click.pass_context
+def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | None) -> None:
+    """Run tasks (start as many as you like)."""
+    from services.executor import Executor
+
+    config = _load(ctx, **{"executor.max_concurrent_tasks": max_concurrent_tasks, "executor.pool": pool})
+    setup_logging(ctx.obj["log_level"], service="executor")
+    setup_tracing("provisioning-executor", config.tracing)
+    registry = _registry(config)
+    try:
+        nu = resolve_binary(config.nushell.binary)
+    except ProvisioningError as exc:
+        raise click.ClickException(exc.message) from None
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(
+        nu_binary=nu,
+        data_dir=data_dir,
+        extra_env=config.nushell.env_vars,
+        kill_grace_s=config.executor.kill_grace_seconds,
+        result_limit_bytes=config.executor.result_limit_bytes,
+    )
+
+    async def body(bus: Bus, stop: asyncio.Event) -> None:
+        await Executor(config, bus, registry, runner).run(stop)
+
+    try:
+        asyncio.run(_with_bus(config, "executor", body))
+    finally:
+        shutdown_tracing()
+
+
+@main.command()
+@click.option("--nats-port", type=int, default=4222, show_default=True, help="Port of the embedded NATS.")
+@click.option("--port", type=int, default=None, help="Gateway port (default 9090).")
+@click.option("--executors", type=int, default=1, show_default=True, help="Executor processes.")
+@click.option("--demo", is_flag=True, help="Run the sample server creation once the stack is up.")
+@click.pass_context
+def up(ctx: click.Context, nats_port: int, port: int | None, executors: int, demo: bool) -> None:
+    """The embedded local stack: NATS with JetStream plus every service, until Ctrl-C."""
+    from .stack import Stack
+
+    root = ctx.find_root().params
+    config = _load(ctx, **{"gateway.port": port})
+    setup_logging(ctx.obj["log_level"], service="up")
+    stack = Stack(
+        config,
+        data_dir=Path(config.data_dir),
+        nats_port=nats_port,
+        nats_url=root.get("nats_url"),
+        executors=executors,
+        config_path=root.get("config"),
+    )
+    try:
+        code = asyncio.run(stack.run(demo=demo))
+    except ProvisioningError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_STARTUP)
+    sys.exit(code)

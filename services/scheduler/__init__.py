@@ -1,0 +1,5 @@
+"""The scheduler: turns workflows into DAGs, dispatches ready tasks, checkpoints every step."""
+
+from .scheduler import Scheduler
+
+__all__ = ["Scheduler"]

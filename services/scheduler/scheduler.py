@@ -1,0 +1,737 @@
+"""The scheduler service.
+
+Inputs (commands, executor reports, retry timers, capacity changes) are processed one at a time
+by a single engine loop, so the in-memory state of a workflow is never mutated concurrently.
+Every transition is written to JetStream KV (with a revision check) before it is acted on; on
+start the scheduler rebuilds its memory from those checkpoints and repairs what a crash left
+half-done. Ready tasks wait in a priority heap per pool and are dispatched only into free
+executor capacity, so a higher-priority task always goes before a lower-priority one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from core.registry import Registry
+from shared import subjects
+from shared.bus import Bus
+from shared.config import Config
+from shared.errors import ProvisioningError
+from shared.messages import (
+    TERMINAL_TASK,
+    TERMINAL_WORKFLOW,
+    AttemptRecord,
+    CancelWorkflow,
+    DecodeError,
+    ExecutorBeat,
+    RetryWorkflow,
+    SubmitWorkflow,
+    TaskDispatch,
+    TaskEvent,
+    TaskFinished,
+    TaskRecord,
+    TaskStarted,
+    WorkflowEvent,
+    WorkflowRecord,
+    decode_beat,
+    decode_command,
+    decode_report,
+    encode,
+)
+from shared.store import Store
+from shared.tracing import context_from, headers_with_context, trace_id_hex
+
+from .state import WorkflowState
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("provisioning.scheduler")
+
+WRITE_CHUNK = 512
+_Input = tuple[str, Any]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Scheduler:
+    def __init__(self, config: Config, bus: Bus, registry: Registry) -> None:
+        self.config = config
+        self.bus = bus
+        self.store = Store(bus)
+        self.registry = registry
+        self._active: dict[str, WorkflowState] = {}
+        self._ready: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
+        self._seq = itertools.count()
+        self._inflight: dict[str, int] = defaultdict(int)
+        self._slots: dict[str, int] = {}
+        self._inbox: asyncio.Queue[_Input] = asyncio.Queue(maxsize=10_000)
+        self._timers: set[asyncio.TimerHandle] = set()
+        self.processed = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Recover, then process inputs until ``stop`` is set; then hand back unprocessed input."""
+        await self._read_capacity()
+        await self._recover()
+        commands = await self.bus.js.pull_subscribe_bind(
+            subjects.CONSUMER_COMMANDS, stream=subjects.STREAM_COMMANDS
+        )
+        reports = await self.bus.js.pull_subscribe_bind(
+            subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
+        )
+        tasks = [
+            asyncio.create_task(self._fetch_loop(commands, "command", stop), name="fetch-commands"),
+            asyncio.create_task(self._fetch_loop(reports, "report", stop), name="fetch-reports"),
+            asyncio.create_task(self._capacity_loop(stop), name="capacity"),
+        ]
+        engine = asyncio.create_task(self._engine_loop(), name="engine")
+        log.info("scheduler running: %d active workflows recovered", len(self._active))
+        await stop.wait()
+        log.info("scheduler stopping")
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sub in (commands, reports):
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        # let the engine finish the input in hand, then hand back what is queued
+        await self._inbox.put(("stop", None))
+        await engine
+        while not self._inbox.empty():
+            _, item = self._inbox.get_nowait()
+            if isinstance(item, Msg):
+                with contextlib.suppress(nats.errors.Error):
+                    await item.nak()
+        for handle in self._timers:
+            handle.cancel()
+
+    async def _fetch_loop(self, sub: Any, kind: str, stop: asyncio.Event) -> None:
+        batch = self.config.scheduler.report_batch
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("fetching %ss failed: %s; retrying", kind, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            for msg in msgs:
+                await self._inbox.put((kind, msg))
+
+    async def _engine_loop(self) -> None:
+        while True:
+            kind, item = await self._inbox.get()
+            if kind == "stop":
+                return
+            try:
+                if kind == "command":
+                    await self._handle_msg(item, self._on_command_msg)
+                elif kind == "report":
+                    await self._handle_msg(item, self._on_report_msg)
+                elif kind == "timer":
+                    await self._on_retry_due(*item)
+                await self._pump()
+            except Exception:
+                log.exception("scheduler failed to process a %s; state reloaded", kind)
+                await self._reload_all()
+            self.processed += 1
+
+    async def _handle_msg(self, msg: Msg, handler: Any) -> None:
+        try:
+            await handler(msg)
+        except DecodeError as exc:
+            await self.bus.dead_letter("scheduler", msg, f"undecodable: {exc}")
+            await msg.term()
+            return
+        except ProvisioningError as exc:
+            log.warning("will retry %s: %s", msg.subject, exc)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=1)
+            await self._reload_all()
+            return
+        await msg.ack()
+
+    # -- capacity -------------------------------------------------------------------------------
+
+    async def _capacity_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            before = dict(self._slots)
+            try:
+                await self._read_capacity()
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.debug("cannot read executor heartbeats: %s", exc)
+                continue
+            if self._slots != before:
+                log.info("executor capacity now %s", self._slots)
+                await self._inbox.put(("tick", None))
+
+    async def _read_capacity(self) -> None:
+        kv = self.bus.kv.executors
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        slots: dict[str, int] = defaultdict(int)
+        now = time.time()
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+                beat: ExecutorBeat = decode_beat(entry.value or b"")
+            except (nats.js.errors.KeyNotFoundError, DecodeError):
+                continue
+            if beat.draining or now - beat.at.timestamp() > 3 * beat.interval_seconds:
+                continue
+            slots[beat.pool] += beat.max_concurrent_tasks
+        self._slots = dict(slots)
+
+    def _capacity(self, pool: str) -> int:
+        slots = self._slots.get(pool, 0)
+        return int(slots * (1 + self.config.scheduler.dispatch_headroom))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    async def _save_task(self, state: WorkflowState, task_id: str) -> None:
+        key = f"{state.id}.{task_id}"
+        rev = await self.bus.kv.tasks.update(
+            key, encode(state.tasks[task_id]), last=state.revisions[task_id]
+        )
+        state.revisions[task_id] = rev
+
+    async def _save_workflow(self, state: WorkflowState) -> None:
+        state.revision = await self.bus.kv.workflows.update(
+            state.id, encode(state.record), last=state.revision
+        )
+
+    async def _emit(self, event: WorkflowEvent | TaskEvent) -> None:
+        """Events are for watchers: published without waiting for the stream's ack."""
+        await self.bus.nc.publish(subjects.event_subject(event.workflow_id), encode(event))
+
+    def _set_status(self, state: WorkflowState, task_id: str, status: str) -> None:
+        task = state.tasks[task_id]
+        busy = ("queued", "running")
+        if task.status in busy and status not in busy:
+            self._inflight[task.spec.pool] -= 1
+        elif task.status not in busy and status in busy:
+            self._inflight[task.spec.pool] += 1
+        task.status = status  # type: ignore[assignment]
+
+    def _push_ready(self, state: WorkflowState, task_id: str) -> None:
+        pool = state.tasks[task_id].spec.pool
+        item = (-state.priority(task_id), next(self._seq), state.id, task_id)
+        heapq.heappush(self._ready[pool], item)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def _on_command_msg(self, msg: Msg) -> None:
+        command = decode_command(msg.data)
+        match command:
+            case SubmitWorkflow():
+                with tracer.start_as_current_span(
+                    "scheduler.accept",
+                    context=context_from(msg.headers),
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.destination.name": msg.subject,
+                        "messaging.operation.type": "process",
+                        "workflow.id": command.workflow_id,
+                    },
+                ):
+                    await self._on_submit(command, msg.headers or {})
+            case CancelWorkflow():
+                await self._on_cancel(command)
+            case RetryWorkflow():
+                await self._on_retry(command)
+
+    async def _on_submit(self, cmd: SubmitWorkflow, headers: dict[str, str]) -> None:
+        wf_id = cmd.workflow_id
+        if wf_id in self._active or await self.store.workflow(wf_id) is not None:
+            log.info("workflow %s already accepted; ignoring the repeat", wf_id)
+            return
+        definition = cmd.definition
+        tasks = {t.id: TaskRecord(workflow_id=wf_id, spec=t) for t in definition.tasks}
+        revisions: dict[str, int] = {}
+        items = list(tasks.items())
+        for start in range(0, len(items), WRITE_CHUNK):
+            chunk = items[start : start + WRITE_CHUNK]
+            revs = await asyncio.gather(
+                *(self.bus.kv.tasks.put(f"{wf_id}.{tid}", encode(rec)) for tid, rec in chunk)
+            )
+            revisions.update((tid, rev) for (tid, _), rev in zip(chunk, revs, strict=True))
+        await self.bus.kv.active.put(wf_id, b"")
+        record = WorkflowRecord(
+            id=wf_id,
+            name=definition.name,
+            status="queued",
+            created_at=cmd.submitted_at,
+            task_ids=[t.id for t in definition.tasks],
+            priority=definition.priority,
+            on_failure=definition.on_failure,
+            description=definition.description,
+            source=cmd.source,
+            idempotency_key=cmd.idempotency_key,
+            trace_id=trace_id_hex() or _trace_id_from(headers),
+            traceparent=headers.get("traceparent"),
+        )
+        try:
+            revision = await self.bus.kv.workflows.create(wf_id, encode(record))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            log.info("workflow %s already accepted; ignoring the repeat", wf_id)
+            return
+        state = WorkflowState(record, revision, tasks, revisions)
+        self._active[wf_id] = state
+        await self._emit(WorkflowEvent(wf_id, "queued", _now(), f"{len(tasks)} tasks"))
+        for task_id in state.ready():
+            self._push_ready(state, task_id)
+        log.info("accepted workflow %s %r with %d tasks", wf_id, record.name, len(tasks))
+
+    async def _on_cancel(self, cmd: CancelWorkflow) -> None:
+        state = await self._state(cmd.workflow_id)
+        if state is None or state.record.cancel_requested:
+            return
+        state.record.cancel_requested = True
+        await self._save_workflow(state)
+        await self._cancel_unstarted(state, cmd.reason)
+        await self._finish_if_done(state)
+        log.info("cancelling workflow %s: %s", state.id, cmd.reason)
+
+    async def _cancel_unstarted(
+        self, state: WorkflowState, reason: str, *, stop_running: bool = True
+    ) -> None:
+        """Cancel what has not started; with ``stop_running``, ask executors to stop the rest."""
+        running = []
+        now = _now()
+        for task_id in state.record.task_ids:
+            task = state.tasks[task_id]
+            if task.status in ("pending", "retrying", "queued"):
+                self._set_status(state, task_id, "cancelled")
+                task.error, task.reason, task.finished_at = reason, "cancelled", now
+                task.next_attempt_at = None
+                await self._save_task(state, task_id)
+                await self._emit(
+                    TaskEvent(state.id, task_id, "cancelled", now, attempt=task.attempt)
+                )
+            elif stop_running and task.status == "running" and not task.cancel_requested:
+                task.cancel_requested = True
+                await self._save_task(state, task_id)
+                running.append(task_id)
+        if running:
+            await self.bus.nc.publish(subjects.cancel_subject(state.id), encode(running))
+
+    async def _on_retry(self, cmd: RetryWorkflow) -> None:
+        found = await self.store.workflow(cmd.workflow_id)
+        if found is None:
+            return
+        record, revision = found
+        if record.runs != cmd.runs or record.status not in ("failed", "cancelled"):
+            log.info(
+                "retry of %s ignored (status %s, run %d)", record.id, record.status, record.runs
+            )
+            return
+        tasks = await self.store.tasks(record.id)
+        state = WorkflowState(
+            record,
+            revision,
+            {k: v[0] for k, v in tasks.items()},
+            {k: v[1] for k, v in tasks.items()},
+        )
+        for task_id in record.task_ids:
+            task = state.tasks[task_id]
+            if task.status in ("failed", "cancelled", "skipped"):
+                task.status = "pending"
+                task.cancel_requested = False
+                task.error = task.reason = None
+                task.exit_code = None
+                task.finished_at = None
+                await self._save_task(state, task_id)
+        record.runs += 1
+        record.status = "queued"
+        record.cancel_requested = False
+        record.error = None
+        record.finished_at = None
+        await self.bus.kv.active.put(record.id, b"")
+        await self._save_workflow(state)
+        self._active[record.id] = state
+        await self._emit(WorkflowEvent(record.id, "queued", _now(), f"retry (run {record.runs})"))
+        for task_id in state.ready():
+            self._push_ready(state, task_id)
+        log.info("retrying workflow %s (run %d)", record.id, record.runs)
+
+    # -- reports --------------------------------------------------------------------------------
+
+    async def _on_report_msg(self, msg: Msg) -> None:
+        report = decode_report(msg.data)
+        state = await self._state(report.workflow_id)
+        if state is None or report.task_id not in state.tasks:
+            log.info(
+                "report for finished or unknown task %s.%s", report.workflow_id, report.task_id
+            )
+            return
+        task = state.tasks[report.task_id]
+        if report.attempt != task.attempt or task.status in TERMINAL_TASK:
+            log.info(
+                "stale report for %s.%s attempt %d (now attempt %d, %s); ignored",
+                state.id,
+                report.task_id,
+                report.attempt,
+                task.attempt,
+                task.status,
+            )
+            return
+        if report.delivery < task.delivery:
+            log.warning(
+                "fenced a late report from %s for %s.%s (delivery %d < %d)",
+                report.executor_id,
+                state.id,
+                report.task_id,
+                report.delivery,
+                task.delivery,
+            )
+            return
+        match report:
+            case TaskStarted():
+                await self._on_started(state, report)
+            case TaskFinished():
+                await self._on_finished(state, report)
+
+    async def _on_started(self, state: WorkflowState, rep: TaskStarted) -> None:
+        task = state.tasks[rep.task_id]
+        self._set_status(state, rep.task_id, "running")
+        task.delivery = rep.delivery
+        task.executor_id = rep.executor_id
+        task.started_at = rep.started_at
+        if task.attempts:
+            task.attempts[-1].executor_id = rep.executor_id
+            task.attempts[-1].started_at = rep.started_at
+        await self._save_task(state, rep.task_id)
+        await self._emit(
+            TaskEvent(
+                state.id,
+                rep.task_id,
+                "running",
+                _now(),
+                attempt=rep.attempt,
+                executor_id=rep.executor_id,
+            )
+        )
+        if state.record.status == "queued":
+            state.record.status = "running"
+            state.record.started_at = state.record.started_at or _now()
+            await self._save_workflow(state)
+            await self._emit(WorkflowEvent(state.id, "running", _now()))
+        if task.cancel_requested:
+            await self.bus.nc.publish(subjects.cancel_subject(state.id), encode([rep.task_id]))
+
+    async def _on_finished(self, state: WorkflowState, rep: TaskFinished) -> None:
+        task_id = rep.task_id
+        task = state.tasks[task_id]
+        task.delivery = rep.delivery
+        task.executor_id = rep.executor_id
+        task.started_at = task.started_at or rep.started_at
+        task.finished_at = rep.finished_at
+        task.exit_code = rep.exit_code
+        task.output = rep.output
+        task.error = rep.error
+        task.reason = rep.reason
+        if task.attempts:
+            a = task.attempts[-1]
+            a.executor_id, a.started_at, a.finished_at = (
+                rep.executor_id,
+                rep.started_at,
+                rep.finished_at,
+            )
+            a.outcome, a.exit_code, a.reason, a.error = (
+                rep.outcome,
+                rep.exit_code,
+                rep.reason,
+                rep.error,
+            )
+        can_retry = (
+            rep.outcome == "failed"
+            and rep.retryable
+            and rep.reason not in ("cancelled", "refused")
+            and task.attempt <= task.spec.retries
+            and not task.cancel_requested
+            and not state.record.cancel_requested
+        )
+        if rep.outcome == "completed":
+            status = "completed"
+        elif can_retry:
+            status = "retrying"
+        else:
+            status = "cancelled" if rep.outcome == "cancelled" else "failed"
+        self._set_status(state, task_id, status)
+        event = TaskEvent(
+            state.id,
+            task_id,
+            status,
+            _now(),
+            attempt=rep.attempt,
+            executor_id=rep.executor_id,
+            error=rep.error,
+            reason=rep.reason,
+        )
+        if status == "retrying":
+            delay = task.spec.backoff.delay(task.attempt)
+            task.next_attempt_at = datetime.fromtimestamp(time.time() + delay, UTC)
+            await self._save_task(state, task_id)
+            await self._emit(event)
+            self._schedule_retry(state.id, task_id, task.attempt, delay)
+            return
+        await self._save_task(state, task_id)
+        await self._emit(event)
+        if status == "completed":
+            for child in state.dependents.get(task_id, ()):
+                if state.is_ready(child) and not state.record.cancel_requested:
+                    self._push_ready(state, child)
+        else:
+            await self._skip_dependents(state, task_id)
+            if status == "failed" and state.record.on_failure == "stop":
+                await self._cancel_unstarted(
+                    state, f"stopped: task {task_id!r} failed", stop_running=False
+                )
+        await self._finish_if_done(state)
+
+    async def _skip_dependents(self, state: WorkflowState, task_id: str) -> None:
+        now = _now()
+        for child in state.descendants(task_id):
+            task = state.tasks[child]
+            if task.status in ("pending", "retrying"):
+                self._set_status(state, child, "skipped")
+                task.reason = "dependency_failed"
+                task.error = f"dependency {task_id!r} did not complete"
+                task.finished_at = now
+                await self._save_task(state, child)
+                await self._emit(
+                    TaskEvent(state.id, child, "skipped", now, reason="dependency_failed")
+                )
+
+    def _schedule_retry(self, wf_id: str, task_id: str, attempt: int, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def due() -> None:
+            self._timers.discard(handle)
+            self._inbox.put_nowait(("timer", (wf_id, task_id, attempt)))
+
+        handle = loop.call_later(max(0.0, delay), due)
+        self._timers.add(handle)
+
+    async def _on_retry_due(self, wf_id: str, task_id: str, attempt: int) -> None:
+        state = self._active.get(wf_id)
+        if state is None:
+            return
+        task = state.tasks[task_id]
+        if task.status != "retrying" or task.attempt != attempt:
+            return
+        self._set_status(state, task_id, "pending")
+        task.next_attempt_at = None
+        await self._save_task(state, task_id)
+        if state.is_ready(task_id):
+            self._push_ready(state, task_id)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        for pool, heap in self._ready.items():
+            capacity = self._capacity(pool)
+            while heap and self._inflight[pool] < capacity:
+                _, _, wf_id, task_id = heapq.heappop(heap)
+                state = self._active.get(wf_id)
+                if state is None or state.record.cancel_requested or not state.is_ready(task_id):
+                    continue
+                await self._dispatch(state, task_id)
+
+    def _timeout_for(self, task: TaskRecord) -> float:
+        if task.spec.timeout_seconds is not None:
+            return task.spec.timeout_seconds
+        if task.spec.action in self.registry:
+            action = self.registry.get(task.spec.action)
+            if action.timeout_seconds:
+                return action.timeout_seconds
+        return self.config.executor.task_timeout_seconds
+
+    async def _dispatch(self, state: WorkflowState, task_id: str) -> None:
+        task = state.tasks[task_id]
+        task.attempt += 1
+        task.delivery = 0
+        task.queued_at = _now()
+        task.started_at = task.finished_at = None
+        task.attempts.append(AttemptRecord(attempt=task.attempt))
+        del task.attempts[:-20]
+        self._set_status(state, task_id, "queued")
+        await self._save_task(state, task_id)  # checkpoint first, then act
+        await self._publish_dispatch(state, task_id)
+        await self._emit(TaskEvent(state.id, task_id, "queued", _now(), attempt=task.attempt))
+
+    async def _publish_dispatch(self, state: WorkflowState, task_id: str) -> None:
+        task = state.tasks[task_id]
+        dispatch = TaskDispatch(
+            workflow_id=state.id,
+            task_id=task_id,
+            attempt=task.attempt,
+            action=task.spec.action,
+            args=task.spec.args,
+            timeout_seconds=self._timeout_for(task),
+            pool=task.spec.pool,
+            dispatched_at=_now(),
+        )
+        subject = subjects.dispatch_subject(task.spec.pool, state.id, task_id)
+        parent = context_from(
+            {"traceparent": state.record.traceparent} if state.record.traceparent else {}
+        )
+        with tracer.start_as_current_span(
+            f"dispatch {task_id}",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": subject,
+                "messaging.operation.type": "publish",
+                "workflow.id": state.id,
+                "task.id": task_id,
+                "task.attempt": task.attempt,
+                "task.action": task.spec.action,
+            },
+        ):
+            await self.bus.publish(
+                subject,
+                encode(dispatch),
+                msg_id=f"{state.id}.{task_id}.{task.attempt}",
+                headers=headers_with_context(),
+            )
+
+    # -- completion -----------------------------------------------------------------------------
+
+    async def _finish_if_done(self, state: WorkflowState) -> None:
+        if not state.all_terminal() or state.record.status in TERMINAL_WORKFLOW:
+            return
+        status = state.final_status()
+        record = state.record
+        record.status = status  # type: ignore[assignment]
+        record.finished_at = _now()
+        failed = [t for t in record.task_ids if state.tasks[t].status == "failed"]
+        record.error = f"failed tasks: {', '.join(failed[:10])}" if failed else None
+        await self._save_workflow(state)
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await self.bus.kv.active.delete(record.id)
+        await self._emit(WorkflowEvent(record.id, status, _now(), record.error or ""))
+        self._active.pop(record.id, None)
+        log.info("workflow %s %s", record.id, status)
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def _state(self, wf_id: str) -> WorkflowState | None:
+        state = self._active.get(wf_id)
+        if state is not None:
+            return state
+        return await self._load(wf_id)
+
+    async def _load(self, wf_id: str) -> WorkflowState | None:
+        found = await self.store.workflow(wf_id)
+        if found is None:
+            return None
+        record, revision = found
+        if record.status in TERMINAL_WORKFLOW:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                await self.bus.kv.active.delete(wf_id)
+            return None
+        tasks = await self.store.tasks(wf_id)
+        state = WorkflowState(
+            record,
+            revision,
+            {k: v[0] for k, v in tasks.items()},
+            {k: v[1] for k, v in tasks.items()},
+        )
+        self._active[wf_id] = state
+        await self._repair(state)
+        return state
+
+    async def _repair(self, state: WorkflowState) -> None:
+        """Bring a workflow loaded from checkpoints back into motion."""
+        now = time.time()
+        for task_id in state.record.task_ids:
+            task = state.tasks[task_id]
+            if task.status in ("queued", "running"):
+                self._inflight[task.spec.pool] += 1
+                if not await self._dispatch_outstanding(state, task_id):
+                    log.info(
+                        "re-publishing dispatch of %s.%s attempt %d",
+                        state.id,
+                        task_id,
+                        task.attempt,
+                    )
+                    await self._publish_dispatch(state, task_id)
+                if task.cancel_requested:
+                    await self.bus.nc.publish(subjects.cancel_subject(state.id), encode([task_id]))
+            elif task.status == "retrying":
+                due = task.next_attempt_at.timestamp() if task.next_attempt_at else now
+                self._schedule_retry(state.id, task_id, task.attempt, due - now)
+            elif state.is_ready(task_id) and not state.record.cancel_requested:
+                self._push_ready(state, task_id)
+        await self._finish_if_done(state)
+
+    async def _dispatch_outstanding(self, state: WorkflowState, task_id: str) -> bool:
+        """Whether the task's current attempt is still in the dispatch queue, or its report is
+        waiting for us. Checked in this order: an executor publishes its report before it acks."""
+        task = state.tasks[task_id]
+        for stream, subject in (
+            (
+                subjects.STREAM_DISPATCH,
+                subjects.dispatch_subject(task.spec.pool, state.id, task_id),
+            ),
+            (subjects.STREAM_REPORTS, subjects.report_subject(state.id, task_id)),
+        ):
+            try:
+                await self.bus.js.get_last_msg(stream, subject)
+                return True
+            except nats.js.errors.NotFoundError:
+                continue
+        return False
+
+    async def _recover(self) -> None:
+        ids = await self.store.active_ids()
+        for wf_id in ids:
+            if wf_id not in self._active:
+                await self._load(wf_id)
+        await self._pump()
+
+    async def _reload_all(self) -> None:
+        """Drop memory and rebuild it from checkpoints (after an unexpected failure)."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        self._active.clear()
+        self._ready.clear()
+        self._inflight.clear()
+        try:
+            await self._recover()
+        except Exception:
+            log.exception("reload from checkpoints failed; will retry on the next input")
+
+
+def _trace_id_from(headers: dict[str, str]) -> str | None:
+    parts = headers.get("traceparent", "").split("-")
+    return parts[1] if len(parts) == 4 else None

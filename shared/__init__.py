@@ -1,0 +1,6 @@
+"""Code shared by every service: messages, subject names, the bus, configuration, tracing."""
+
+__version__ = "0.1.0"
+API_VERSION = "v1"
+
+__all__ = ["API_VERSION", "__version__"]

@@ -1,0 +1,50 @@
+"""The workflow definition users write (JSON, Nickel, TOML or YAML)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = ["Backoff", "OnFailure", "TaskSpec", "WorkflowDefinition"]
+
+OnFailure = Literal["stop", "continue"]
+
+TaskName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+ActionName = Annotated[
+    str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$", max_length=128)
+]
+Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
+
+
+class Backoff(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Delay before retry n is ``initial_seconds * multiplier**(n-1)``, capped at ``max_seconds``."""
+
+    initial_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 1.0
+    multiplier: Annotated[float, msgspec.Meta(ge=1, le=10)] = 2.0
+    max_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
+
+    def delay(self, retry: int) -> float:
+        return float(min(self.max_seconds, self.initial_seconds * self.multiplier ** (retry - 1)))
+
+
+class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One task of a workflow. ``priority``: higher runs first when executors are saturated."""
+
+    id: TaskName
+    action: ActionName
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    depends_on: list[TaskName] = msgspec.field(default_factory=list)
+    priority: Priority | None = None
+    retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    backoff: Backoff = msgspec.field(default_factory=Backoff)
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] | None = None
+    pool: TaskName = "default"
+
+
+class WorkflowDefinition(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    tasks: list[TaskSpec]
+    priority: Priority = 0
+    on_failure: OnFailure = "stop"
+    description: Annotated[str, msgspec.Meta(max_length=2000)] = ""

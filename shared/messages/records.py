@@ -1,0 +1,88 @@
+"""Checkpointed state in JetStream KV: one record per workflow and one per task."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from .definition import TaskSpec
+
+__all__ = [
+    "TERMINAL_TASK",
+    "TERMINAL_WORKFLOW",
+    "AttemptRecord",
+    "Progress",
+    "TaskRecord",
+    "TaskStatus",
+    "WorkflowRecord",
+    "WorkflowStatus",
+]
+
+WorkflowStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+TaskStatus = Literal[
+    "pending", "queued", "running", "retrying", "completed", "failed", "cancelled", "skipped"
+]
+TERMINAL_WORKFLOW: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_TASK: frozenset[str] = frozenset({"completed", "failed", "cancelled", "skipped"})
+
+
+class AttemptRecord(msgspec.Struct, omit_defaults=True):
+    attempt: int
+    executor_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outcome: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+class TaskRecord(msgspec.Struct, omit_defaults=True):
+    workflow_id: str
+    spec: TaskSpec
+    status: TaskStatus = "pending"
+    attempt: int = 0
+    delivery: int = 0
+    executor_id: str | None = None
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    error: str | None = None
+    output: Any = None
+    attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
+    cancel_requested: bool = False
+    v: int = 1
+
+
+class WorkflowRecord(msgspec.Struct, omit_defaults=True):
+    id: str
+    name: str
+    status: WorkflowStatus
+    created_at: datetime
+    task_ids: list[str]
+    priority: int = 0
+    on_failure: str = "stop"
+    description: str = ""
+    source: str = "api"
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    trace_id: str | None = None
+    traceparent: str | None = None
+    idempotency_key: str | None = None
+    error: str | None = None
+    runs: int = 1
+    cancel_requested: bool = False
+    v: int = 1
+
+
+class Progress(msgspec.Struct, omit_defaults=True):
+    percent: int
+    at: datetime
+    message: str = ""
+    attempt: int = 0
+    v: int = 1

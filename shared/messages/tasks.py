@@ -1,0 +1,65 @@
+"""Task dispatch (scheduler -> executors) and reports (executors -> scheduler)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = ["FailureReason", "Outcome", "Report", "TaskDispatch", "TaskFinished", "TaskStarted"]
+
+Outcome = Literal["completed", "failed", "cancelled"]
+FailureReason = Literal[
+    "exit_code",  # the subprocess exited non-zero
+    "timeout",  # timeout_seconds elapsed; the process group was killed
+    "cancelled",  # the workflow was cancelled while the task ran
+    "error",  # the action raised (builtins) or could not be started
+    "refused",  # the executor refused the task (unknown action, commands disabled, ...)
+    "max_deliveries",  # the task was delivered too often without a result (crashing executors)
+    "lost",  # the scheduler gave up waiting (reserved)
+]
+
+
+class TaskDispatch(msgspec.Struct, tag="dispatch", forbid_unknown_fields=True):
+    """One attempt of one task. ``attempt`` counts from 1; retries publish a new attempt."""
+
+    workflow_id: str
+    task_id: str
+    attempt: int
+    action: str
+    args: dict[str, Any]
+    timeout_seconds: float
+    pool: str = "default"
+    dispatched_at: datetime | None = None
+    v: int = 1
+
+
+class TaskStarted(msgspec.Struct, tag="started", forbid_unknown_fields=True):
+    workflow_id: str
+    task_id: str
+    attempt: int
+    delivery: int
+    executor_id: str
+    started_at: datetime
+    v: int = 1
+
+
+class TaskFinished(msgspec.Struct, tag="finished", forbid_unknown_fields=True):
+    workflow_id: str
+    task_id: str
+    attempt: int
+    delivery: int
+    executor_id: str
+    outcome: Outcome
+    started_at: datetime
+    finished_at: datetime
+    exit_code: int | None = None
+    reason: FailureReason | None = None
+    error: str | None = None
+    output: Any = None
+    retryable: bool = True
+    v: int = 1
+
+
+Report = TaskStarted | TaskFinished

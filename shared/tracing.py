@@ -1,0 +1,108 @@
+"""OpenTelemetry set-up and W3C trace-context propagation through NATS headers.
+
+Each service calls :func:`setup_tracing` once. With tracing disabled (or no exporter) the API's
+no-op tracer is used, which costs next to nothing. ``traceparent`` travels in NATS headers and
+reaches task subprocesses as ``TRACEPARENT``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from . import __version__
+from .config import TracingConfig
+
+__all__ = [
+    "context_from",
+    "current_traceparent",
+    "headers_with_context",
+    "setup_tracing",
+    "shutdown_tracing",
+    "trace_id_hex",
+]
+
+log = logging.getLogger(__name__)
+INSTANCE_ID = uuid.uuid4().hex[:12]
+_provider: TracerProvider | None = None
+
+
+def _exporter(config: TracingConfig) -> SpanExporter | None:
+    if config.exporter == "none":
+        return None
+    if config.exporter == "console":
+        return ConsoleSpanExporter()
+    if config.exporter == "otlp-grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter as GrpcExporter,
+            )
+        except ImportError:
+            log.warning("otlp-grpc needs opentelemetry-exporter-otlp-proto-grpc; using otlp-http")
+        else:
+            return GrpcExporter(endpoint=config.endpoint or None)  # type: ignore[no-any-return]
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    endpoint = config.endpoint.rstrip("/")
+    if endpoint and not endpoint.endswith("/v1/traces"):
+        endpoint += "/v1/traces"
+    return OTLPSpanExporter(endpoint=endpoint or None)
+
+
+def setup_tracing(service: str, config: TracingConfig) -> None:
+    """Install the tracer provider for ``service`` (e.g. ``provisioning-gateway``)."""
+    global _provider
+    if not config.enabled:
+        return
+    exporter = _exporter(config)
+    resource = Resource.create(
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", service),
+            "service.version": __version__,
+            "service.instance.id": f"{socket.gethostname()}-{os.getpid()}-{INSTANCE_ID}",
+        }
+    )
+    provider = TracerProvider(resource=resource)
+    if exporter is not None:  # without one, spans still get ids (trace_id in the API)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+        log.info("tracing to %s (%s)", config.endpoint or "default endpoint", config.exporter)
+    trace.set_tracer_provider(provider)
+    _provider = provider
+
+
+def shutdown_tracing() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def headers_with_context(
+    headers: dict[str, str] | None = None, context: Context | None = None
+) -> dict[str, str]:
+    """A copy of ``headers`` with the current (or given) trace context injected."""
+    carrier = dict(headers or {})
+    propagate.inject(carrier, context=context)
+    return carrier
+
+
+def context_from(headers: Mapping[str, str] | None) -> Context:
+    return propagate.extract(dict(headers or {}))
+
+
+def current_traceparent() -> str | None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def trace_id_hex(span: trace.Span | None = None) -> str | None:
+    ctx = (span or trace.get_current_span()).get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None

@@ -1,0 +1,164 @@
+"""Workflow definitions: parsing from JSON, TOML, YAML or Nickel, and validation as a DAG.
+
+Validation happens before anything is queued and names the task and the reason: an empty
+workflow, too many tasks, a duplicate id, an unknown action, an unknown or self dependency,
+a cycle (printed as ``a -> b -> a``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from typing import Any
+
+import msgspec
+import networkx as nx
+import yaml
+
+from .errors import ActionNotFound, DefinitionError
+from .messages import WorkflowDefinition
+
+__all__ = [
+    "CONTENT_TYPES",
+    "build_graph",
+    "definition_from_data",
+    "format_for_content_type",
+    "parse_definition",
+    "validate_definition",
+]
+
+CONTENT_TYPES = {
+    "application/json": "json",
+    "application/toml": "toml",
+    "application/x-toml": "toml",
+    "text/x-toml": "toml",
+    "application/yaml": "yaml",
+    "application/x-yaml": "yaml",
+    "text/yaml": "yaml",
+    "text/x-yaml": "yaml",
+    "application/nickel": "nickel",
+    "application/x-nickel": "nickel",
+    "text/x-nickel": "nickel",
+}
+_PATH_TASK_RE = re.compile(r"^\$\.tasks\[(\d+)\]")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def format_for_content_type(content_type: str) -> str | None:
+    return CONTENT_TYPES.get(content_type.split(";", 1)[0].strip().lower())
+
+
+def _task_named(data: Any, index: int) -> str | None:
+    try:
+        task_id = data["tasks"][index]["id"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
+
+def definition_from_data(data: Any) -> WorkflowDefinition:
+    """Convert decoded data (any format) into a definition, strictly typed."""
+    if not isinstance(data, dict):
+        raise DefinitionError("a workflow definition must be an object", reason="wrong_type")
+    try:
+        return msgspec.convert(data, WorkflowDefinition, strict=True)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        task = None
+        path = text.rpartition(" - at `")[2].rstrip("`") if " - at `" in text else ""
+        if m := _PATH_TASK_RE.match(path):
+            task = _task_named(data, int(m.group(1)))
+        where = f"task {task!r}: " if task else ""
+        raise DefinitionError(f"{where}{text}", task=task, reason="wrong_field") from None
+
+
+def parse_definition(body: bytes, fmt: str) -> WorkflowDefinition:
+    """Parse ``json``, ``toml`` or ``yaml`` source. Nickel goes through :mod:`shared.nickel`."""
+    try:
+        if fmt == "json":
+            data = json.loads(body)
+        elif fmt == "toml":
+            data = tomllib.loads(body.decode("utf-8"))
+        elif fmt == "yaml":
+            data = yaml.safe_load(body.decode("utf-8"))
+        else:
+            raise DefinitionError(f"unsupported format {fmt!r}", reason="bad_format")
+    except (ValueError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        message = _ANSI_RE.sub("", str(exc)).strip().splitlines()[0:3]
+        raise DefinitionError(
+            f"malformed {fmt.upper()}: {' '.join(message)}", reason="malformed"
+        ) from None
+    except RecursionError:
+        raise DefinitionError(
+            f"malformed {fmt.upper()}: nested too deeply", reason="malformed"
+        ) from None
+    return definition_from_data(data)
+
+
+def build_graph(definition: WorkflowDefinition) -> nx.DiGraph:
+    """Edges point from a dependency to its dependent."""
+    graph = nx.DiGraph()
+    for task in definition.tasks:
+        graph.add_node(task.id)
+    for task in definition.tasks:
+        for dep in task.depends_on:
+            graph.add_edge(dep, task.id)
+    return graph
+
+
+def validate_definition(
+    definition: WorkflowDefinition, known_actions: Any, *, max_tasks: int
+) -> nx.DiGraph:
+    """Check a definition; return its graph. ``known_actions`` supports ``in``."""
+    tasks = definition.tasks
+    if not tasks:
+        raise DefinitionError("the workflow has no tasks", reason="empty")
+    if len(tasks) > max_tasks:
+        raise DefinitionError(
+            f"the workflow has {len(tasks)} tasks; the limit is {max_tasks}",
+            reason="too_many_tasks",
+            limit=max_tasks,
+        )
+    seen: set[str] = set()
+    for task in tasks:
+        if task.id in seen:
+            raise DefinitionError(
+                f"duplicate task id {task.id!r}", task=task.id, reason="duplicate_id"
+            )
+        seen.add(task.id)
+    for task in tasks:
+        if task.action not in known_actions:
+            raise ActionNotFound(task.action, task=task.id)
+        deps: set[str] = set()
+        for dep in task.depends_on:
+            if dep == task.id:
+                raise DefinitionError(
+                    f"task {task.id!r} depends on itself",
+                    task=task.id,
+                    reason="cycle",
+                    cycle=[dep, dep],
+                )
+            if dep not in seen:
+                raise DefinitionError(
+                    f"task {task.id!r} depends on unknown task {dep!r}",
+                    task=task.id,
+                    reason="unknown_dependency",
+                    dependency=dep,
+                )
+            if dep in deps:
+                raise DefinitionError(
+                    f"task {task.id!r} lists dependency {dep!r} twice",
+                    task=task.id,
+                    reason="duplicate_dependency",
+                )
+            deps.add(dep)
+    graph = build_graph(definition)
+    try:
+        edges = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return graph
+    cycle = [u for u, _ in edges] + [edges[0][0]]
+    raise DefinitionError(
+        f"dependency cycle: {' -> '.join(cycle)}", task=cycle[0], reason="cycle", cycle=cycle
+    )
