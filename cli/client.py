@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,10 @@ class OrchestratorUnavailable(ProvisioningError):
 
 class ApiClient:
     def __init__(self, endpoint: str, *, token: str = "", timeout_s: float = 60) -> None:
+        if not endpoint.startswith(("http://", "https://")):
+            raise ProvisioningError(
+                f"the orchestrator endpoint must be http(s)://, not {endpoint!r}"
+            )
         self.endpoint = endpoint.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
@@ -71,15 +74,15 @@ class ApiClient:
         hdrs = {**hdrs}
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(
+        request = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
             f"{self.endpoint}{path}", data=body, method=method, headers=hdrs
-        )  # noqa: S310
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             raise self._api_error(exc) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise OrchestratorUnavailable(
                 f"no orchestrator answers at {self.endpoint} ({reason})", endpoint=self.endpoint
@@ -102,7 +105,7 @@ class ApiClient:
                 return dict(json.loads(exc.read()))
             except ValueError:
                 return {"status": "unhealthy", "detail": f"HTTP {exc.code}"}
-        except (urllib.error.URLError, ConnectionError, socket.timeout, ValueError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, ValueError) as exc:
             raise OrchestratorUnavailable(
                 f"no orchestrator answers at {self.endpoint} ({getattr(exc, 'reason', exc)})"
             ) from None
@@ -139,7 +142,7 @@ class ApiClient:
                     return  # the server closed the stream: the workflow ended
             except urllib.error.HTTPError as exc:
                 raise self._api_error(exc) from None
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 now = time.monotonic()
                 deadline = deadline or now + reconnect_for_s
                 if now > deadline:

@@ -29,11 +29,11 @@ from shared import API_VERSION, __version__
 from shared.config import Config, load_config
 from shared.errors import DefinitionError, ProvisioningError
 from shared.messages import TaskSpec, WorkflowDefinition
-from shared.workflow import definition_from_data, format_for_content_type, parse_definition
+from shared.workflow import definition_from_data, parse_definition
 
 from .client import ApiClient, ApiError, OrchestratorUnavailable
 from .direct import run_direct
-from .monitor import monitor_workflow, render_summary
+from .monitor import monitor_workflow
 
 __all__ = ["main"]
 
@@ -176,7 +176,8 @@ def resolve_mode(config: Config, operation: str, flag: str | None) -> str:
 
 
 def ensure_orchestrator(state: State, *, explicit: bool) -> bool:
-    """Whether an orchestrator answers, starting a local one when configured to (seed's ensure-orchestrator)."""
+    """Whether an orchestrator answers; starts a local one when configured to (the seed's
+    ensure-orchestrator)."""
     client = state.client()
     try:
         return client.health().get("status") == "healthy"
@@ -224,7 +225,8 @@ def run_operation(
                 f"no orchestrator answers at {state.config.orchestrator.endpoint}", EXIT_UNAVAILABLE
             )
         click.echo(
-            f"note: no orchestrator answers at {state.config.orchestrator.endpoint}; running {operation} directly",
+            f"note: no orchestrator answers at {state.config.orchestrator.endpoint}; "
+            f"running {operation} directly",
             err=True,
         )
     run_direct_and_print(state, definition, output=output)
@@ -286,7 +288,8 @@ def submit_and_maybe_wait(
             accepted,
             output,
             lambda a: (
-                f"workflow {a['workflow_id']} {a['status']} ({a.get('tasks', '?')} tasks)\nwatch it: provisioning workflow monitor {a['workflow_id']}"
+                f"workflow {a['workflow_id']} {a['status']} ({a.get('tasks', '?')} tasks)\n"
+                f"watch it: provisioning workflow monitor {a['workflow_id']}"
             ),
         )
         return
@@ -487,7 +490,7 @@ def taskserv() -> None:
 @wait_option
 @output_option
 @click.pass_obj
-def taskserv_create(state: State, **kw: Any) -> None:
+def taskserv_create(state: State, /, **kw: Any) -> None:
     """Install a task service (default: all of the infra's) on its servers."""
     _shortcut_op(state, "taskserv.create", "taskserv", infra.taskserv_workflow, kw)
 
@@ -505,7 +508,7 @@ def cluster() -> None:
 @wait_option
 @output_option
 @click.pass_obj
-def cluster_create(state: State, **kw: Any) -> None:
+def cluster_create(state: State, /, **kw: Any) -> None:
     """Servers, then task services, then the cluster and its applications (seed Example 3)."""
     _shortcut_op(state, "cluster.create", "cluster", infra.cluster_workflow, kw)
 
@@ -518,7 +521,7 @@ def cluster_create(state: State, **kw: Any) -> None:
 @wait_option
 @output_option
 @click.pass_obj
-def server_create_cmd(state: State, **kw: Any) -> None:
+def server_create_cmd(state: State, /, **kw: Any) -> None:
     """Create the servers of an infra."""
     _shortcut_op(state, "server.create", "servers", infra.servers_workflow, kw)
 
@@ -594,7 +597,10 @@ def workflow_status(state: State, workflow_id: str, output: str) -> None:
         view = state.client().get(f"/workflows/{workflow_id}")
 
         def table(v: dict[str, Any]) -> str:
-            head = f"workflow {v['workflow_id']} {v.get('name', '')}\nstatus: {v['status']}  progress: {v.get('progress', 0)}%"
+            head = (
+                f"workflow {v['workflow_id']} {v.get('name', '')}\n"
+                f"status: {v['status']}  progress: {v.get('progress', 0)}%"
+            )
             if v.get("trace_id"):
                 head += f"  trace: {v['trace_id']}"
             rows = [
@@ -739,7 +745,8 @@ def draw_graph(tasks: list[dict[str, Any]], fmt: str) -> str:
         lines = ["digraph workflow {", "  rankdir=LR;"]
         for t in tasks:
             lines.append(
-                f'  "{t["id"]}" [label="{t["id"]}\\n{t["status"]}", style=filled, fillcolor={color.get(t["status"], "white")}];'
+                f'  "{t["id"]}" [label="{t["id"]}\\n{t["status"]}", style=filled, '
+                f"fillcolor={color.get(t['status'], 'white')}];"
             )
             lines += [f'  "{d}" -> "{t["id"]}";' for d in t.get("depends_on", [])]
         return "\n".join([*lines, "}"])
@@ -927,7 +934,8 @@ def version(state: State, output: str) -> None:
         lambda i: (
             f"cli {i['cli']} (api {i['api']})\norchestrator "
             + (
-                f"{i['orchestrator']} (api {i['orchestrator_api']}): {'compatible' if i['compatible'] else 'INCOMPATIBLE'}"
+                f"{i['orchestrator']} (api {i['orchestrator_api']}): "
+                f"{'compatible' if i['compatible'] else 'INCOMPATIBLE'}"
                 if i["orchestrator"]
                 else "not reachable"
             )
@@ -1070,7 +1078,7 @@ def orchestrator_status(state: State, output: str) -> None:
 @click.pass_obj
 def orchestrator_up(state: State, args: tuple[str, ...]) -> None:
     """Run the local stack in the foreground (same as `provisioning-orchestrator up`)."""
-    os.execv(
+    os.execv(  # noqa: S606 - replaces this process with the service runner
         sys.executable,
         [sys.executable, "-m", "services", "--data-dir", str(state.config.data_dir), "up", *args],
     )

@@ -81,7 +81,10 @@ class _Board:
         name_w = min(40, max((len(t) for t in self.tasks), default=4))
         for task_id, t in self.tasks.items():
             color = _COLOR.get(t["status"], "")
-            text = f"  {task_id:<{name_w}} {color}{t['status']:<9}{_RESET} [{_bar(t['progress'])}] {t['progress']:>3}% {t['message']}"
+            text = (
+                f"  {task_id:<{name_w}} {color}{t['status']:<9}{_RESET} "
+                f"[{_bar(t['progress'])}] {t['progress']:>3}% {t['message']}"
+            )
             lines.append(text[: width + len(color) + len(_RESET)])
         if self.drawn:
             self.out.write(f"\x1b[{self.drawn}F")
@@ -110,7 +113,7 @@ def render_summary(
             out.write(f"    error: {task.get('error')}\n")
             try:
                 logs = client.get(f"/tasks/{task['task_id']}/logs")["lines"][-log_tail:]
-            except Exception:  # noqa: BLE001 - the summary must not fail on a missing log
+            except Exception:
                 logs = []
             for entry in logs:
                 out.write(f"    | {entry['line']}\n")

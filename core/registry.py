@@ -117,7 +117,7 @@ def _load_file(path: Path, lib_dir: Path) -> list[Action]:
 
 
 def load_registry(extra: str | Path | None = None, extra_lib: str | Path | None = None) -> Registry:
-    """The packaged registry plus, optionally, a user registry whose modules live in ``extra_lib``."""
+    """The packaged registry, plus a user registry whose modules live in ``extra_lib``."""
     actions = [
         Action(name="builtin.noop", kind="builtin", description="Do nothing; returns {}"),
         Action(name="builtin.sleep", kind="builtin", description='Sleep {"seconds": x}'),

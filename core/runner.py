@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 LineHandler = Callable[[str, str], Awaitable[None]]  # (stream, line)
 ProgressHandler = Callable[[int, str], Awaitable[None]]
 _PROGRESS_RE = re.compile(r"^PROGRESS:\s*(\d{1,3})(?:\s+(.*))?$")
-_NU_ERROR_RE = re.compile(r"^\s*[x×]\s+(.+)$")  # the headline of a Nushell error report
+_NU_ERROR_RE = re.compile(r"^\s*[x\u00d7]\s+(.+)$")  # the headline of a Nushell error report
 MAX_LINE = 4096
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -246,7 +246,8 @@ class Runner:
             "failed",
             exit_code=code,
             reason="exit_code",
-            error=f"exited with code {code}" + (f": {m}" if (m := _error_message(stderr_tail)) else ""),
+            error=f"exited with code {code}"
+            + (f": {m}" if (m := _error_message(stderr_tail)) else ""),
         )
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:

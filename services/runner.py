@@ -85,7 +85,13 @@ def _registry(config: Config) -> Any:
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
 @click.version_option(__version__, prog_name="provisioning-orchestrator")
 @click.pass_context
-def main(ctx: click.Context, config: str | None, data_dir: str | None, nats_url: str | None, log_level: str | None) -> None:
+def main(
+    ctx: click.Context,
+    config: str | None,
+    data_dir: str | None,
+    nats_url: str | None,
+    log_level: str | None,
+) -> None:
     """Run the provisioning orchestrator's services."""
     ctx.ensure_object(dict)
     ctx.obj["log_level"] = log_level
@@ -149,7 +155,9 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     """Run tasks (start as many as you like)."""
     from services.executor import Executor
 
-    config = _load(ctx, **{"executor.max_concurrent_tasks": max_concurrent_tasks, "executor.pool": pool})
+    config = _load(
+        ctx, **{"executor.max_concurrent_tasks": max_concurrent_tasks, "executor.pool": pool}
+    )
     setup_logging(ctx.obj["log_level"], service="executor")
     setup_tracing("provisioning-executor", config.tracing)
     registry = _registry(config)
@@ -177,16 +185,32 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
 
 
 @main.command()
-@click.option("--nats-port", type=int, default=4222, show_default=True, help="Port of the embedded NATS.")
+@click.option(
+    "--nats-port", type=int, default=4222, show_default=True, help="Port of the embedded NATS."
+)
 @click.option("--port", type=int, default=None, help="Gateway port (default 9090).")
 @click.option("--executors", type=int, default=1, show_default=True, help="Executor processes.")
 @click.option("--demo", is_flag=True, help="Run the sample server creation once the stack is up.")
+@click.option("--nats-url", "up_nats_url", help="Use this running NATS instead of starting one.")
+@click.option("--data-dir", "up_data_dir", type=click.Path(file_okay=False), help="Data directory.")
 @click.pass_context
-def up(ctx: click.Context, nats_port: int, port: int | None, executors: int, demo: bool) -> None:
+def up(
+    ctx: click.Context,
+    nats_port: int,
+    port: int | None,
+    executors: int,
+    demo: bool,
+    up_nats_url: str | None,
+    up_data_dir: str | None,
+) -> None:
     """The embedded local stack: NATS with JetStream plus every service, until Ctrl-C."""
     from .stack import Stack
 
     root = ctx.find_root().params
+    if up_nats_url:
+        root["nats_url"] = up_nats_url
+    if up_data_dir:
+        root["data_dir"] = up_data_dir
     config = _load(ctx, **{"gateway.port": port})
     setup_logging(ctx.obj["log_level"], service="up")
     stack = Stack(

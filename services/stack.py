@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
+import msgspec
+
 from core.runner import resolve_binary
 from shared.config import Config
 from shared.errors import StackError
@@ -130,7 +132,7 @@ class Stack:
     @property
     def gateway_url(self) -> str:
         host = self.config.gateway.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://{host}:{self.config.gateway.port}"
 
     def _say(self, text: str) -> None:
@@ -155,7 +157,9 @@ class Stack:
             f"jetstream {{\n  store_dir: {json.dumps(str(nats_dir))}\n}}\n",
             encoding="utf-8",
         )
-        child = _Child("nats", [binary, "-c", str(conf)], dict(os.environ), self.data_dir / "logs" / "nats.log")
+        child = _Child(
+            "nats", [binary, "-c", str(conf)], dict(os.environ), self.data_dir / "logs" / "nats.log"
+        )
         await child.start(self.out)
         self.nats = child
         url = f"nats://127.0.0.1:{self.nats_port}"
@@ -165,7 +169,7 @@ class Stack:
     async def _wait_for_jetstream(self, url: str) -> None:
         from shared.bus import Bus
 
-        bus = Bus(msgspec_replace_url(self.config, url), name="up")
+        bus = Bus(msgspec.structs.replace(self.config.nats, url=url), name="up")
         await bus.connect(retry_for_s=15)
         try:
             deadline = time.monotonic() + 15
@@ -223,7 +227,8 @@ class Stack:
             self._say(f"NATS JetStream ready at {nats_url} (data in {self.data_dir})")
             self.services = [self._service("scheduler", ["scheduler"], nats_url)]
             self.services += [
-                self._service(f"executor-{i + 1}", ["executor"], nats_url) for i in range(self.executors)
+                self._service(f"executor-{i + 1}", ["executor"], nats_url)
+                for i in range(self.executors)
             ]
             self.services.append(self._service("gateway", ["gateway"], nats_url))
             for child in self.services:
@@ -243,9 +248,13 @@ class Stack:
         from cli.monitor import monitor_workflow
 
         client = ApiClient(self.gateway_url, token=self.config.gateway.auth_token, timeout_s=30)
-        self._say("demo: creating the sample servers of infra 'wuji' (POST /workflows/servers/create)")
+        self._say(
+            "demo: creating the sample servers of infra 'wuji' (POST /workflows/servers/create)"
+        )
         accepted = await asyncio.to_thread(
-            client.post, "/workflows/servers/create", {"infra": "wuji", "params": {"delay_seconds": 1.5}}
+            client.post,
+            "/workflows/servers/create",
+            {"infra": "wuji", "params": {"delay_seconds": 1.5}},
         )
         wf_id = accepted["workflow_id"]
         self._say(f"demo: workflow {wf_id} queued; watching it live")
@@ -269,7 +278,9 @@ class Stack:
                     break
                 child.restarts += 1
                 delay = min(30.0, 2.0**child.restarts)
-                self._say(f"{child.name} exited with code {proc.returncode}; restarting in {delay:.0f}s")
+                self._say(
+                    f"{child.name} exited with code {proc.returncode}; restarting in {delay:.0f}s"
+                )
                 await asyncio.sleep(delay)
                 await child.start(self.out)
 
@@ -288,9 +299,3 @@ def _get_status(url: str) -> int:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def msgspec_replace_url(config: Config, url: str) -> object:
-    import msgspec
-
-    return msgspec.structs.replace(config.nats, url=url)

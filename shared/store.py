@@ -31,7 +31,7 @@ async def read_prefix(kv: KeyValue, prefix: str) -> list[tuple[str, bytes, int]]
     try:
         while True:
             try:
-                entry = await watcher.updates(timeout=10)
+                entry = await watcher.updates(timeout=10)  # type: ignore[no-untyped-call]
             except nats.errors.TimeoutError:
                 break
             if entry is None:
@@ -39,7 +39,7 @@ async def read_prefix(kv: KeyValue, prefix: str) -> list[tuple[str, bytes, int]]
             if entry.value:
                 out.append((entry.key, entry.value, entry.revision or 0))
     finally:
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]
     return out
 
 

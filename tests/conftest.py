@@ -13,7 +13,9 @@ from .support import NatsServer, Stack
 
 
 def _docker_available() -> bool:
-    return os.path.exists("/var/run/docker.sock") and os.environ.get("PROVISIONING_TEST_DOCKER") == "1"
+    return (
+        os.path.exists("/var/run/docker.sock") and os.environ.get("PROVISIONING_TEST_DOCKER") == "1"
+    )
 
 
 @pytest.fixture
@@ -33,7 +35,9 @@ def nats_url(nats_server: NatsServer) -> str:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, nats_server: NatsServer, request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack(
+    tmp_path: Path, nats_server: NatsServer, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     marker = request.node.get_closest_marker("stack")
     kwargs = dict(marker.kwargs) if marker else {}
     the_stack = Stack(tmp_path, nats_server, **kwargs)

@@ -29,19 +29,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while time.monotonic() < deadline:
         try:
             value = predicate()
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:
             last_exc = exc
             value = None
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_exc!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}: {last_exc!r}"
+    )
 
 
 class NatsServer:
@@ -67,7 +71,9 @@ class NatsServer:
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
         )
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([NATS_BIN, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [NATS_BIN, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
         def listening() -> int | None:
@@ -76,11 +82,17 @@ class NatsServer:
                 raise RuntimeError(f"nats-server exited: {self.log_path.read_text()[-2000:]}")
             text = self.log_path.read_text(errors="replace")
             matches = _LISTEN_RE.findall(text)
-            return int(matches[-1]) if matches and ("Server is ready" in text[offset:] or self.port) else None
+            return (
+                int(matches[-1])
+                if matches and ("Server is ready" in text[offset:] or self.port)
+                else None
+            )
 
         port = wait_until(listening, 20, what="nats-server to listen")
         self.port = port
-        wait_until(lambda: "Server is ready" in self.log_path.read_text(errors="replace")[offset:], 20)
+        wait_until(
+            lambda: "Server is ready" in self.log_path.read_text(errors="replace")[offset:], 20
+        )
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -157,8 +169,14 @@ class Http:
         self.token = token
 
     def request(
-        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-        headers: dict[str, str] | None = None, timeout: float = 15,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 15,
     ) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         hdrs = {"Content-Type": "application/json", **(headers or {})}
@@ -183,21 +201,32 @@ class Http:
         return self.request("POST", path, body if body is not None or "raw" in kw else {}, **kw)
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.get("/health", timeout=3)[0] == 200, timeout, what="gateway healthy")
+        wait_until(
+            lambda: self.get("/health", timeout=3)[0] == 200, timeout, what="gateway healthy"
+        )
 
-    def wait_workflow(self, wf_id: str, statuses: tuple[str, ...] = ("completed", "failed", "cancelled"), timeout: float = 60) -> dict[str, Any]:
+    def wait_workflow(
+        self,
+        wf_id: str,
+        statuses: tuple[str, ...] = ("completed", "failed", "cancelled"),
+        timeout: float = 60,
+    ) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             status, body = self.get(f"/workflows/{wf_id}")
             return body if status == 200 and body["status"] in statuses else None
 
-        result: dict[str, Any] = wait_until(done, timeout, 0.2, what=f"workflow {wf_id} to reach {statuses}")
+        result: dict[str, Any] = wait_until(
+            done, timeout, 0.2, what=f"workflow {wf_id} to reach {statuses}"
+        )
         return result
 
 
 class Stack:
     """NATS plus scheduler, executors and gateway as separate real processes."""
 
-    def __init__(self, tmp: Path, nats: NatsServer, *, executors: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, nats: NatsServer, *, executors: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         self.tmp = tmp
         self.nats = nats
         self.port = free_port()
@@ -219,13 +248,18 @@ class Stack:
             **(env or {}),
         }
         self.env.pop("PROVISIONING_CONFIG")
-        self.http = Http(f"http://127.0.0.1:{self.port}", token=self.env.get("PROVISIONING_GATEWAY_AUTH_TOKEN", ""))
+        self.http = Http(
+            f"http://127.0.0.1:{self.port}",
+            token=self.env.get("PROVISIONING_GATEWAY_AUTH_TOKEN", ""),
+        )
         self.scheduler = Service("scheduler", ["scheduler"], self.env, self.log_dir)
         self.gateway = Service("gateway", ["gateway"], self.env, self.log_dir)
         self.executors = [self.new_executor(i) for i in range(executors)]
 
     def new_executor(self, index: int, *args: str, env: dict[str, str] | None = None) -> Service:
-        return Service(f"executor-{index}", ["executor", *args], {**self.env, **(env or {})}, self.log_dir)
+        return Service(
+            f"executor-{index}", ["executor", *args], {**self.env, **(env or {})}, self.log_dir
+        )
 
     @property
     def services(self) -> list[Service]:
@@ -249,7 +283,13 @@ class Stack:
     def logs(self) -> str:
         return "\n".join(f"==== {s.name}\n{s.log()[-6000:]}" for s in self.services)
 
-    def cli(self, *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(VENV_BIN / "provisioning"), *args],
             env={**self.env, **(env or {})},

@@ -49,7 +49,8 @@ def test_server_create_runs_nushell_and_completes(stack: Stack) -> None:
 def test_accepted_before_any_work_runs(stack: Stack) -> None:
     """The 202 comes back before the task has even started."""
     status, accepted = stack.http.post(
-        "/workflows", {"name": "slow", "tasks": [{"id": "s", "action": "builtin.sleep", "args": {"seconds": 2}}]}
+        "/workflows",
+        {"name": "slow", "tasks": [{"id": "s", "action": "builtin.sleep", "args": {"seconds": 2}}]},
     )
     assert status == 202
     status, view = stack.http.get(f"/workflows/{accepted['workflow_id']}")
@@ -74,7 +75,8 @@ def test_cli_orchestrated_wait_and_status(stack: Stack) -> None:
 
 def test_failed_action_reports_error(stack: Stack) -> None:
     status, accepted = stack.http.post(
-        "/workflows/servers/create", {"infra": "wuji", "params": {"fail": "no capacity in zone", "retries": 0}}
+        "/workflows/servers/create",
+        {"infra": "wuji", "params": {"fail": "no capacity in zone", "retries": 0}},
     )
     assert status == 202
     view = stack.http.wait_workflow(accepted["workflow_id"])
@@ -88,11 +90,15 @@ def test_failed_action_reports_error(stack: Stack) -> None:
 def test_health_reports_nats_down_then_recovers(stack: Stack) -> None:
     assert stack.http.get("/health")[1]["status"] == "healthy"
     stack.nats.stop()
-    status, body = wait_until(lambda: (r := stack.http.get("/health", timeout=5)) and r[0] == 503 and r, 20)
+    status, body = wait_until(
+        lambda: (r := stack.http.get("/health", timeout=5)) and r[0] == 503 and r, 20
+    )
     assert body["status"] == "unhealthy"
     stack.nats.start()  # same port, same store
     stack.http.wait_healthy(30)
-    status, accepted = stack.http.post("/workflows", {"name": "after", "tasks": [{"id": "n", "action": "builtin.noop"}]})
+    status, accepted = stack.http.post(
+        "/workflows", {"name": "after", "tasks": [{"id": "n", "action": "builtin.noop"}]}
+    )
     assert status == 202
     assert stack.http.wait_workflow(accepted["workflow_id"])["status"] == "completed"
 

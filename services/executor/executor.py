@@ -158,7 +158,9 @@ class Executor:
         with contextlib.suppress(nats.errors.Error):
             await kill_sub.unsubscribe()
 
-    async def _shutdown(self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Any) -> None:
+    async def _shutdown(
+        self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Any
+    ) -> None:
         """Stop fetching; let running tasks finish within the grace period; hand back the rest."""
         self._draining = True
         fetcher.cancel()
@@ -414,7 +416,7 @@ class Executor:
             return RunResult(
                 "failed",
                 reason="refused",
-                error="plain-command tasks are disabled on this executor ([executor] allow_commands)",
+                error="plain-command tasks are disabled here ([executor] allow_commands)",
             )
         sink = _LogSink(self.bus, dispatch, self.config.executor.log_limit_bytes)
 

@@ -115,8 +115,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProvisioningError as exc:
         status = _STATUS_FOR.get(type(exc), 400)
         return _error(status, exc.code, exc.message, **exc.data)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return _error(413, "payload_too_large", f"request body over {exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].gateway.max_body_bytes
+        return _error(413, "payload_too_large", f"request body over {limit} bytes")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -453,7 +454,7 @@ async def cancel_workflow(request: web.Request) -> web.Response:
             409,
             "conflict",
             f"workflow {wf_id} is already {found[0].status}",
-            status=found[0].status,
+            workflow_status=found[0].status,
         )
     await request.app[BUS].publish(
         subjects.command_subject("cancel", wf_id),
@@ -474,7 +475,7 @@ async def retry_workflow(request: web.Request) -> web.Response:
             409,
             "conflict",
             f"only failed or cancelled workflows can be retried; {wf_id} is {record.status}",
-            status=record.status,
+            workflow_status=record.status,
         )
     await request.app[BUS].publish(
         subjects.command_subject("retry", wf_id),

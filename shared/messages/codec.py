@@ -30,10 +30,10 @@ T = TypeVar("T")
 DecodeError = msgspec.DecodeError
 
 _encoder = msgspec.json.Encoder()
-_commands: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)  # type: ignore[arg-type]
+_commands: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)
 _dispatch = msgspec.json.Decoder(TaskDispatch)
-_reports: msgspec.json.Decoder[Report] = msgspec.json.Decoder(Report)  # type: ignore[arg-type]
-_events: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+_reports: msgspec.json.Decoder[Report] = msgspec.json.Decoder(Report)
+_events: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 _logs = msgspec.json.Decoder(LogChunk)
 _workflows = msgspec.json.Decoder(WorkflowRecord)
 _tasks = msgspec.json.Decoder(TaskRecord)

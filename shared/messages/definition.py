@@ -18,7 +18,7 @@ Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
 
 
 class Backoff(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Delay before retry n is ``initial_seconds * multiplier**(n-1)``, capped at ``max_seconds``."""
+    """Retry n waits ``initial_seconds * multiplier**(n-1)``, capped at ``max_seconds``."""
 
     initial_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 1.0
     multiplier: Annotated[float, msgspec.Meta(ge=1, le=10)] = 2.0

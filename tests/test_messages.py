@@ -1,0 +1,98 @@
+"""Messages: tagged, versioned, strictly decoded."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from shared.messages import (
+    CancelWorkflow,
+    DecodeError,
+    RetryWorkflow,
+    SubmitWorkflow,
+    TaskDispatch,
+    TaskFinished,
+    TaskSpec,
+    TaskStarted,
+    WorkflowDefinition,
+    decode_command,
+    decode_dispatch,
+    decode_report,
+    encode,
+)
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+WF = "0" * 32
+
+
+def test_commands_round_trip_with_tag_and_version() -> None:
+    definition = WorkflowDefinition(
+        name="w", tasks=[TaskSpec(id="a", action="builtin.noop", args={"x": [1, "two"]})]
+    )
+    for command in (
+        SubmitWorkflow(WF, definition, NOW, idempotency_key="k"),
+        CancelWorkflow(WF),
+        RetryWorkflow(WF, runs=2),
+    ):
+        raw = msgspec.json.decode(encode(command))
+        assert raw["type"] in ("submit", "cancel", "retry")
+        assert raw["v"] == 1
+        assert decode_command(encode(command)) == command
+
+
+def test_reports_round_trip() -> None:
+    started = TaskStarted(WF, "a", 1, 1, "ex", NOW)
+    finished = TaskFinished(
+        WF,
+        "a",
+        1,
+        2,
+        "ex",
+        "failed",
+        NOW,
+        NOW,
+        exit_code=3,
+        reason="timeout",
+        error="e",
+        output={"k": 1},
+    )
+    assert decode_report(encode(started)) == started
+    assert decode_report(encode(finished)) == finished
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"not json",
+        b"{}",
+        b'{"type": "nope", "workflow_id": "x"}',
+        b'{"type": "cancel"}',
+        b'{"type": "cancel", "workflow_id": 5}',
+        b'{"type": "cancel", "workflow_id": "x", "surprise": true}',
+        b'{"type": "retry", "workflow_id": "x", "runs": "1"}',
+    ],
+)
+def test_commands_decode_strictly(payload: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_command(payload)
+
+
+def test_dispatch_rejects_wrong_types() -> None:
+    good = TaskDispatch(WF, "a", 1, "builtin.noop", {}, 10.0)
+    assert decode_dispatch(encode(good)) == good
+    raw = msgspec.json.decode(encode(good))
+    raw["attempt"] = "1"
+    with pytest.raises(DecodeError):
+        decode_dispatch(msgspec.json.encode(raw))
+
+
+def test_new_fields_have_defaults_for_old_messages() -> None:
+    """Schema evolution: a v1 message without the newer optional fields still decodes."""
+    old = (
+        b'{"type":"started","workflow_id":"w","task_id":"a","attempt":1,"delivery":1,'
+        b'"executor_id":"e","started_at":"2026-01-01T00:00:00Z"}'
+    )
+    assert decode_report(old).v == 1
