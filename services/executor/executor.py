@@ -163,9 +163,10 @@ class Executor:
     ) -> None:
         """Stop fetching; let running tasks finish within the grace period; hand back the rest."""
         self._draining = True
-        fetcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await fetcher
+        try:  # the loop sees `stop` within one fetch timeout
+            await asyncio.wait_for(fetcher, 3)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
@@ -196,7 +197,7 @@ class Executor:
                 continue
             try:
                 msgs = await sub.fetch(free, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("fetch failed: %s; retrying", exc)

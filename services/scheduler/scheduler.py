@@ -129,7 +129,7 @@ class Scheduler:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("fetching %ss failed: %s; retrying", kind, exc)

@@ -1,0 +1,56 @@
+"""The bus against a real NATS server: idempotent bootstrap, dedup, backpressure."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from nats.js.api import RetentionPolicy
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import load_config
+from shared.errors import BusUnavailable, QueueFull
+
+
+def _config(url: str, **nats: object) -> object:
+    config = load_config(environ={"XDG_CONFIG_HOME": "/nonexistent"})
+    return msgspec.structs.replace(config.nats, url=url, **nats)
+
+
+async def test_bootstrap_is_idempotent_and_applies_changes(nats_url: str) -> None:
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        await bus.bootstrap()
+        info = await bus.js.stream_info(subjects.STREAM_DISPATCH)
+        assert info.config.retention == RetentionPolicy.WORK_QUEUE
+        assert (await bus.js.stream_info(subjects.STREAM_EVENTS)).config.retention == RetentionPolicy.LIMITS
+        await bus.js.consumer_info(subjects.STREAM_COMMANDS, subjects.CONSUMER_COMMANDS)
+        await bus.kv.workflows.put("k", b"v")
+    async with Bus(_config(nats_url, events_max_age_seconds=3600.0), name="t2") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()  # a changed stream config is applied, not an error
+        assert (await bus.js.stream_info(subjects.STREAM_EVENTS)).config.max_age == 3600.0
+        assert (await bus.kv.workflows.get("k")).value == b"v"  # data survives
+
+
+async def test_publish_with_msg_id_never_duplicates(nats_url: str) -> None:
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        first = await bus.publish("prov.cmd.submit.x", b"1", msg_id="same")
+        again = await bus.publish("prov.cmd.submit.x", b"1", msg_id="same")
+        assert again.duplicate and again.seq == first.seq
+        assert (await bus.js.stream_info(subjects.STREAM_COMMANDS)).state.messages == 1
+
+
+async def test_full_queue_refuses_new_work(nats_url: str) -> None:
+    async with Bus(_config(nats_url, queue_max_messages=2), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        await bus.publish("prov.cmd.submit.a", b"1")
+        await bus.publish("prov.cmd.submit.b", b"2")
+        with pytest.raises(QueueFull):
+            await bus.publish("prov.cmd.submit.c", b"3")
+
+
+async def test_connect_gives_up_clearly_when_asked(unused_tcp_port: int) -> None:
+    bus = Bus(_config(f"nats://127.0.0.1:{unused_tcp_port}"), name="t")  # type: ignore[arg-type]
+    with pytest.raises(BusUnavailable, match="cannot reach NATS"):
+        await bus.connect(retry_for_s=0.5)
