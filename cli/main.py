@@ -989,7 +989,7 @@ def start_background(config: Config) -> int:
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     log = (data_dir / "logs" / "orchestrator.log").open("ab")
     port = config.orchestrator.endpoint.rsplit(":", 1)[-1].split("/")[0]
-    argv = [sys.executable, "-m", "services", "--data-dir", str(data_dir), "up"]
+    argv = [sys.executable, "-m", "services", "--data-dir", str(data_dir), "up", "--nats-port", "0"]
     if port.isdigit():
         argv += ["--port", port]
     proc = subprocess.Popen(
@@ -1084,3 +1084,14 @@ def orchestrator_up(state: State, args: tuple[str, ...]) -> None:
         sys.executable,
         [sys.executable, "-m", "services", "--data-dir", str(state.config.data_dir), "up", *args],
     )
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script, e.g. `eval "$(provisioning completion bash)"`."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(main, {}, "provisioning", "_PROVISIONING_COMPLETE").source())

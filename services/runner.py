@@ -186,7 +186,11 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
 
 @main.command()
 @click.option(
-    "--nats-port", type=int, default=4222, show_default=True, help="Port of the embedded NATS."
+    "--nats-port",
+    type=int,
+    default=4222,
+    show_default=True,
+    help="Port of the embedded NATS (0: any free port).",
 )
 @click.option("--port", type=int, default=None, help="Gateway port (default 9090).")
 @click.option("--executors", type=int, default=1, show_default=True, help="Executor processes.")

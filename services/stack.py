@@ -141,6 +141,10 @@ class Stack:
 
     async def _start_nats(self) -> str:
         binary = resolve_binary("nats-server")
+        if self.nats_port == 0:  # any free port
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.nats_port = int(sock.getsockname()[1])
         if port_in_use("127.0.0.1", self.nats_port):
             raise StackError(
                 f"port {self.nats_port} is already in use (another NATS server?): "

@@ -23,7 +23,9 @@ async def test_bootstrap_is_idempotent_and_applies_changes(nats_url: str) -> Non
         await bus.bootstrap()
         info = await bus.js.stream_info(subjects.STREAM_DISPATCH)
         assert info.config.retention == RetentionPolicy.WORK_QUEUE
-        assert (await bus.js.stream_info(subjects.STREAM_EVENTS)).config.retention == RetentionPolicy.LIMITS
+        assert (
+            await bus.js.stream_info(subjects.STREAM_EVENTS)
+        ).config.retention == RetentionPolicy.LIMITS
         await bus.js.consumer_info(subjects.STREAM_COMMANDS, subjects.CONSUMER_COMMANDS)
         await bus.kv.workflows.put("k", b"v")
     async with Bus(_config(nats_url, events_max_age_seconds=3600.0), name="t2") as bus:  # type: ignore[arg-type]
