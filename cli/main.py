@@ -333,6 +333,8 @@ def main(
         )
     except ProvisioningError as exc:
         fail(exc.message, EXIT_CONFIG)
+    for warning in cfg.warnings:
+        click.echo(f"warning: {warning}", err=True)
     ctx.obj = State(cfg)
 
 

@@ -1,12 +1,14 @@
 """The action registry: the allow-list that maps action names to Nushell functions.
 
 Only registered actions run. A Nushell action names a module under the library root and a
-function in it; both are checked to be plain identifiers that resolve inside the library, so
-an action can never point outside it. Built-in actions run inside the executor.
+function in it; both are checked to be plain identifiers, and the module's file must resolve
+(symbolic links followed) inside the library, so an action can never point outside it.
+Built-in actions run inside the executor.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from collections.abc import Iterable
@@ -27,6 +29,7 @@ COMMAND_ACTION = "command.run"  # plain argv, no shell; off unless an executor a
 _MODULE_RE = re.compile(r"^[a-z][a-z0-9_-]*(/[a-z][a-z0-9_-]*)*$")
 _FUNCTION_RE = re.compile(r"^[a-z][a-z0-9-]*( [a-z][a-z0-9-]*)?$")
 DEFAULT_REGISTRY = Path(__file__).parent / "registry.toml"
+log = logging.getLogger(__name__)
 
 
 class Action(msgspec.Struct, frozen=True):
@@ -37,6 +40,14 @@ class Action(msgspec.Struct, frozen=True):
     description: str = ""
     timeout_seconds: float | None = None
     lib_dir: str = ""
+    module_file: bool = False  # the module is ``<module>.nu``, not ``<module>/mod.nu``
+
+    @property
+    def lib_dirs(self) -> list[str]:
+        """``NU_LIB_DIRS`` for this action: its own library first, then the core library (so a
+        user module can ``use lib_provisioning/progress.nu``)."""
+        core = str(NULIB_DIR.resolve())
+        return [self.lib_dir] if self.lib_dir in ("", core) else [self.lib_dir, core]
 
     def script(self) -> str:
         """The fixed Nushell program that calls this action; arguments arrive on stdin as JSON.
@@ -44,8 +55,9 @@ class Action(msgspec.Struct, frozen=True):
         Only registry data (checked identifiers) appears in the program text, never user data.
         """
         module_name = self.module.rsplit("/", 1)[-1]
+        target = f"{self.module}.nu" if self.module_file else self.module
         return (
-            f"use {self.module}\n"
+            f"use {target}\n"
             "let args = ($in | from json)\n"
             f"let result = ({module_name} {self.function} $args)\n"
             "$result | to json --raw | save --force $env.PROVISIONING_RESULT_FILE\n"
@@ -96,12 +108,30 @@ def _load_file(path: Path, lib_dir: Path) -> list[Action]:
         if not ACTION_RE.match(name) or name.startswith(("builtin.", "command.")):
             raise ConfigError(f"{path}: invalid action name {name!r}", path=str(path))
         if not _MODULE_RE.match(entry.module) or not _FUNCTION_RE.match(entry.function):
-            raise ConfigError(f"{path}: action {name!r} has an invalid module or function")
-        target = (root / entry.module).resolve()
-        if not target.is_relative_to(root):
-            raise ConfigError(f"{path}: action {name!r} points outside {root}")
-        if not (target / "mod.nu").is_file() and not target.with_suffix(".nu").is_file():
-            raise ConfigError(f"{path}: action {name!r}: module {entry.module!r} not in {root}")
+            raise ConfigError(
+                f"{path}: action {name!r}: module {entry.module!r} or function "
+                f"{entry.function!r} is not a plain name (module: lowercase words joined by '/', "
+                "relative to the library; function: one or two lowercase words)",
+                path=str(path),
+            )
+        module_dir = root / entry.module
+        candidates = [(module_dir / "mod.nu", False), (module_dir.with_suffix(".nu"), True)]
+        found = [(file, is_file) for file, is_file in candidates if file.is_file()]
+        if not found:
+            raise ConfigError(
+                f"{path}: action {name!r}: module {entry.module!r} not found in {root} "
+                f"(expected {entry.module}/mod.nu or {entry.module}.nu)",
+                path=str(path),
+            )
+        file, module_file = found[0]
+        # Every step resolved, symbolic links included: the module's directory (Nushell loads
+        # its siblings through it) and the file itself must stay inside the library.
+        for step in (file.parent, file):
+            if not step.resolve().is_relative_to(root):
+                raise ConfigError(
+                    f"{path}: action {name!r} points outside {root} ({step} -> {step.resolve()})",
+                    path=str(path),
+                )
         actions.append(
             Action(
                 name=name,
@@ -111,6 +141,7 @@ def _load_file(path: Path, lib_dir: Path) -> list[Action]:
                 description=entry.description,
                 timeout_seconds=entry.timeout_seconds,
                 lib_dir=str(root),
+                module_file=module_file,
             )
         )
     return actions
@@ -128,5 +159,14 @@ def load_registry(extra: str | Path | None = None, extra_lib: str | Path | None 
     if extra:
         extra_path = Path(extra).expanduser()
         lib = Path(extra_lib).expanduser() if extra_lib else extra_path.parent / "nulib"
-        actions += _load_file(extra_path, lib)
+        if not lib.is_dir():
+            raise ConfigError(
+                f"action registry {extra_path}: library directory {lib} does not exist",
+                path=str(extra_path),
+            )
+        known = {a.name for a in actions}
+        for action in _load_file(extra_path, lib):
+            if action.name in known:
+                log.warning("action %s from %s replaces the packaged one", action.name, extra_path)
+            actions.append(action)
     return Registry(actions)

@@ -1,9 +1,13 @@
 """Run one action in a fresh subprocess: flat execution, the seed's cure for deep call stacks.
 
-The child runs in its own process group with a clean environment. Arguments reach it as JSON on
-stdin; its result is the JSON it writes to ``$PROVISIONING_RESULT_FILE``. ``PROGRESS: <n> [msg]``
-lines on stdout are progress; every other line is a log line. On timeout or cancellation the
-whole group gets SIGTERM, then SIGKILL after a grace period; no child outlives its task.
+The child leads a session (and process group) of its own and gets a clean environment.
+Arguments reach it as JSON on stdin; its result is the JSON it writes to
+``$PROVISIONING_RESULT_FILE``. ``PROGRESS: <n> [msg]`` lines on stdout are progress; every other
+line is a log line. On timeout or cancellation every process of the task gets SIGTERM, then
+SIGKILL after a grace period; whatever is left when the task ends is killed too, so no child
+outlives its task. "Every process" is the child's session plus its descendants: Nushell puts
+``job spawn``-ed commands in process groups of their own, so killing the group is not enough.
+On Linux the child also gets SIGKILL if the runner's process dies (``setpriv --pdeathsig``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ _PROGRESS_RE = re.compile(r"^PROGRESS:\s*(\d{1,3})(?:\s+(.*))?$")
 _NU_ERROR_RE = re.compile(r"^\s*[x\u00d7]\s+(.+)$")  # the headline of a Nushell error report
 MAX_LINE = 4096
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+_SWEEP_POLL_S = 0.05
+_EXIT_POLL_S = 0.1
 
 
 class RunResult(msgspec.Struct):
@@ -61,7 +67,7 @@ def resolve_binary(binary: str) -> str:
     """An absolute path for ``binary``: as given, on PATH, or beside the running interpreter."""
     if os.sep in binary:
         if os.access(binary, os.X_OK):
-            return binary
+            return os.path.abspath(binary)  # the child runs in a directory of its own
         raise ProvisioningError(f"{binary} is not executable", binary=binary)
     found = shutil.which(binary)
     if found:
@@ -72,6 +78,116 @@ def resolve_binary(binary: str) -> str:
     raise ProvisioningError(
         f"{binary!r} not found on PATH nor in {beside.parent} (run `make install`)", binary=binary
     )
+
+
+def _stat(pid: int | str) -> tuple[str, int, int, int] | None:
+    """``(state, ppid, session, start time)`` of a process from ``/proc``, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # the command name may hold spaces and parens
+    try:
+        return fields[0].decode(), int(fields[1]), int(fields[3]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class _TaskProcesses:
+    """Every process of one task: the session the child leads, and the child's descendants
+    (which includes those that left the session with ``setsid`` while their parent lives)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        found = _stat(pid)
+        self.start_time = found[3] if found else None
+        self.procfs = os.path.isdir("/proc/self")
+
+    def members(self) -> list[int]:
+        """Live (not zombie) processes of the task; [] when ``/proc`` cannot tell."""
+        if not self.procfs:
+            return []
+        leader = _stat(self.pid)
+        if leader is not None and leader[3] != self.start_time:
+            return []  # the pid is someone else's now: our session is empty (ids stay in use)
+        children: dict[int, list[int]] = {}
+        found: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or (stat := _stat(entry)) is None:
+                continue
+            state, ppid, session, _ = stat
+            if state in ("Z", "X"):
+                continue
+            pid = int(entry)
+            children.setdefault(ppid, []).append(pid)
+            if session == self.pid:
+                found.add(pid)
+        queue = [self.pid, *found]
+        while queue:
+            for child in children.get(queue.pop(), ()):
+                if child not in found:
+                    found.add(child)
+                    queue.append(child)
+        if leader is None or leader[0] in ("Z", "X"):
+            found.discard(self.pid)
+        return sorted(found)
+
+    async def signal(self, sig: signal.Signals) -> int:
+        """Send ``sig`` to every process of the task; return how many there were."""
+        members = await asyncio.to_thread(self.members)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        if not self.procfs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+        return len(members)
+
+    async def wait_empty(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while await asyncio.to_thread(self.members):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_SWEEP_POLL_S)
+        return True
+
+    async def kill_all(self) -> int:
+        """SIGKILL until nothing is left (a process may fork while we sweep); return the count."""
+        killed = 0
+        for _ in range(20):
+            count = await self.signal(signal.SIGKILL)
+            if not count:
+                break
+            killed += count
+            await asyncio.sleep(_SWEEP_POLL_S)
+        return killed
+
+
+async def _exit_of(proc: asyncio.subprocess.Process) -> int:
+    """The child's exit status as soon as it exits. ``proc.wait()`` alone (Python 3.11) also
+    waits for its pipes to close, which a left-behind grandchild can hold open for ever."""
+    wait = asyncio.ensure_future(proc.wait())
+    try:
+        while proc.returncode is None:
+            await asyncio.wait({wait}, timeout=_EXIT_POLL_S)
+        return proc.returncode
+    finally:
+        wait.cancel()
+
+
+def _pdeathsig_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL --`` when available (Linux): the child dies with its parent."""
+    if not sys.platform.startswith("linux"):
+        return []
+    found = shutil.which("setpriv", path=SAFE_PATH)
+    return [found, "--pdeathsig", "KILL", "--"] if found else []
+
+
+def _find_program(name: str, path: str) -> str | None:
+    """``name`` as an absolute path, looked up on the child's PATH; None if not executable."""
+    found = shutil.which(name, path=path)
+    return os.path.abspath(found) if found else None
 
 
 def _error_message(stderr_tail: list[str]) -> str:
@@ -99,6 +215,7 @@ class Runner:
         self.extra_env = dict(extra_env or {})
         self.kill_grace_s = kill_grace_s
         self.result_limit_bytes = result_limit_bytes
+        self._prefix = _pdeathsig_prefix()
 
     def environment(
         self, action: Action, task_env: Mapping[str, str], workdir: Path
@@ -113,7 +230,7 @@ class Runner:
             "PROVISIONING_DATA_DIR": str(self.data_dir),
         }
         if action.lib_dir:
-            env["NU_LIB_DIRS"] = action.lib_dir
+            env["NU_LIB_DIRS"] = os.pathsep.join(action.lib_dirs)
         env.update(self.extra_env)
         env.update(task_env)
         return env
@@ -154,8 +271,18 @@ class Runner:
             result_file = workdir / "result.json"
             env = self.environment(action, task_env, workdir)
             env["PROVISIONING_RESULT_FILE"] = str(result_file)
+            program = _find_program(argv[0], env["PATH"])
+            if program is None:
+                return RunResult(
+                    "failed",
+                    reason="error",
+                    error=f"cannot start {argv[0]!r}: not found or not executable "
+                    f"(PATH={env['PATH']})",
+                )
+            argv[0] = program
             try:
                 proc = await asyncio.create_subprocess_exec(
+                    *self._prefix,
                     *argv,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
@@ -183,6 +310,7 @@ class Runner:
     ) -> RunResult:
         assert proc.stdin and proc.stdout and proc.stderr
         stderr_tail: list[str] = []
+        processes = _TaskProcesses(proc.pid)
 
         async def feed() -> None:
             assert proc.stdin
@@ -212,7 +340,7 @@ class Runner:
             asyncio.create_task(pump(proc.stdout, "stdout")),
             asyncio.create_task(pump(proc.stderr, "stderr")),
         ]
-        waiter = asyncio.create_task(proc.wait())
+        waiter = asyncio.create_task(_exit_of(proc))
         cancelled = asyncio.create_task(cancel.wait()) if cancel else None
         pending = {waiter} | ({cancelled} if cancelled else set())
         done, _ = await asyncio.wait(
@@ -226,11 +354,14 @@ class Runner:
                 verdict = RunResult(
                     "failed", reason="timeout", error=f"timed out after {timeout_s:g}s"
                 )
-            await self._terminate(proc)
+            await self._terminate(proc, processes)
         if cancelled is not None:
             cancelled.cancel()
         await waiter
-        self._kill_group(proc.pid, signal.SIGKILL)  # stragglers that outlived the main process
+        if stragglers := await processes.kill_all():  # what outlived the main process
+            log.info("killed %d leftover processes of pid %d", stragglers, proc.pid)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 5)  # the pipes close once every holder is gone
         try:
             await asyncio.wait_for(asyncio.gather(*readers), 5)
         except TimeoutError:
@@ -250,17 +381,15 @@ class Runner:
             + (f": {m}" if (m := _error_message(stderr_tail)) else ""),
         )
 
-    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
-        self._kill_group(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), self.kill_grace_s)
-        except TimeoutError:
-            self._kill_group(proc.pid, signal.SIGKILL)
-
-    @staticmethod
-    def _kill_group(pid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
+    async def _terminate(self, proc: asyncio.subprocess.Process, processes: _TaskProcesses) -> None:
+        """SIGTERM to every process of the task; SIGKILL to what is left after the grace."""
+        await processes.signal(signal.SIGTERM)
+        if not processes.procfs:  # no /proc: only the group can be watched and killed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), self.kill_grace_s)
+        elif not await processes.wait_empty(self.kill_grace_s):
+            log.info("task of pid %d outlived SIGTERM by %gs; killing", proc.pid, self.kill_grace_s)
+        await processes.kill_all()
 
     def _read_result(self, result: RunResult, path: Path) -> None:
         try:

@@ -71,6 +71,11 @@ def _load(ctx: click.Context, **overrides: Any) -> Config:
         raise click.ClickException(exc.message) from None
 
 
+def _warn(config: Config) -> None:
+    for warning in config.warnings:
+        log.warning("%s", warning)
+
+
 def _registry(config: Config) -> Any:
     try:
         return load_registry(config.nushell.registry or None, config.nushell.registry_lib or None)
@@ -107,6 +112,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     config = _load(ctx, **{"gateway.host": host, "gateway.port": port})
     setup_logging(ctx.obj["log_level"], service="gateway")
+    _warn(config)
     setup_tracing("provisioning-gateway", config.tracing)
     app = create_app(config, _registry(config))
     log.info("gateway listening on http://%s:%d", config.gateway.host, config.gateway.port)
@@ -135,6 +141,7 @@ def scheduler(ctx: click.Context) -> None:
 
     config = _load(ctx)
     setup_logging(ctx.obj["log_level"], service="scheduler")
+    _warn(config)
     setup_tracing("provisioning-scheduler", config.tracing)
     registry = _registry(config)
 
@@ -159,6 +166,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
         ctx, **{"executor.max_concurrent_tasks": max_concurrent_tasks, "executor.pool": pool}
     )
     setup_logging(ctx.obj["log_level"], service="executor")
+    _warn(config)
     setup_tracing("provisioning-executor", config.tracing)
     registry = _registry(config)
     try:
@@ -217,6 +225,7 @@ def up(
         root["data_dir"] = up_data_dir
     config = _load(ctx, **{"gateway.port": port})
     setup_logging(ctx.obj["log_level"], service="up")
+    _warn(config)
     stack = Stack(
         config,
         data_dir=Path(config.data_dir),

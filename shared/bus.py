@@ -8,6 +8,7 @@ histories (events, logs, dead letters) and key-value buckets (checkpoints, progr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from datetime import UTC, datetime
@@ -176,9 +177,10 @@ class Bus:
                 await asyncio.wait_for(self._nc.drain(), 10)
             else:
                 await self._nc.close()
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("NATS drain incomplete: %s", exc)
-            await self._nc.close()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log.warning("NATS drain incomplete: %s", exc or type(exc).__name__)
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._nc.close()
 
     async def __aenter__(self) -> Bus:
         if self._nc is None:
@@ -308,9 +310,22 @@ class Bus:
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:
                     raise
-                log.warning("bucket %s exists with another configuration; using it", bucket)
+                await self._update_bucket(kv_config)
                 kv = await jsm.key_value(bucket)
             setattr(self.kv, attr, kv)
+
+    async def _update_bucket(self, config: KeyValueConfig) -> None:
+        """Apply what may change on a live bucket (replicas, TTL) to its backing stream."""
+        info = await self.js.stream_info(f"KV_{config.bucket}")
+        current = info.config
+        wanted_age = config.ttl or current.max_age
+        if current.num_replicas == config.replicas and current.max_age == wanted_age:
+            log.warning("bucket %s exists with another configuration; using it", config.bucket)
+            return
+        current.num_replicas = config.replicas
+        current.max_age = wanted_age
+        await self.js.update_stream(current)
+        log.info("updated bucket %s: replicas=%d", config.bucket, config.replicas)
 
     async def _ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
         """Create a durable consumer unless it exists (never silently reconfigure a live one)."""

@@ -122,6 +122,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     tracing: TracingConfig
     # where each "section.key" came from; not part of the file format
     sources: dict[str, str] = msgspec.field(default_factory=dict)
+    # things worth telling the operator, such as an unknown PROVISIONING_<SECTION>_<KEY>
+    warnings: list[str] = msgspec.field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:
@@ -131,6 +133,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         """``{"section.key": value}`` for every key, for display."""
         raw = msgspec.to_builtins(self)
         raw.pop("sources", None)
+        raw.pop("warnings", None)
         return {f"{s}.{k}": v for s, keys in raw.items() for k, v in keys.items()}
 
 
@@ -208,6 +211,13 @@ def load_config(
             if var in env:
                 keys[key] = _parse_env(var, env[var], default)
                 sources[f"{section}.{key}"] = f"env:{var}"
+    known = {f"{ENV_PREFIX}{s}_{k}".upper() for s, keys in merged.items() for k in keys}
+    sections = tuple(f"{ENV_PREFIX}{s}_".upper() for s in merged)
+    warnings = [
+        f"{var} is not a configuration key (typo?); it is ignored"
+        for var in sorted(env)
+        if var.startswith(sections) and var not in known
+    ]
     if env.get("NATS_URL"):
         merged["nats"]["url"] = env["NATS_URL"]
         sources["nats.url"] = "env:NATS_URL"
@@ -232,4 +242,5 @@ def load_config(
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     config.sources = sources
+    config.warnings = warnings
     return config

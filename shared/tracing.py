@@ -21,11 +21,13 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from . import __version__
 from .config import TracingConfig
+from .metrics import setup_metrics, shutdown_metrics
 
 __all__ = [
     "context_from",
     "current_traceparent",
     "headers_with_context",
+    "resource_for",
     "setup_tracing",
     "shutdown_tracing",
     "trace_id_hex",
@@ -42,14 +44,11 @@ def _exporter(config: TracingConfig) -> SpanExporter | None:
     if config.exporter == "console":
         return ConsoleSpanExporter()
     if config.exporter == "otlp-grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-                OTLPSpanExporter as GrpcExporter,
-            )
-        except ImportError:
-            log.warning("otlp-grpc needs opentelemetry-exporter-otlp-proto-grpc; using otlp-http")
-        else:
-            return GrpcExporter(endpoint=config.endpoint or None)  # type: ignore[no-any-return]
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(endpoint=config.endpoint or None)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     endpoint = config.endpoint.rstrip("/")
@@ -58,19 +57,25 @@ def _exporter(config: TracingConfig) -> SpanExporter | None:
     return OTLPSpanExporter(endpoint=endpoint or None)
 
 
-def setup_tracing(service: str, config: TracingConfig) -> None:
-    """Install the tracer provider for ``service`` (e.g. ``provisioning-gateway``)."""
-    global _provider
-    if not config.enabled:
-        return
-    exporter = _exporter(config)
-    resource = Resource.create(
+def resource_for(service: str) -> Resource:
+    """Resource attributes: ``service.name`` (``$OTEL_SERVICE_NAME`` wins), version, instance."""
+    return Resource.create(
         {
             "service.name": os.environ.get("OTEL_SERVICE_NAME", service),
             "service.version": __version__,
             "service.instance.id": f"{socket.gethostname()}-{os.getpid()}-{INSTANCE_ID}",
         }
     )
+
+
+def setup_tracing(service: str, config: TracingConfig) -> None:
+    """Install the tracer and meter providers for ``service`` (e.g. ``provisioning-gateway``)."""
+    global _provider
+    if not config.enabled:
+        return
+    exporter = _exporter(config)
+    resource = resource_for(service)
+    setup_metrics(resource, config)
     provider = TracerProvider(resource=resource)
     if exporter is not None:  # without one, spans still get ids (trace_id in the API)
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
@@ -82,6 +87,7 @@ def setup_tracing(service: str, config: TracingConfig) -> None:
 def shutdown_tracing() -> None:
     if _provider is not None:
         _provider.shutdown()
+    shutdown_metrics()
 
 
 def headers_with_context(

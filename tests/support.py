@@ -298,3 +298,221 @@ class Stack:
             input=input,
             timeout=timeout,
         )
+
+
+# -- executors: fixtures, processes, events ------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# A user registry of test-only actions (probe.*) beside the packaged one.
+PROBE_ENV = {
+    "PROVISIONING_NUSHELL_REGISTRY": str(FIXTURES / "registry.toml"),
+    "PROVISIONING_NUSHELL_REGISTRY_LIB": str(FIXTURES / "nulib"),
+}
+
+
+def task_processes(task_id: str) -> list[tuple[int, str]]:
+    """Live processes (pid, command line) whose environment says they belong to ``task_id``:
+    a task's children inherit ``PROVISIONING_TASK_ID`` whatever process group they are in."""
+    wanted = f"PROVISIONING_TASK_ID={task_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0") and cmdline:  # zombies have neither
+            found.append((int(entry), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def sse(base: str, path: str, *, token: str = "", timeout: float = 60) -> list[tuple[str, Any]]:
+    """Every Server-Sent Event of ``path`` until the server ends the stream."""
+    from cli.client import ApiClient
+
+    client = ApiClient(base, token=token, timeout_s=timeout)
+    return list(client.stream(path))
+
+
+# -- workflows: streams, events, runs and memory of real processes ------------------------------
+
+
+def stream_state(url: str, stream: str) -> dict[str, int]:
+    """``messages``, ``first_seq`` and ``last_seq`` of a JetStream stream, read with nats-py.
+    On a work queue ``last_seq`` only grows: it tells whether anything was ever published."""
+    import asyncio
+
+    import nats
+
+    async def read() -> dict[str, int]:
+        nc = await nats.connect(url, max_reconnect_attempts=1, reconnect_time_wait=0.2)
+        try:
+            info = await nc.jetstream().stream_info(stream)
+        finally:
+            await nc.close()
+        state = info.state
+        return {
+            "messages": state.messages,
+            "first_seq": state.first_seq,
+            "last_seq": state.last_seq,
+        }
+
+    return asyncio.run(read())
+
+
+class SseEvent:
+    """One Server-Sent Event: ``id``, ``event`` and the decoded JSON ``data``."""
+
+    def __init__(self, event_id: str, event: str, data: Any) -> None:
+        self.id = event_id
+        self.event = event
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"SseEvent({self.id}, {self.event}, {self.data})"
+
+
+def read_event_stream(
+    url: str,
+    *,
+    token: str = "",
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
+    on_event: Callable[[SseEvent], None] | None = None,
+) -> list[SseEvent]:
+    """Read ``text/event-stream`` with urllib until the server closes it; comments (keepalives)
+    are skipped. ``on_event`` sees each event as it arrives."""
+    hdrs = {"Accept": "text/event-stream", **(headers or {})}
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, headers=hdrs)
+    events: list[SseEvent] = []
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        assert response.headers.get_content_type() == "text/event-stream"
+        event_id, event, data = "", "message", ""
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line:
+                if data:
+                    item = SseEvent(event_id, event, json.loads(data))
+                    events.append(item)
+                    if on_event is not None:
+                        on_event(item)
+                event_id, event, data = "", "message", ""
+            elif line.startswith(":"):
+                continue
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+    return events
+
+
+def task_runs(executor_logs: str, workflow_id: str, task_id: str) -> list[tuple[int, str]]:
+    """``(attempt, outcome)`` of every run of a task an executor finished, from its log lines
+    ``<workflow>.<task> attempt <n> <outcome> in <seconds>s``."""
+    pattern = re.compile(
+        rf"\b{re.escape(workflow_id)}\.{re.escape(task_id)} attempt (\d+) (\w+) in [\d.]+s"
+    )
+    return [(int(a), o) for a, o in pattern.findall(executor_logs)]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """Memory figures of a live process from ``/proc/<pid>/status``, in kB (``VmHWM`` is the
+    peak resident set, ``VmRSS`` the current one)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Vm") and value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def submit(http: Http, tasks: list[dict[str, Any]], **definition: Any) -> str:
+    """POST a workflow of ``tasks``; return its id (asserting the 202)."""
+    body = {"name": definition.pop("name", "test"), "tasks": tasks, **definition}
+    status, accepted = http.post("/workflows", body)
+    assert status == 202, accepted
+    return str(accepted["workflow_id"])
+
+
+def task_of(http: Http, wf_id: str, task_id: str) -> dict[str, Any]:
+    status, view = http.get(f"/tasks/{wf_id}.{task_id}")
+    assert status == 200, view
+    return dict(view)
+
+
+def executor_id(stack: Stack, service: Service) -> str:
+    """The id a running executor process announces in its heartbeats."""
+    assert service.proc is not None
+    pid = service.proc.pid
+
+    def find() -> str | None:
+        status, body = stack.http.get("/executors")
+        ids = [e["id"] for e in body.get("executors", []) if e["pid"] == pid and e["alive"]]
+        return ids[0] if status == 200 and ids else None
+
+    return str(wait_until(find, 30, what=f"{service.name} to announce itself"))
+
+
+def start_executor(stack: Stack, *args: str, env: dict[str, str] | None = None) -> Service:
+    """One more executor process (stopped with the stack); returns once it is live."""
+    service = stack.new_executor(len(stack.executors), *args, env=env).start()
+    stack.executors.append(service)
+    executor_id(stack, service)
+    return service
+
+
+def workflow_events(stack: Stack, wf_id: str) -> list[tuple[str, Any]]:
+    """A finished workflow's whole event history, from its SSE stream."""
+    return sse(stack.http.base, f"/workflows/{wf_id}/events", token=stack.http.token)
+
+
+def completions(events: list[tuple[str, Any]]) -> dict[str, int]:
+    """How many times each task was reported completed."""
+    counts: dict[str, int] = {}
+    for kind, data in events:
+        if kind == "task" and data["status"] == "completed":
+            counts[data["task_id"]] = counts.get(data["task_id"], 0) + 1
+    return counts
+
+
+def nats_run(url: str, body: Callable[[Any], Any]) -> Any:
+    """Run ``await body(nc)`` with a NATS connection of its own (for tests that poke JetStream)."""
+    import asyncio
+
+    import nats
+
+    async def main() -> Any:
+        nc = await nats.connect(url, max_reconnect_attempts=1, reconnect_time_wait=0.2)
+        try:
+            return await body(nc)
+        finally:
+            await nc.drain()
+
+    return asyncio.run(main())
+
+
+def injection_payloads(marker: Path) -> list[str]:
+    """Strings that would run code (creating ``marker``) if any layer spliced them into a
+    shell or Nushell program."""
+    m = str(marker)
+    return [
+        f"'; rm -rf ~; touch {m}; '",
+        f"$(touch {m})",
+        f"(^touch {m})",
+        f"`touch {m}`",
+        f'"; ^touch {m}; "',
+        f"x\n^touch {m}\n",
+        f'$"(^touch {m})"',
+        f"{{|| ^touch {m} }}",
+        f"| save {m}",
+        "$env.HOME",
+        "$nu.home-path",
+        "%s %n {0} {{ }}",
+        "\\u0000 \x1b[31m \u00fcn\u00efc\u00f8d\u00e9",
+    ]

@@ -56,3 +56,12 @@ async def test_connect_gives_up_clearly_when_asked(unused_tcp_port: int) -> None
     bus = Bus(_config(f"nats://127.0.0.1:{unused_tcp_port}"), name="t")  # type: ignore[arg-type]
     with pytest.raises(BusUnavailable, match="cannot reach NATS"):
         await bus.connect(retry_for_s=0.5)
+
+
+async def test_bucket_changes_are_applied(nats_url: str) -> None:
+    async with Bus(_config(nats_url, events_max_age_seconds=3600.0), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+    async with Bus(_config(nats_url, events_max_age_seconds=7200.0), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        info = await bus.js.stream_info(f"KV_{subjects.BUCKET_PROGRESS}")
+        assert info.config.max_age == 7200.0

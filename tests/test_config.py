@@ -92,3 +92,11 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
 def test_unknown_flag_key_is_an_error() -> None:
     with pytest.raises(ConfigError, match="unknown configuration key"):
         load_config(environ={}, overrides={"gateway.nope": 1})
+
+
+def test_unknown_section_variable_is_reported() -> None:
+    config = load_config(environ={"PROVISIONING_NATS_REPLICA": "3", "PROVISIONING_TASK_ID": "x"})
+    assert config.warnings == [
+        "PROVISIONING_NATS_REPLICA is not a configuration key (typo?); it is ignored"
+    ]
+    assert config.nats.replicas == 1

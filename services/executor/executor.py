@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.executor")
 LOG_FLUSH_S = 0.2
 LOG_FLUSH_LINES = 100
+LOG_FLUSH_BYTES = 128 * 1024
+FETCH_TIMEOUT_S = 1.0
 _task_list = msgspec.json.Decoder(list[str])
 
 
@@ -67,15 +69,21 @@ def _now() -> datetime:
 class _Running:
     """One task attempt in progress on this executor."""
 
-    def __init__(self, msg: Msg, dispatch: TaskDispatch) -> None:
+    def __init__(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> None:
         self.msg = msg
         self.dispatch = dispatch
+        self.delivery = delivery
         self.cancel = asyncio.Event()
-        self.handed_back = False
+        self.handed_back = False  # shutting down: nak, another executor runs it
+        self.superseded_by: str | None = None  # a later delivery runs elsewhere: drop this run
 
 
 class _LogSink:
-    """Batches a task's output lines into LogChunks, bounded in bytes per attempt."""
+    """Batches a task's output lines into LogChunks, bounded in bytes per attempt.
+
+    Lines go out at most ``LOG_FLUSH_S`` after they were printed (a quiet task's last line
+    too), in chunks of consecutive lines of one stream, each well under NATS's max payload.
+    """
 
     def __init__(self, bus: Bus, dispatch: TaskDispatch, limit: int) -> None:
         self.bus = bus
@@ -83,37 +91,64 @@ class _LogSink:
         self.limit = limit
         self.used = 0
         self.truncated = False
-        self.pending: dict[str, list[str]] = {}
-        self.last_flush = time.monotonic()
+        self.pending: list[tuple[str, str]] = []
+        self.pending_bytes = 0
         self.subject = subjects.log_subject(dispatch.workflow_id, dispatch.task_id)
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     async def add(self, stream: str, line: str) -> None:
         if self.truncated:
             return
-        self.used += len(line) + 1
+        size = len(line.encode("utf-8", "replace")) + 1
+        self.used += size
         if self.used > self.limit:
             self.truncated = True
-            line = f"[log truncated at {self.limit} bytes]"
             stream = "system"
-        self.pending.setdefault(stream, []).append(line)
-        count = sum(len(v) for v in self.pending.values())
-        if count >= LOG_FLUSH_LINES or time.monotonic() - self.last_flush > LOG_FLUSH_S:
+            line = f"[log truncated: over {self.limit} bytes for this attempt; the rest is dropped]"
+        self.pending.append((stream, line))
+        self.pending_bytes += size
+        if len(self.pending) >= LOG_FLUSH_LINES or self.pending_bytes >= LOG_FLUSH_BYTES:
             await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(LOG_FLUSH_S)
+        self._timer = None
+        await self.flush()
+
+    async def close(self) -> None:
+        """Flush what is left; called once the task's process has ended."""
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+            self._timer = None
+        await self.flush()
 
     async def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        pending, self.pending = self.pending, {}
-        for stream, lines in pending.items():
-            chunk = LogChunk(
-                workflow_id=self.dispatch.workflow_id,
-                task_id=self.dispatch.task_id,
-                attempt=self.dispatch.attempt,
-                stream=stream,
-                lines=lines,
-                at=_now(),
-            )
-            with contextlib.suppress(nats.errors.Error):
-                await self.bus.nc.publish(self.subject, encode(chunk))
+        async with self._lock:
+            pending, self.pending, self.pending_bytes = self.pending, [], 0
+            runs: list[tuple[str, list[str]]] = []
+            for stream, line in pending:
+                if runs and runs[-1][0] == stream:
+                    runs[-1][1].append(line)
+                else:
+                    runs.append((stream, [line]))
+            for stream, lines in runs:
+                chunk = LogChunk(
+                    workflow_id=self.dispatch.workflow_id,
+                    task_id=self.dispatch.task_id,
+                    attempt=self.dispatch.attempt,
+                    stream=stream,
+                    lines=lines,
+                    at=_now(),
+                )
+                try:
+                    await self.bus.nc.publish(self.subject, encode(chunk))
+                except nats.errors.Error as exc:
+                    log.warning("dropped %d log lines of %s: %s", len(lines), self.subject, exc)
 
 
 class Executor:
@@ -141,12 +176,26 @@ class Executor:
         self._slot_free = asyncio.Event()
         self._draining = False
         self.completed = 0
+        self.ack_wait_s = config.executor.ack_wait_seconds  # the pool consumer's, once known
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config.executor
         durable = await self.bus.ensure_pool_consumer(self.pool, cfg.ack_wait_seconds)
+        # The first executor of a pool created its consumer: its ack wait is the one that
+        # counts, whatever this executor was configured with. Keep-alives follow it.
+        info = await self.bus.js.consumer_info(subjects.STREAM_DISPATCH, durable)
+        if info.config.ack_wait:
+            self.ack_wait_s = float(info.config.ack_wait)
+        if abs(self.ack_wait_s - cfg.ack_wait_seconds) > 0.01:
+            log.warning(
+                "pool %r consumer has ack_wait %gs (configured here: %gs); using %gs",
+                self.pool,
+                self.ack_wait_s,
+                cfg.ack_wait_seconds,
+                self.ack_wait_s,
+            )
         sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
         kill_sub = await self.bus.nc.subscribe(f"{subjects.PREFIX}.kill.*", cb=self._on_kill)
         await self._beat()
@@ -163,10 +212,14 @@ class Executor:
     ) -> None:
         """Stop fetching; let running tasks finish within the grace period; hand back the rest."""
         self._draining = True
-        try:  # the loop sees `stop` within one fetch timeout
-            await asyncio.wait_for(fetcher, 3)
-        except (TimeoutError, asyncio.CancelledError):
-            pass
+        self._slot_free.set()
+        # Let a fetch in flight return (what it brings is handed back at once) rather than
+        # cancel it: a cancelled fetch strands its messages until their ack wait expires.
+        _, still = await asyncio.wait({fetcher}, timeout=FETCH_TIMEOUT_S + 2)
+        if still:
+            fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetcher
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
@@ -189,14 +242,14 @@ class Executor:
 
     async def _fetch_loop(self, sub: Any, stop: asyncio.Event) -> None:
         backoff = 0.1
-        while not stop.is_set():
+        while not (stop.is_set() or self._draining):
             free = self.slots - len(self._workers)
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
             try:
-                msgs = await sub.fetch(free, timeout=1.0)
+                msgs = await sub.fetch(free, timeout=FETCH_TIMEOUT_S)
             except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -206,6 +259,10 @@ class Executor:
                 continue
             backoff = 0.1
             for msg in msgs:
+                if stop.is_set() or self._draining:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak()  # arrived while stopping: another executor takes it
+                    continue
                 worker = asyncio.create_task(self._handle(msg))
                 self._workers.add(worker)
                 worker.add_done_callback(self._worker_done)
@@ -286,10 +343,10 @@ class Executor:
         if await self._already_done(dispatch, delivery):
             await msg.ack()
             return
-        running = _Running(msg, dispatch)
+        running = _Running(msg, dispatch, delivery)
         self._running[key] = running
         try:
-            await self._execute(running, delivery)
+            await self._execute(running)
         finally:
             self._running.pop(key, None)
 
@@ -336,8 +393,8 @@ class Executor:
             return True
         return False
 
-    async def _execute(self, running: _Running, delivery: int) -> None:
-        dispatch, msg = running.dispatch, running.msg
+    async def _execute(self, running: _Running) -> None:
+        dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
         with tracer.start_as_current_span(
             f"execute {dispatch.task_id}",
@@ -382,6 +439,19 @@ class Executor:
                 log.info("%s handed back for redelivery", key)
                 with contextlib.suppress(nats.errors.Error):
                     await msg.nak()
+                return
+            if running.superseded_by or await self._superseded(running):
+                # The message was redelivered (we were stopped or cut off past the ack wait)
+                # and a later delivery runs or ran elsewhere: it owns the result and the ack.
+                span.set_attribute("task.superseded", True)
+                log.warning(
+                    "%s attempt %d delivery %d was taken over by %s; dropping this result (%s)",
+                    key,
+                    dispatch.attempt,
+                    delivery,
+                    running.superseded_by,
+                    result.outcome,
+                )
                 return
             if result.outcome == "failed":
                 span.set_status(Status(StatusCode.ERROR, result.error or result.reason or "failed"))
@@ -445,17 +515,18 @@ class Executor:
                 on_progress=on_progress,
                 cancel=running.cancel,
             )
+            await sink.close()
             sub_span.set_attribute(
                 "process.exit.code", result.exit_code if result.exit_code is not None else -1
             )
             if result.outcome != "completed":
                 sub_span.set_status(Status(StatusCode.ERROR, result.error or "failed"))
-        await sink.flush()
         return result
 
     async def _keepalive(self, running: _Running) -> None:
-        """Hold the ack deadline while the task runs; notice cancellation from checkpoints."""
-        interval = max(1.0, self.config.executor.ack_wait_seconds / 3)
+        """Hold the ack deadline while the task runs; notice from the checkpoint that the task
+        was cancelled, moved on to another attempt, or taken over by a later delivery."""
+        interval = max(0.25, self.ack_wait_s / 3)
         dispatch = running.dispatch
         while True:
             await asyncio.sleep(interval)
@@ -463,8 +534,37 @@ class Executor:
                 await running.msg.in_progress()
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
-                if found and (found[0].cancel_requested or found[0].attempt != dispatch.attempt):
+                if found is None:
+                    continue
+                record = found[0]
+                if record.attempt == dispatch.attempt and record.delivery > running.delivery:
+                    running.superseded_by = f"delivery {record.delivery} on {record.executor_id}"
+                    log.warning(
+                        "%s.%s delivery %d was taken over by %s; stopping it",
+                        dispatch.workflow_id,
+                        dispatch.task_id,
+                        running.delivery,
+                        running.superseded_by,
+                    )
                     running.cancel.set()
+                    return
+                if record.cancel_requested or record.attempt != dispatch.attempt:
+                    running.cancel.set()
+
+    async def _superseded(self, running: _Running) -> bool:
+        """Whether a later delivery of this same attempt has started (the checkpoint says so)."""
+        dispatch = running.dispatch
+        try:
+            found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
+        except (nats.errors.Error, nats.js.errors.Error):
+            return False  # cannot tell: report; the scheduler fences stale reports anyway
+        if found is None:
+            return False
+        record = found[0]
+        if record.attempt == dispatch.attempt and record.delivery > running.delivery:
+            running.superseded_by = f"delivery {record.delivery} on {record.executor_id}"
+            return True
+        return False
 
     async def _progress(self, dispatch: TaskDispatch, percent: int, message: str) -> None:
         now = _now()

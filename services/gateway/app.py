@@ -76,6 +76,7 @@ CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
 STORE = web.AppKey("store", Store)
 SSE_HEARTBEAT_S = 15.0
+LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -497,6 +498,40 @@ async def get_task(request: web.Request) -> web.Response:
     return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
 
 
+def _log_entries(data: bytes) -> list[dict[str, Any]]:
+    try:
+        chunk = decode_log(data)
+    except DecodeError:
+        return []
+    return [
+        {"attempt": chunk.attempt, "stream": chunk.stream, "line": line, "at": chunk.at.isoformat()}
+        for line in chunk.lines
+    ]
+
+
+async def _stored_log_lines(bus: Bus, subject: str) -> list[dict[str, Any]]:
+    """Every stored line of one task, oldest first; [] at once when there is none."""
+    try:
+        last = await bus.js.get_last_msg(subjects.STREAM_LOGS, subject)
+    except nats.js.errors.NotFoundError:
+        return []
+    lines: list[dict[str, Any]] = []
+    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=10)
+            except nats.errors.TimeoutError:  # aged out meanwhile: return what there is
+                break
+            lines += _log_entries(msg.data)
+            if msg.metadata.sequence.stream >= (last.seq or 0):
+                break
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return lines
+
+
 async def task_logs(request: web.Request) -> web.StreamResponse:
     wf_id, task_id = _task_ids(request)
     store = request.app[STORE]
@@ -507,34 +542,35 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     subject = subjects.log_subject(wf_id, task_id)
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
-        lines: list[dict[str, Any]] = []
-        async for _, pending, data in _replay(bus, subject):
-            if data:
-                with contextlib.suppress(DecodeError):
-                    chunk = decode_log(data)
-                    lines += [
-                        {
-                            "attempt": chunk.attempt,
-                            "stream": chunk.stream,
-                            "line": line,
-                            "at": chunk.at.isoformat(),
-                        }
-                        for line in chunk.lines
-                    ]
-            if pending == 0:
-                break
+        lines = await _stored_log_lines(bus, subject)
         return web.json_response({"task_id": f"{wf_id}.{task_id}", "lines": lines})
+    # Follow: replay, then live. When caught up, poll briefly and recheck the task: the stream
+    # ends about one poll after the task has ended and no more lines came.
     response = await _sse_response(request)
-    with contextlib.suppress(ConnectionResetError):
-        async for _, pending, data in _replay(bus, subject):
-            if data:
-                await response.write(b"event: log\ndata: " + data + b"\n\n")
-            if pending == 0:
-                current = await store.task(wf_id, task_id)
-                if current is None or current[0].status in TERMINAL_TASK:
-                    break
-                await response.write(b": waiting\n\n")
-        await response.write_eof()
+    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    ended = False
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=LOG_FOLLOW_POLL_S)
+                except nats.errors.TimeoutError:
+                    if ended:
+                        break
+                    current = await store.task(wf_id, task_id)
+                    ended = current is None or current[0].status in TERMINAL_TASK
+                    if loop.time() - last_write >= SSE_HEARTBEAT_S:
+                        await response.write(b": waiting\n\n")
+                        last_write = loop.time()
+                    continue
+                await response.write(b"event: log\ndata: " + msg.data + b"\n\n")
+                last_write = loop.time()
+            await response.write_eof()
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
     return response
 
 

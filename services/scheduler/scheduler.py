@@ -1,11 +1,18 @@
 """The scheduler service.
 
-Inputs (commands, executor reports, retry timers, capacity changes) are processed one at a time
-by a single engine loop, so the in-memory state of a workflow is never mutated concurrently.
-Every transition is written to JetStream KV (with a revision check) before it is acted on; on
-start the scheduler rebuilds its memory from those checkpoints and repairs what a crash left
+Inputs (commands, executor reports, retry timers, capacity changes) are processed by a single
+engine loop, so the in-memory state of a workflow is never mutated concurrently. The engine
+takes the inputs that are waiting (up to ``report_batch``), applies them in memory, then writes
+what changed to JetStream KV in one pipelined step (:class:`Batch`): checkpoints first (with a
+revision check), then events and the dispatches the checkpoints allow, and only then acks the
+inputs. A crash anywhere in between means the inputs are redelivered and re-applied, never that a
+dispatch is ahead of its checkpoint. Commands are applied one at a time, with the step before
+them and their own step flushed around them.
+
+On start the scheduler rebuilds its memory from those checkpoints and repairs what a crash left
 half-done. Ready tasks wait in a priority heap per pool and are dispatched only into free
-executor capacity, so a higher-priority task always goes before a lower-priority one.
+executor capacity, so a higher-priority task always goes before a lower-priority one. Finished
+workflows are evicted from memory as soon as their end is checkpointed.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from shared.bus import Bus
 from shared.config import Config
 from shared.errors import ProvisioningError
 from shared.messages import (
-    TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
     CancelWorkflow,
@@ -55,6 +61,7 @@ from shared.messages import (
 from shared.store import Store
 from shared.tracing import context_from, headers_with_context, trace_id_hex
 
+from .batch import Batch
 from .state import WorkflowState
 
 __all__ = ["Scheduler"]
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.scheduler")
 
 WRITE_CHUNK = 512
+POISON_DELIVERIES = 5  # a command or report that crashed the engine this often is dead-lettered
 _Input = tuple[str, Any]
 
 
@@ -83,6 +91,9 @@ class Scheduler:
         self._slots: dict[str, int] = {}
         self._inbox: asyncio.Queue[_Input] = asyncio.Queue(maxsize=10_000)
         self._timers: set[asyncio.TimerHandle] = set()
+        self._waiters: set[asyncio.Task[None]] = set()
+        self._batch = Batch()
+        self._stale = False  # memory could not be rebuilt from checkpoints; retry at next step
         self.processed = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -122,6 +133,8 @@ class Scheduler:
                     await item.nak()
         for handle in self._timers:
             handle.cancel()
+        for waiter in list(self._waiters):
+            waiter.cancel()
 
     async def _fetch_loop(self, sub: Any, kind: str, stop: asyncio.Event) -> None:
         batch = self.config.scheduler.report_batch
@@ -141,37 +154,78 @@ class Scheduler:
                 await self._inbox.put((kind, msg))
 
     async def _engine_loop(self) -> None:
+        limit = max(1, self.config.scheduler.report_batch)
         while True:
-            kind, item = await self._inbox.get()
-            if kind == "stop":
-                return
-            try:
-                if kind == "command":
-                    await self._handle_msg(item, self._on_command_msg)
-                elif kind == "report":
-                    await self._handle_msg(item, self._on_report_msg)
-                elif kind == "timer":
-                    await self._on_retry_due(*item)
-                await self._pump()
-            except Exception:
-                log.exception("scheduler failed to process a %s; state reloaded", kind)
+            items = [await self._inbox.get()]
+            if self._stale:
                 await self._reload_all()
-            self.processed += 1
+            while len(items) < limit and not self._inbox.empty():
+                items.append(self._inbox.get_nowait())
+            for kind, item in items:
+                if kind == "stop":
+                    await self._step_done()
+                    return
+                if kind == "command":  # commands run alone, between flushed steps
+                    await self._step_done()
+                    await self._apply(kind, item)
+                    await self._step_done()
+                else:
+                    await self._apply(kind, item)
+                self.processed += 1
+            await self._step_done()
 
-    async def _handle_msg(self, msg: Msg, handler: Any) -> None:
+    async def _apply(self, kind: str, item: Any) -> None:
+        """Apply one input to memory; its effects join the current batch."""
         try:
-            await handler(msg)
+            if kind == "command":
+                await self._on_command_msg(item)
+            elif kind == "report":
+                await self._on_report_msg(item)
+            elif kind == "timer":
+                await self._on_retry_due(*item)
         except DecodeError as exc:
-            await self.bus.dead_letter("scheduler", msg, f"undecodable: {exc}")
-            await msg.term()
-            return
-        except ProvisioningError as exc:
-            log.warning("will retry %s: %s", msg.subject, exc)
+            await self.bus.dead_letter("scheduler", item, f"undecodable: {exc}")
             with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=1)
-            await self._reload_all()
+                await item.term()
             return
-        await msg.ack()
+        except Exception as exc:
+            msg = item if isinstance(item, Msg) else None
+            poison = msg is not None and (msg.metadata.num_delivered or 1) >= POISON_DELIVERIES
+            if isinstance(exc, ProvisioningError):
+                log.warning("cannot process a %s now (%s); will retry", kind, exc)
+            else:
+                log.exception("scheduler failed to process a %s", kind)
+            if msg is not None and poison:
+                await self.bus.dead_letter(
+                    "scheduler", msg, f"failed {POISON_DELIVERIES} times: {exc!r}"
+                )
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.term()
+                msg = None
+            await self._abort(msg)
+            return
+        if isinstance(item, Msg):
+            self._batch.msgs.append(item)
+
+    async def _step_done(self) -> None:
+        """Dispatch into free capacity, then apply the batch to JetStream."""
+        try:
+            await self._pump()
+            await self._flush()
+        except Exception as exc:
+            if isinstance(exc, ProvisioningError | nats.errors.Error | nats.js.errors.Error):
+                log.warning("cannot write checkpoints now (%s); reloading", exc)
+            else:
+                log.exception("scheduler failed to write checkpoints; reloading")
+            await self._abort(None)
+
+    async def _abort(self, msg: Msg | None) -> None:
+        """Drop the unwritten batch: hand its inputs back, rebuild memory from checkpoints."""
+        batch, self._batch = self._batch, Batch()
+        for m in [*batch.msgs, *([msg] if msg is not None else [])]:
+            with contextlib.suppress(nats.errors.Error):
+                await m.nak(delay=1)
+        await self._reload_all()
 
     # -- capacity -------------------------------------------------------------------------------
 
@@ -213,30 +267,92 @@ class Scheduler:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    async def _save_task(self, state: WorkflowState, task_id: str) -> None:
-        key = f"{state.id}.{task_id}"
-        rev = await self.bus.kv.tasks.update(
-            key, encode(state.tasks[task_id]), last=state.revisions[task_id]
-        )
-        state.revisions[task_id] = rev
+    def _save_task(self, state: WorkflowState, task_id: str) -> None:
+        """Checkpoint a task with the batch (one write however often it changes in a step)."""
+        self._batch.tasks[(state.id, task_id)] = state
 
-    async def _save_workflow(self, state: WorkflowState) -> None:
-        state.revision = await self.bus.kv.workflows.update(
-            state.id, encode(state.record), last=state.revision
-        )
+    def _save_workflow(self, state: WorkflowState) -> None:
+        self._batch.workflows[state.id] = state
 
-    async def _emit(self, event: WorkflowEvent | TaskEvent) -> None:
-        """Events are for watchers: published without waiting for the stream's ack."""
-        await self.bus.nc.publish(subjects.event_subject(event.workflow_id), encode(event))
+    def _emit(self, event: WorkflowEvent | TaskEvent) -> None:
+        """Published once the step's checkpoints are written."""
+        self._batch.events.append(event)
+
+    def _kill(self, state: WorkflowState, task_id: str) -> None:
+        """Ask executors to stop a running task, once its cancel_requested is checkpointed."""
+        self._batch.kills[state.id].append(task_id)
+
+    async def _flush(self) -> None:
+        """Apply the batch: checkpoints, events, dispatches, ends of workflows, then acks."""
+        batch = self._batch
+        if not batch:
+            return
+        kv = self.bus.kv
+        writes = list(batch.tasks.items())
+        for start in range(0, len(writes), WRITE_CHUNK):
+            chunk = writes[start : start + WRITE_CHUNK]
+            revisions = await asyncio.gather(
+                *(
+                    kv.tasks.update(
+                        f"{wf_id}.{task_id}",
+                        encode(state.tasks[task_id]),
+                        last=state.revisions[task_id],
+                    )
+                    for (wf_id, task_id), state in chunk
+                )
+            )
+            for ((_, task_id), state), revision in zip(chunk, revisions, strict=True):
+                state.revisions[task_id] = revision
+        batch.tasks.clear()
+        states = list(batch.workflows.values())
+        revisions = await asyncio.gather(
+            *(kv.workflows.update(s.id, encode(s.record), last=s.revision) for s in states)
+        )
+        for state, revision in zip(states, revisions, strict=True):
+            state.revision = revision
+        batch.workflows.clear()
+        nc = self.bus.nc
+        for event in batch.events:
+            await nc.publish(subjects.event_subject(event.workflow_id), encode(event))
+        batch.events.clear()
+        for wf_id, task_ids in batch.kills.items():
+            await nc.publish(subjects.cancel_subject(wf_id), encode(task_ids))
+        batch.kills.clear()
+        dispatches, batch.dispatches = batch.dispatches, []
+        for start in range(0, len(dispatches), WRITE_CHUNK):
+            await asyncio.gather(
+                *(
+                    self._publish_dispatch(state, task_id)
+                    for state, task_id in dispatches[start : start + WRITE_CHUNK]
+                )
+            )
+        for wf_id, state in batch.finished.items():
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                await kv.active.delete(wf_id)
+            if self._active.get(wf_id) is state:
+                del self._active[wf_id]
+            record = state.record
+            log.info(
+                "workflow %s %s: %d tasks in %.3fs; %d workflows active",
+                wf_id,
+                record.status,
+                len(record.task_ids),
+                ((record.finished_at or record.created_at) - record.created_at).total_seconds(),
+                len(self._active),
+            )
+        batch.finished.clear()
+        for msg in batch.msgs:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
+        batch.msgs.clear()
 
     def _set_status(self, state: WorkflowState, task_id: str, status: str) -> None:
-        task = state.tasks[task_id]
+        old = state.set_status(task_id, status)
         busy = ("queued", "running")
-        if task.status in busy and status not in busy:
-            self._inflight[task.spec.pool] -= 1
-        elif task.status not in busy and status in busy:
-            self._inflight[task.spec.pool] += 1
-        task.status = status  # type: ignore[assignment]
+        if old in busy and status not in busy:
+            self._inflight[state.tasks[task_id].spec.pool] -= 1
+        elif old not in busy and status in busy:
+            self._inflight[state.tasks[task_id].spec.pool] += 1
 
     def _push_ready(self, state: WorkflowState, task_id: str) -> None:
         pool = state.tasks[task_id].spec.pool
@@ -303,7 +419,7 @@ class Scheduler:
             return
         state = WorkflowState(record, revision, tasks, revisions)
         self._active[wf_id] = state
-        await self._emit(WorkflowEvent(wf_id, "queued", _now(), f"{len(tasks)} tasks"))
+        self._emit(WorkflowEvent(wf_id, "queued", _now(), f"{len(tasks)} tasks"))
         for task_id in state.ready():
             self._push_ready(state, task_id)
         log.info("accepted workflow %s %r with %d tasks", wf_id, record.name, len(tasks))
@@ -313,33 +429,30 @@ class Scheduler:
         if state is None or state.record.cancel_requested:
             return
         state.record.cancel_requested = True
-        await self._save_workflow(state)
-        await self._cancel_unstarted(state, cmd.reason)
-        await self._finish_if_done(state)
+        self._save_workflow(state)
+        self._cancel_unstarted(state, cmd.reason)
+        self._finish_if_done(state)
         log.info("cancelling workflow %s: %s", state.id, cmd.reason)
 
-    async def _cancel_unstarted(
+    def _cancel_unstarted(
         self, state: WorkflowState, reason: str, *, stop_running: bool = True
     ) -> None:
         """Cancel what has not started; with ``stop_running``, ask executors to stop the rest."""
-        running = []
         now = _now()
         for task_id in state.record.task_ids:
             task = state.tasks[task_id]
             if task.status in ("pending", "retrying", "queued"):
+                if task.status == "queued":  # an executor may be starting it right now
+                    task.cancel_requested = True
                 self._set_status(state, task_id, "cancelled")
                 task.error, task.reason, task.finished_at = reason, "cancelled", now
                 task.next_attempt_at = None
-                await self._save_task(state, task_id)
-                await self._emit(
-                    TaskEvent(state.id, task_id, "cancelled", now, attempt=task.attempt)
-                )
+                self._save_task(state, task_id)
+                self._emit(TaskEvent(state.id, task_id, "cancelled", now, attempt=task.attempt))
             elif stop_running and task.status == "running" and not task.cancel_requested:
                 task.cancel_requested = True
-                await self._save_task(state, task_id)
-                running.append(task_id)
-        if running:
-            await self.bus.nc.publish(subjects.cancel_subject(state.id), encode(running))
+                self._save_task(state, task_id)
+                self._kill(state, task_id)
 
     async def _on_retry(self, cmd: RetryWorkflow) -> None:
         found = await self.store.workflow(cmd.workflow_id)
@@ -361,21 +474,21 @@ class Scheduler:
         for task_id in record.task_ids:
             task = state.tasks[task_id]
             if task.status in ("failed", "cancelled", "skipped"):
-                task.status = "pending"
+                state.set_status(task_id, "pending")
                 task.cancel_requested = False
                 task.error = task.reason = None
                 task.exit_code = None
                 task.finished_at = None
-                await self._save_task(state, task_id)
+                self._save_task(state, task_id)
         record.runs += 1
         record.status = "queued"
         record.cancel_requested = False
         record.error = None
         record.finished_at = None
         await self.bus.kv.active.put(record.id, b"")
-        await self._save_workflow(state)
+        self._save_workflow(state)
         self._active[record.id] = state
-        await self._emit(WorkflowEvent(record.id, "queued", _now(), f"retry (run {record.runs})"))
+        self._emit(WorkflowEvent(record.id, "queued", _now(), f"retry (run {record.runs})"))
         for task_id in state.ready():
             self._push_ready(state, task_id)
         log.info("retrying workflow %s (run %d)", record.id, record.runs)
@@ -391,7 +504,21 @@ class Scheduler:
             )
             return
         task = state.tasks[report.task_id]
-        if report.attempt != task.attempt or task.status in TERMINAL_TASK:
+        current = report.attempt == task.attempt
+        if isinstance(report, TaskStarted):
+            # a redelivered start (scheduler restarted) or a start after the task was cancelled
+            applies = current and (
+                task.status == "queued"
+                or (task.status == "running" and report.delivery > task.delivery)
+            )
+            if current and task.status == "cancelled" and task.cancel_requested:
+                log.info(
+                    "%s.%s started after it was cancelled; stopping it", state.id, report.task_id
+                )
+                self._kill(state, report.task_id)
+        else:
+            applies = current and task.status in ("queued", "running")
+        if not applies:
             log.info(
                 "stale report for %s.%s attempt %d (now attempt %d, %s); ignored",
                 state.id,
@@ -426,8 +553,8 @@ class Scheduler:
         if task.attempts:
             task.attempts[-1].executor_id = rep.executor_id
             task.attempts[-1].started_at = rep.started_at
-        await self._save_task(state, rep.task_id)
-        await self._emit(
+        self._save_task(state, rep.task_id)
+        self._emit(
             TaskEvent(
                 state.id,
                 rep.task_id,
@@ -440,10 +567,10 @@ class Scheduler:
         if state.record.status == "queued":
             state.record.status = "running"
             state.record.started_at = state.record.started_at or _now()
-            await self._save_workflow(state)
-            await self._emit(WorkflowEvent(state.id, "running", _now()))
+            self._save_workflow(state)
+            self._emit(WorkflowEvent(state.id, "running", _now()))
         if task.cancel_requested:
-            await self.bus.nc.publish(subjects.cancel_subject(state.id), encode([rep.task_id]))
+            self._kill(state, rep.task_id)
 
     async def _on_finished(self, state: WorkflowState, rep: TaskFinished) -> None:
         task_id = rep.task_id
@@ -497,25 +624,25 @@ class Scheduler:
         if status == "retrying":
             delay = task.spec.backoff.delay(task.attempt)
             task.next_attempt_at = datetime.fromtimestamp(time.time() + delay, UTC)
-            await self._save_task(state, task_id)
-            await self._emit(event)
+            self._save_task(state, task_id)
+            self._emit(event)
             self._schedule_retry(state.id, task_id, task.attempt, delay)
             return
-        await self._save_task(state, task_id)
-        await self._emit(event)
+        self._save_task(state, task_id)
+        self._emit(event)
         if status == "completed":
             for child in state.dependents.get(task_id, ()):
                 if state.is_ready(child) and not state.record.cancel_requested:
                     self._push_ready(state, child)
         else:
-            await self._skip_dependents(state, task_id)
+            self._skip_dependents(state, task_id)
             if status == "failed" and state.record.on_failure == "stop":
-                await self._cancel_unstarted(
+                self._cancel_unstarted(
                     state, f"stopped: task {task_id!r} failed", stop_running=False
                 )
-        await self._finish_if_done(state)
+        self._finish_if_done(state)
 
-    async def _skip_dependents(self, state: WorkflowState, task_id: str) -> None:
+    def _skip_dependents(self, state: WorkflowState, task_id: str) -> None:
         now = _now()
         for child in state.descendants(task_id):
             task = state.tasks[child]
@@ -524,17 +651,18 @@ class Scheduler:
                 task.reason = "dependency_failed"
                 task.error = f"dependency {task_id!r} did not complete"
                 task.finished_at = now
-                await self._save_task(state, child)
-                await self._emit(
-                    TaskEvent(state.id, child, "skipped", now, reason="dependency_failed")
-                )
+                self._save_task(state, child)
+                self._emit(TaskEvent(state.id, child, "skipped", now, reason="dependency_failed"))
 
     def _schedule_retry(self, wf_id: str, task_id: str, attempt: int, delay: float) -> None:
         loop = asyncio.get_running_loop()
 
         def due() -> None:
             self._timers.discard(handle)
-            self._inbox.put_nowait(("timer", (wf_id, task_id, attempt)))
+            # never put_nowait: a full inbox must delay the retry, not lose it
+            waiter = loop.create_task(self._inbox.put(("timer", (wf_id, task_id, attempt))))
+            self._waiters.add(waiter)
+            waiter.add_done_callback(self._waiters.discard)
 
         handle = loop.call_later(max(0.0, delay), due)
         self._timers.add(handle)
@@ -548,7 +676,7 @@ class Scheduler:
             return
         self._set_status(state, task_id, "pending")
         task.next_attempt_at = None
-        await self._save_task(state, task_id)
+        self._save_task(state, task_id)
         if state.is_ready(task_id):
             self._push_ready(state, task_id)
 
@@ -562,7 +690,7 @@ class Scheduler:
                 state = self._active.get(wf_id)
                 if state is None or state.record.cancel_requested or not state.is_ready(task_id):
                     continue
-                await self._dispatch(state, task_id)
+                self._dispatch(state, task_id)
 
     def _timeout_for(self, task: TaskRecord) -> float:
         if task.spec.timeout_seconds is not None:
@@ -573,7 +701,7 @@ class Scheduler:
                 return action.timeout_seconds
         return self.config.executor.task_timeout_seconds
 
-    async def _dispatch(self, state: WorkflowState, task_id: str) -> None:
+    def _dispatch(self, state: WorkflowState, task_id: str) -> None:
         task = state.tasks[task_id]
         task.attempt += 1
         task.delivery = 0
@@ -582,9 +710,9 @@ class Scheduler:
         task.attempts.append(AttemptRecord(attempt=task.attempt))
         del task.attempts[:-20]
         self._set_status(state, task_id, "queued")
-        await self._save_task(state, task_id)  # checkpoint first, then act
-        await self._publish_dispatch(state, task_id)
-        await self._emit(TaskEvent(state.id, task_id, "queued", _now(), attempt=task.attempt))
+        self._save_task(state, task_id)  # the batch writes checkpoints first, then dispatches
+        self._batch.dispatches.append((state, task_id))
+        self._emit(TaskEvent(state.id, task_id, "queued", _now(), attempt=task.attempt))
 
     async def _publish_dispatch(self, state: WorkflowState, task_id: str) -> None:
         task = state.tasks[task_id]
@@ -625,7 +753,8 @@ class Scheduler:
 
     # -- completion -----------------------------------------------------------------------------
 
-    async def _finish_if_done(self, state: WorkflowState) -> None:
+    def _finish_if_done(self, state: WorkflowState) -> None:
+        """End the workflow when every task has; it leaves memory once that is checkpointed."""
         if not state.all_terminal() or state.record.status in TERMINAL_WORKFLOW:
             return
         status = state.final_status()
@@ -634,12 +763,9 @@ class Scheduler:
         record.finished_at = _now()
         failed = [t for t in record.task_ids if state.tasks[t].status == "failed"]
         record.error = f"failed tasks: {', '.join(failed[:10])}" if failed else None
-        await self._save_workflow(state)
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self.bus.kv.active.delete(record.id)
-        await self._emit(WorkflowEvent(record.id, status, _now(), record.error or ""))
-        self._active.pop(record.id, None)
-        log.info("workflow %s %s", record.id, status)
+        self._save_workflow(state)
+        self._emit(WorkflowEvent(record.id, status, _now(), record.error or ""))
+        self._batch.finished[record.id] = state
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -685,13 +811,13 @@ class Scheduler:
                     )
                     await self._publish_dispatch(state, task_id)
                 if task.cancel_requested:
-                    await self.bus.nc.publish(subjects.cancel_subject(state.id), encode([task_id]))
+                    self._kill(state, task_id)
             elif task.status == "retrying":
                 due = task.next_attempt_at.timestamp() if task.next_attempt_at else now
                 self._schedule_retry(state.id, task_id, task.attempt, due - now)
             elif state.is_ready(task_id) and not state.record.cancel_requested:
                 self._push_ready(state, task_id)
-        await self._finish_if_done(state)
+        self._finish_if_done(state)
 
     async def _dispatch_outstanding(self, state: WorkflowState, task_id: str) -> bool:
         """Whether the task's current attempt is still in the dispatch queue, or its report is
@@ -717,6 +843,7 @@ class Scheduler:
             if wf_id not in self._active:
                 await self._load(wf_id)
         await self._pump()
+        await self._flush()
 
     async def _reload_all(self) -> None:
         """Drop memory and rebuild it from checkpoints (after an unexpected failure)."""
@@ -726,10 +853,15 @@ class Scheduler:
         self._active.clear()
         self._ready.clear()
         self._inflight.clear()
+        self._batch = Batch()
         try:
             await self._recover()
         except Exception:
-            log.exception("reload from checkpoints failed; will retry on the next input")
+            log.exception("reload from checkpoints failed; will retry at the next input")
+            self._batch = Batch()
+            self._stale = True
+        else:
+            self._stale = False
 
 
 def _trace_id_from(headers: dict[str, str]) -> str | None:

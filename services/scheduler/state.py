@@ -1,4 +1,9 @@
-"""One active workflow held in the scheduler's memory, mirroring its KV checkpoints."""
+"""One active workflow held in the scheduler's memory, mirroring its KV checkpoints.
+
+Readiness and completion are kept as counters (dependencies not yet completed per task, tasks
+in an end state), so the cost of one transition does not grow with the size of the workflow:
+a fan-in over 10,000 tasks costs O(1) per finished dependency, not O(10,000).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ __all__ = ["WorkflowState"]
 
 
 class WorkflowState:
-    """A workflow's record, its tasks' records and KV revisions, and its dependency graph."""
+    """A workflow's record, its tasks' records and KV revisions, and its dependency graph.
+
+    Change a task's status only through :meth:`set_status`, which keeps the counters right.
+    """
 
     def __init__(
         self,
@@ -24,23 +32,42 @@ class WorkflowState:
         self.tasks = tasks
         self.revisions = revisions
         self.dependents: dict[str, list[str]] = defaultdict(list)
+        self.waiting: dict[str, int] = {}  # dependencies not completed yet, per task
+        self.terminal = 0  # tasks in an end state
         for task_id, task in tasks.items():
+            self.waiting[task_id] = 0
+            if task.status in TERMINAL_TASK:
+                self.terminal += 1
             for dep in task.spec.depends_on:
                 self.dependents[dep].append(task_id)
+                dep_task = tasks.get(dep)
+                if dep_task is None or dep_task.status != "completed":
+                    self.waiting[task_id] += 1
 
     @property
     def id(self) -> str:
         return self.record.id
+
+    def set_status(self, task_id: str, status: str) -> str:
+        """Set a task's status, keeping the counters; returns the previous status."""
+        task = self.tasks[task_id]
+        old = task.status
+        if old == status:
+            return old
+        self.terminal += (status in TERMINAL_TASK) - (old in TERMINAL_TASK)
+        if old == "completed" or status == "completed":
+            step = -1 if status == "completed" else 1
+            for child in self.dependents.get(task_id, ()):
+                self.waiting[child] += step
+        task.status = status  # type: ignore[assignment]
+        return old
 
     def priority(self, task_id: str) -> int:
         spec = self.tasks[task_id].spec
         return spec.priority if spec.priority is not None else self.record.priority
 
     def is_ready(self, task_id: str) -> bool:
-        task = self.tasks[task_id]
-        return task.status == "pending" and all(
-            self.tasks[dep].status == "completed" for dep in task.spec.depends_on
-        )
+        return self.tasks[task_id].status == "pending" and self.waiting[task_id] == 0
 
     def ready(self) -> list[str]:
         return [t for t in self.record.task_ids if self.is_ready(t)]
@@ -58,7 +85,7 @@ class WorkflowState:
         return out
 
     def all_terminal(self) -> bool:
-        return all(t.status in TERMINAL_TASK for t in self.tasks.values())
+        return self.terminal == len(self.tasks)
 
     def final_status(self) -> str:
         statuses = {t.status for t in self.tasks.values()}
