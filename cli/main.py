@@ -952,18 +952,30 @@ def version(state: State, output: str) -> None:
 @output_option
 @click.pass_obj
 def trace(state: State, workflow_id: str, output: str) -> None:
-    """The Jaeger link of a workflow's trace."""
+    """The Jaeger link of a workflow's trace, and its span tree when Jaeger answers."""
+    from .jaeger import fetch_spans, render_tree
+
     with user_errors():
         view = state.client().get(f"/workflows/{workflow_id}?tasks=false")
         trace_id = view.get("trace_id")
         if not trace_id:
             fail("this workflow has no trace id (tracing disabled?)", EXIT_NOT_FOUND)
-        url = f"{state.config.tracing.jaeger_ui.rstrip('/')}/trace/{trace_id}"
-        emit(
-            {"workflow_id": workflow_id, "trace_id": trace_id, "url": url},
-            output,
-            lambda d: f"trace {d['trace_id']}\n{d['url']}",
-        )
+        jaeger = state.config.tracing.jaeger_ui.rstrip("/")
+        spans = fetch_spans(jaeger, trace_id)
+        info = {
+            "workflow_id": workflow_id,
+            "trace_id": trace_id,
+            "url": f"{jaeger}/trace/{trace_id}",
+            "spans": spans,
+        }
+
+        def table(d: dict[str, Any]) -> str:
+            text = f"trace {d['trace_id']}\n{d['url']}"
+            if d["spans"]:
+                return f"{text}\n\n{render_tree(d['spans'])}"
+            return f"{text}\n(Jaeger's query API did not answer at {jaeger}: no span tree)"
+
+        emit(info, output, table)
 
 
 # -- the local orchestrator --------------------------------------------------------------------

@@ -45,9 +45,10 @@ class Action(msgspec.Struct, frozen=True):
     @property
     def lib_dirs(self) -> list[str]:
         """``NU_LIB_DIRS`` for this action: its own library first, then the core library (so a
-        user module can ``use lib_provisioning/progress.nu``)."""
+        user module can ``use lib_provisioning/progress.nu``, and a plain command that runs
+        ``nu`` finds it too)."""
         core = str(NULIB_DIR.resolve())
-        return [self.lib_dir] if self.lib_dir in ("", core) else [self.lib_dir, core]
+        return [core] if self.lib_dir in ("", core) else [self.lib_dir, core]
 
     def script(self) -> str:
         """The fixed Nushell program that calls this action; arguments arrive on stdin as JSON.

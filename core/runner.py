@@ -229,8 +229,7 @@ class Runner:
             "TMPDIR": str(workdir),
             "PROVISIONING_DATA_DIR": str(self.data_dir),
         }
-        if action.lib_dir:
-            env["NU_LIB_DIRS"] = os.pathsep.join(action.lib_dirs)
+        env["NU_LIB_DIRS"] = os.pathsep.join(action.lib_dirs)
         env.update(self.extra_env)
         env.update(task_env)
         return env

@@ -32,6 +32,8 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.kv import KeyValue
+from opentelemetry import metrics
+from opentelemetry.metrics import Counter
 
 from . import subjects
 from .config import NatsConfig
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
 CONSUMER_ACK_WAIT_S = 60.0
+LEASE_TTL_S = 6.0  # a scheduler lease not renewed for this long expires (standby takes over)
 _RETRYABLE = (
     nats.js.errors.NoStreamResponseError,
     nats.errors.NoRespondersError,
@@ -77,6 +80,7 @@ class Bus:
         self.kv = KVBuckets()
         self._drained = False
         self.ready = False  # connected and bootstrapped (set by the service)
+        self._dead_letters: Counter | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -275,7 +279,7 @@ class Bus:
             (
                 "leases",
                 subjects.BUCKET_LEASES,
-                KeyValueConfig(bucket=subjects.BUCKET_LEASES, history=1, **common),
+                KeyValueConfig(bucket=subjects.BUCKET_LEASES, history=1, ttl=LEASE_TTL_S, **common),
             ),
         ]
 
@@ -403,3 +407,8 @@ class Bus:
         except BusUnavailable:
             log.exception("could not dead-letter a message from %s", msg.subject)
         log.error("dead-lettered a message from %s: %s", msg.subject, error)
+        if self._dead_letters is None:
+            self._dead_letters = metrics.get_meter("provisioning.bus").create_counter(
+                "provisioning.dead_letters", unit="{message}", description="Dead-lettered messages"
+            )
+        self._dead_letters.add(1, {"source": source})

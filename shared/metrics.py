@@ -6,7 +6,7 @@ Instruments (all prefixed ``provisioning.``):
 - ``task.retries`` (counter, by ``pool``): attempts scheduled again after a failure;
 - ``task.dispatch_latency`` (histogram, s): from ``queued`` to ``running``;
 - ``task.duration`` (histogram, s, by ``action``, ``outcome``): one attempt on an executor;
-- ``dead_letters`` (counter, by ``source``): messages copied to the dead-letter stream;
+- ``dead_letters`` (counter, by ``source``): messages copied to the dead-letter stream (the bus);
 - ``queue.depth`` (gauge, by ``pool``, ``state`` = ready|in_flight): the scheduler's backlog;
 - ``executor.slots_in_use`` / ``executor.slots`` (gauges): per executor.
 
@@ -83,9 +83,6 @@ class Metrics:
         )
         self.task_duration = meter.create_histogram(
             "provisioning.task.duration", unit="s", description="One attempt on an executor"
-        )
-        self.dead_letters = meter.create_counter(
-            "provisioning.dead_letters", unit="{message}", description="Dead-lettered messages"
         )
 
     def gauge(self, name: str, description: str, read: Gauge, unit: str = "1") -> None:

@@ -18,20 +18,68 @@ __all__ = ["SCHEMAS_DIR", "evaluate_nickel"]
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "core" / "schemas"
 _IMPORT_RE = re.compile(r"\bimport\b")
-_ALLOWED_IMPORT_RE = re.compile(r'\bimport\s+"([a-z][a-z0-9_-]*\.ncl)"')
+_IMPORT_AT_RE = re.compile(r'import\s+"([^"\\]*)"')
+_SCHEMA_NAME_RE = re.compile(r"[a-z][a-z0-9_-]*\.ncl")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MEMORY_LIMIT = 1 << 30
 
 
+def _imports(source: str) -> list[str | None]:
+    """What each ``import`` of the source names (None: not a plain string literal).
+
+    Without a ``%`` anywhere there is no interpolation and no multiline or symbolic string, and
+    a small scanner of Nickel's lexical structure tells code from comments and ``"..."``
+    literals, so that the word "import" in a description or an argument is not taken for an
+    import. Where a string may hold code (``"%{...}"``) or quotes (``m%"..."%``), telling them
+    apart needs Nickel's whole grammar: there every word "import" counts.
+    """
+    if "%" in source:
+        return [
+            m.group(1) if (m := _IMPORT_AT_RE.match(source, found.start())) else None
+            for found in _IMPORT_RE.finditer(source)
+        ]
+    imports: list[str | None] = []
+    expecting = False  # the last token was the keyword ``import``
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c == "#":  # a comment, to the end of the line
+            end = source.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif c.isspace():
+            i += 1
+        elif c == '"':  # a string literal, to the next quote that is not escaped
+            j = i + 1
+            while j < n and source[j] != '"':
+                j += 2 if source[j] == "\\" else 1
+            if expecting:
+                imports.append(source[i + 1 : j])
+                expecting = False
+            i = j + 1
+        else:
+            if expecting:
+                imports.append(None)
+            m = _IDENT_RE.match(source, i)
+            expecting = m is not None and m.group() == "import"
+            i = m.end() if m else i + 1
+    if expecting:
+        imports.append(None)
+    return imports
+
+
 def _check_imports(source: str) -> None:
-    allowed = _ALLOWED_IMPORT_RE.findall(source)
-    if len(_IMPORT_RE.findall(source)) != len(allowed) or any(
-        not (SCHEMAS_DIR / name).is_file() for name in allowed
-    ):
-        shipped = ", ".join(sorted(p.name for p in SCHEMAS_DIR.glob("*.ncl")))
-        raise DefinitionError(
-            f"Nickel imports are limited to the shipped schemas ({shipped})", reason="bad_import"
-        )
+    for name in _imports(source):
+        if (
+            name is None
+            or not _SCHEMA_NAME_RE.fullmatch(name)
+            or not (SCHEMAS_DIR / name).is_file()
+        ):
+            shipped = ", ".join(sorted(p.name for p in SCHEMAS_DIR.glob("*.ncl")))
+            raise DefinitionError(
+                f"Nickel imports are limited to the shipped schemas ({shipped})",
+                reason="bad_import",
+            )
 
 
 def _limits() -> None:  # pragma: no cover - runs in the child

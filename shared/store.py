@@ -3,43 +3,84 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
+import nats.errors
 import nats.js.errors
-from nats.js.kv import KeyValue
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from . import subjects
 from .bus import Bus
 from .messages import (
     DecodeError,
+    ExecutorBeat,
     Progress,
     TaskRecord,
     WorkflowRecord,
+    decode_beat,
     decode_progress,
     decode_task,
     decode_workflow,
 )
 
-__all__ = ["Store", "read_prefix"]
+__all__ = ["Store", "read_bucket"]
 
 log = logging.getLogger(__name__)
 
+READ_BATCH = 1000
+_REMOVED = ("DEL", "PURGE")
 
-async def read_prefix(kv: KeyValue, prefix: str) -> list[tuple[str, bytes, int]]:
-    """Every ``(key, value, revision)`` under ``<prefix>.*`` (one ordered consumer, no listing)."""
+
+async def read_bucket(
+    js: JetStreamContext, bucket: str, keys: str = ">", *, values: bool = True
+) -> list[tuple[str, bytes, int]]:
+    """``(key, value, revision)`` of every key of ``bucket`` matching ``keys`` (a subject
+    pattern such as ``<workflow_id>.*``), deleted keys left out; ``values=False`` reads keys only
+    (values are then ``b""``).
+
+    One ephemeral *pull* consumer delivering the last message of each key. Nothing reaches a pull
+    consumer before it asks, so its ``num_pending`` right after creation counts the keys exactly.
+    (nats-py's ``KeyValue.keys()`` and ``watch()`` decide "nothing more" from a consumer-info
+    reply that can overtake the first deliveries of their push consumer, and then answer with
+    no keys at all, under load: a listing or a recovery would silently miss records.)
+    """
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    sub = await js.pull_subscribe(
+        prefix + keys,
+        stream=stream,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            headers_only=not values,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        ),
+    )
     out: list[tuple[str, bytes, int]] = []
-    watcher = await kv.watch(f"{prefix}.*", ignore_deletes=True)
+    name = None
     try:
-        while True:
+        info = await sub.consumer_info()
+        name, pending = info.name, info.num_pending or 0
+        while pending > 0:
             try:
-                entry = await watcher.updates(timeout=10)  # type: ignore[no-untyped-call]
-            except nats.errors.TimeoutError:
+                msgs = await sub.fetch(min(pending, READ_BATCH), timeout=5)
+            except nats.errors.TimeoutError:  # keys expired since: what there is
                 break
-            if entry is None:
-                break
-            if entry.value:
-                out.append((entry.key, entry.value, entry.revision or 0))
+            for msg in msgs:
+                meta = msg.metadata
+                pending = meta.num_pending
+                headers = msg.headers or {}
+                if headers.get("KV-Operation") in _REMOVED or "Nats-Marker-Reason" in headers:
+                    continue
+                out.append((msg.subject[len(prefix) :], msg.data, meta.sequence.stream))
     finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        if name:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await js.delete_consumer(stream, name)
     return out
 
 
@@ -69,7 +110,8 @@ class Store:
 
     async def tasks(self, workflow_id: str) -> dict[str, tuple[TaskRecord, int]]:
         out: dict[str, tuple[TaskRecord, int]] = {}
-        for key, value, rev in await read_prefix(self.bus.kv.tasks, workflow_id):
+        found = await read_bucket(self.bus.js, subjects.BUCKET_TASKS, f"{workflow_id}.*")
+        for key, value, rev in found:
             try:
                 out[key.partition(".")[2]] = (decode_task(value), rev)
             except DecodeError:
@@ -78,7 +120,8 @@ class Store:
 
     async def progress(self, workflow_id: str) -> dict[str, Progress]:
         out: dict[str, Progress] = {}
-        for key, value, _ in await read_prefix(self.bus.kv.progress, workflow_id):
+        found = await read_bucket(self.bus.js, subjects.BUCKET_PROGRESS, f"{workflow_id}.*")
+        for key, value, _ in found:
             try:
                 out[key.partition(".")[2]] = decode_progress(value)
             except DecodeError:
@@ -93,16 +136,22 @@ class Store:
         return decode_progress(entry.value) if entry.value else None
 
     async def workflow_ids(self) -> list[str]:
-        try:
-            return sorted(await self.bus.kv.workflows.keys(), reverse=True)
-        except nats.js.errors.NoKeysError:
-            return []
+        found = await read_bucket(self.bus.js, subjects.BUCKET_WORKFLOWS, values=False)
+        return sorted((key for key, _, _ in found), reverse=True)
 
     async def active_ids(self) -> list[str]:
-        try:
-            return sorted(await self.bus.kv.active.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        found = await read_bucket(self.bus.js, subjects.BUCKET_ACTIVE, values=False)
+        return sorted(key for key, _, _ in found)
+
+    async def executors(self) -> list[ExecutorBeat]:
+        """The last heartbeat of every executor whose key has not expired."""
+        beats = []
+        for key, value, _ in await read_bucket(self.bus.js, subjects.BUCKET_EXECUTORS):
+            try:
+                beats.append(decode_beat(value))
+            except DecodeError:
+                log.error("undecodable executor heartbeat %s", key)
+        return beats
 
     async def workflows(self, ids: list[str]) -> list[WorkflowRecord]:
         found = await asyncio.gather(*(self.workflow(i) for i in ids))

@@ -100,7 +100,7 @@ def headers_with_context(
 
 
 def context_from(headers: Mapping[str, str] | None) -> Context:
-    return propagate.extract(dict(headers or {}))
+    return propagate.extract({k.lower(): v for k, v in (headers or {}).items()})
 
 
 def current_traceparent() -> str | None:

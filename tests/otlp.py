@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -124,3 +126,57 @@ class Receiver:
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
         with self.lock:
             return [s for s in self.spans if s["trace_id"] == trace_id]
+
+    def jaeger_document(self, trace_id: str) -> dict[str, Any]:
+        """The trace in the shape of Jaeger's query API (``GET /api/traces/{id}``)."""
+        spans = self.trace(trace_id)
+        services = sorted({str(s["service"]) for s in spans})
+        pid = {name: f"p{i}" for i, name in enumerate(services)}
+        return {
+            "data": [
+                {
+                    "traceID": trace_id,
+                    "processes": {pid[name]: {"serviceName": name} for name in services},
+                    "spans": [
+                        {
+                            "traceID": trace_id,
+                            "spanID": s["span_id"],
+                            "operationName": s["name"],
+                            "references": [{"refType": "CHILD_OF", "spanID": s["parent_id"]}]
+                            if s["parent_id"]
+                            else [],
+                            "startTime": s["start"] // 1000,
+                            "duration": (s["end"] - s["start"]) // 1000,
+                            "processID": pid[str(s["service"])],
+                        }
+                        for s in spans
+                    ],
+                }
+            ]
+        }
+
+    def serve_jaeger_api(self) -> tuple[str, Callable[[], None]]:
+        """A stand-in for Jaeger's query API serving what this receiver got; (url, stop)."""
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                trace_id = self.path.rsplit("/", 1)[-1]
+                body = json.dumps(receiver.jaeger_document(trace_id)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+
+        return f"http://127.0.0.1:{server.server_address[1]}", stop

@@ -516,3 +516,53 @@ def injection_payloads(marker: Path) -> list[str]:
         "%s %n {0} {{ }}",
         "\\u0000 \x1b[31m \u00fcn\u00efc\u00f8d\u00e9",
     ]
+
+
+def task_record(stack: Stack, wf_id: str, task_id: str) -> Any:
+    """The scheduler's checkpoint of a task (a ``TaskRecord``), read straight from KV."""
+    from shared import subjects
+    from shared.messages import decode_task
+
+    async def body(nc: Any) -> Any:
+        kv = await nc.jetstream().key_value(subjects.BUCKET_TASKS)
+        return decode_task((await kv.get(f"{wf_id}.{task_id}")).value)
+
+    return nats_run(stack.nats.url, body)
+
+
+def publish(stack: Stack, subject: str, data: bytes, msg_id: str | None = None) -> None:
+    """Publish into a JetStream stream as a service would (waits for the stream's ack)."""
+
+    async def body(nc: Any) -> None:
+        await nc.jetstream().publish(
+            subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None
+        )
+
+    nats_run(stack.nats.url, body)
+
+
+def dispatch_backlog(stack: Stack, pool: str = "default") -> int:
+    """Task attempts in a pool's queue not yet acked (waiting or being worked on)."""
+    from shared import subjects
+
+    async def body(nc: Any) -> int:
+        info = await nc.jetstream().consumer_info(
+            subjects.STREAM_DISPATCH, subjects.executor_consumer(pool)
+        )
+        return int(info.num_pending + info.num_ack_pending)
+
+    return int(nats_run(stack.nats.url, body))
+
+
+def logged_runs(
+    stack: Stack, workflow_id: str, task_id: str, at_least: int = 1, timeout: float = 10
+) -> list[tuple[int, str]]:
+    """:func:`task_runs` of every executor of the stack, sorted, once at least ``at_least`` are
+    logged (an executor logs a run just after reporting it, so the scheduler may be faster)."""
+
+    def runs() -> list[tuple[int, str]]:
+        logs = "\n".join(e.log() for e in stack.executors)
+        return sorted(task_runs(logs, workflow_id, task_id))
+
+    wait_until(lambda: len(runs()) >= at_least, timeout, what=f"{task_id} runs in the logs")
+    return runs()

@@ -186,6 +186,39 @@ def test_nickel_imports_are_limited_to_the_shipped_schemas(tmp_path: Path) -> No
         assert "workflow.ncl" in caught.value.message
 
 
+def test_the_word_import_in_comments_and_strings_is_not_an_import() -> None:
+    wf = nickel(
+        """
+        # we import nothing but the schema
+        let w = import "workflow.ncl" in
+        {
+          name = "import-data",
+          description = "import the \\"data\\" # not a comment",
+          tasks = [{ id = "a", action = "builtin.noop", args = { mode = "import" } }],
+        } | w.Workflow
+        """
+    )
+    assert wf.description == 'import the "data" # not a comment'
+    assert wf.tasks[0].args == {"mode": "import"}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # an interpolation hides a quote in a comment: a lexer that pairs quotes is fooled
+        'let x = "%{ 1 # "\n} " in { name = import "/etc/passwd" as \'Text, tasks = [] }',
+        # a symbolic string holds quotes: likewise
+        '{ name = x-s%" " "% , d = import "/etc/hostname" as \'Text }',
+        '{ name = m%"\n" import "/etc/hostname" "\n"%, tasks = [] }',
+        'let f = "/etc/hostname" in import f',
+    ],
+)
+def test_imports_hidden_in_tricky_strings_are_refused(source: str) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        nickel(source)
+    assert caught.value.reason == "bad_import", caught.value.message
+
+
 def registry_names() -> set[str]:
     return set(load_registry().names())
 

@@ -294,8 +294,7 @@ def test_cli_submits_example3_in_every_format(stack: Stack) -> None:
     _check_example3(json.loads(monitor.stdout), first_run=False)
 
     # a file the gateway refuses: a clear error and a distinct exit code, nothing queued
-    status, page = stack.http.get("/workflows?limit=100")
-    count = len(page["workflows"])
+    count = len(stack.http.get("/workflows?limit=100")[1]["workflows"])
     bad = stack.tmp / "bad.yaml"
     bad.write_text("name: bad\ntasks:\n- {id: a, action: builtin.noop, depends_on: [a]}\n")
     run = stack.cli("workflow", "submit", str(bad))

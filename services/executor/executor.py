@@ -46,8 +46,9 @@ from shared.messages import (
     decode_report,
     encode,
 )
+from shared.metrics import Metrics
 from shared.store import Store
-from shared.tracing import context_from, current_traceparent
+from shared.tracing import context_from, current_traceparent, headers_with_context
 
 from .builtins import run_builtin
 
@@ -176,6 +177,17 @@ class Executor:
         self._slot_free = asyncio.Event()
         self._draining = False
         self.completed = 0
+        self.metrics = Metrics("executor")
+        self.metrics.gauge(
+            "provisioning.executor.slots_in_use",
+            "Task slots in use on this executor",
+            lambda: [(len(self._running), {"pool": self.pool})],
+        )
+        self.metrics.gauge(
+            "provisioning.executor.slots",
+            "Task slots of this executor",
+            lambda: [(self.slots, {"pool": self.pool})],
+        )
         self.ack_wait_s = config.executor.ack_wait_seconds  # the pool consumer's, once known
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -425,6 +437,7 @@ class Executor:
                         started,
                     )
                 ),
+                headers=headers_with_context(),
             )
             keepalive = asyncio.create_task(self._keepalive(running))
             t0 = time.monotonic()
@@ -434,7 +447,7 @@ class Executor:
                 keepalive.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keepalive
-            if running.handed_back:
+            if running.handed_back and result.outcome == "cancelled":  # stopped by shutdown
                 span.set_attribute("task.handed_back", True)
                 log.info("%s handed back for redelivery", key)
                 with contextlib.suppress(nats.errors.Error):
@@ -459,6 +472,9 @@ class Executor:
             await self._report_finished(dispatch, delivery, result, started, _now())
             await msg.ack()
             self.completed += 1
+            self.metrics.task_duration.record(
+                time.monotonic() - t0, {"action": dispatch.action, "outcome": result.outcome}
+            )
             log.info(
                 "%s attempt %d %s in %.3fs%s",
                 key,
@@ -610,4 +626,5 @@ class Executor:
             subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
             encode(report),
             msg_id=f"{dispatch.workflow_id}.{dispatch.task_id}.{dispatch.attempt}.{delivery}.done",
+            headers=headers_with_context(),
         )

@@ -21,7 +21,7 @@ import nats.js.errors
 from aiohttp import web
 from nats.js.api import DeliverPolicy
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core import infra
 from core.registry import Registry
@@ -47,7 +47,6 @@ from shared.messages import (
     RetryWorkflow,
     SubmitWorkflow,
     WorkflowDefinition,
-    decode_beat,
     decode_command,
     decode_event,
     decode_log,
@@ -55,7 +54,7 @@ from shared.messages import (
 )
 from shared.nickel_source import evaluate_nickel
 from shared.store import Store
-from shared.tracing import headers_with_context, trace_id_hex
+from shared.tracing import context_from, headers_with_context, trace_id_hex
 from shared.workflow import (
     definition_from_data,
     format_for_content_type,
@@ -146,6 +145,28 @@ def _auth_middleware(token: str) -> Any:
         return await handler(request)
 
     return auth
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A SERVER span per request, continuing the caller's trace (``traceparent``) if any."""
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else request.path
+    with tracer.start_as_current_span(
+        f"HTTP {request.method} {template}",
+        context=context_from(request.headers),
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": request.method,
+            "http.route": template,
+            "url.path": request.path,
+        },
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        return response
 
 
 @web.middleware
@@ -316,6 +337,19 @@ def _shortcut(kind: str) -> Handler:
     return handler
 
 
+async def _newest_first(store: Store, ids: list[str]) -> list[str]:
+    """Workflow ids, newest first. Ids made by the gateway carry their creation time (UUIDv7
+    layout: milliseconds, then version 7); ids named by an Idempotency-Key (UUIDv5) do not, so
+    those are placed by their record's ``created_at``."""
+    keyed = [i for i in ids if i[12:13] != "7"]
+    created = {r.id: int(r.created_at.timestamp() * 1000) for r in await store.workflows(keyed)}
+
+    def created_ms(wf_id: str) -> tuple[int, str]:
+        return (int(wf_id[:12], 16) if wf_id[12:13] == "7" else created.get(wf_id, 0), wf_id)
+
+    return sorted(ids, key=created_ms, reverse=True)
+
+
 async def list_workflows(request: web.Request) -> web.Response:
     store = request.app[STORE]
     status = request.query.get("status")
@@ -329,7 +363,7 @@ async def list_workflows(request: web.Request) -> web.Response:
     except ValueError:
         raise DefinitionError("limit and offset must be integers", reason="malformed") from None
     name = request.query.get("name")
-    ids = await store.workflow_ids()  # newest first: ids are time-ordered
+    ids = await _newest_first(store, await store.workflow_ids())
     matched: list[dict[str, Any]] = []
     skipped = 0
     for start in range(0, len(ids), 100):
@@ -612,19 +646,9 @@ async def post_progress(request: web.Request) -> web.Response:
 
 
 async def list_executors(request: web.Request) -> web.Response:
-    kv = request.app[BUS].kv.executors
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        keys = []
     now = datetime.now(UTC)
     executors = []
-    for key in sorted(keys):
-        try:
-            entry = await kv.get(key)
-            beat = decode_beat(entry.value or b"")
-        except (nats.js.errors.KeyNotFoundError, DecodeError):
-            continue
+    for beat in sorted(await request.app[STORE].executors(), key=lambda b: b.id):
         age = (now - beat.at).total_seconds()
         executors.append(
             {
@@ -675,7 +699,7 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
-    middlewares: list[Any] = [error_middleware]
+    middlewares: list[Any] = [tracing_middleware, error_middleware]
     if config.gateway.auth_token:
         middlewares.append(_auth_middleware(config.gateway.auth_token))
     middlewares.append(bus_ready_middleware)

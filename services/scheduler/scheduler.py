@@ -43,7 +43,6 @@ from shared.messages import (
     AttemptRecord,
     CancelWorkflow,
     DecodeError,
-    ExecutorBeat,
     RetryWorkflow,
     SubmitWorkflow,
     TaskDispatch,
@@ -53,7 +52,6 @@ from shared.messages import (
     TaskStarted,
     WorkflowEvent,
     WorkflowRecord,
-    decode_beat,
     decode_command,
     decode_report,
     encode,
@@ -100,6 +98,7 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Recover, then process inputs until ``stop`` is set; then hand back unprocessed input."""
+        await self._take_over_consumers()
         await self._read_capacity()
         await self._recover()
         commands = await self.bus.js.pull_subscribe_bind(
@@ -135,6 +134,18 @@ class Scheduler:
             handle.cancel()
         for waiter in list(self._waiters):
             waiter.cancel()
+
+    async def _take_over_consumers(self) -> None:
+        """Start the scheduler's consumers afresh. A scheduler that was killed leaves what it had
+        fetched but not acked to be redelivered only after the ack wait (a minute); on these work
+        queues everything still stored is unprocessed, so a new consumer gets it all at once."""
+        for durable, stream in (
+            (subjects.CONSUMER_COMMANDS, subjects.STREAM_COMMANDS),
+            (subjects.CONSUMER_REPORTS, subjects.STREAM_REPORTS),
+        ):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.bus.js.delete_consumer(stream, durable)
+        await self.bus.bootstrap()  # creates them again, as everywhere else
 
     async def _fetch_loop(self, sub: Any, kind: str, stop: asyncio.Event) -> None:
         batch = self.config.scheduler.report_batch
@@ -243,19 +254,9 @@ class Scheduler:
                 await self._inbox.put(("tick", None))
 
     async def _read_capacity(self) -> None:
-        kv = self.bus.kv.executors
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
         slots: dict[str, int] = defaultdict(int)
         now = time.time()
-        for key in keys:
-            try:
-                entry = await kv.get(key)
-                beat: ExecutorBeat = decode_beat(entry.value or b"")
-            except (nats.js.errors.KeyNotFoundError, DecodeError):
-                continue
+        for beat in await self.store.executors():
             if beat.draining or now - beat.at.timestamp() > 3 * beat.interval_seconds:
                 continue
             slots[beat.pool] += beat.max_concurrent_tasks
@@ -502,6 +503,10 @@ class Scheduler:
             log.info(
                 "report for finished or unknown task %s.%s", report.workflow_id, report.task_id
             )
+            if state is None and isinstance(report, TaskStarted):  # started once all was over
+                found = await self.store.task(report.workflow_id, report.task_id)
+                if found and found[0].attempt == report.attempt and found[0].cancel_requested:
+                    self._batch.kills[report.workflow_id].append(report.task_id)
             return
         task = state.tasks[report.task_id]
         current = report.attempt == task.attempt
@@ -518,8 +523,8 @@ class Scheduler:
                 self._kill(state, report.task_id)
         else:
             applies = current and task.status in ("queued", "running")
-        if not applies:
-            log.info(
+        if not applies:  # normal after a restart: reports applied but not acked come again
+            log.debug(
                 "stale report for %s.%s attempt %d (now attempt %d, %s); ignored",
                 state.id,
                 report.task_id,

@@ -1,0 +1,109 @@
+"""Leader election for schedulers: a lease in JetStream KV.
+
+More than one scheduler may run; exactly one is active. The active one holds the key
+``scheduler`` in the ``prov_leases`` bucket and renews it every ``renew_s``; the bucket's TTL
+removes a lease that is not renewed, and a standby's ``create`` then succeeds within about
+``ttl_s``. Every renewal is a compare-and-swap on the revision the holder last wrote: a holder
+that was paused and lost its lease finds out on its next renewal and steps down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+__all__ = ["LEASE_KEY", "Lease"]
+
+log = logging.getLogger(__name__)
+LEASE_KEY = "scheduler"
+
+
+class _Holder(msgspec.Struct):
+    holder: str
+    acquired_at: float
+    renewed_at: float
+
+
+class Lease:
+    """``await lease.acquire(stop)``; then ``lease.lost`` is set if it is ever lost."""
+
+    def __init__(self, kv: KeyValue, holder: str, *, ttl_s: float, renew_s: float) -> None:
+        self.kv = kv
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.renew_s = renew_s
+        self.lost = asyncio.Event()
+        self._revision = 0
+        self._renewed = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def valid(self) -> bool:
+        """Held and renewed recently enough that no standby can have taken it yet."""
+        return (
+            not self.lost.is_set()
+            and self._revision > 0
+            and time.monotonic() - self._renewed < self.ttl_s - self.renew_s
+        )
+
+    def _value(self, acquired_at: float) -> bytes:
+        return msgspec.json.encode(_Holder(self.holder, acquired_at, time.time()))
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Wait until this process holds the lease (True) or ``stop`` is set (False)."""
+        announced = False
+        while not stop.is_set():
+            try:
+                self._revision = await self.kv.create(LEASE_KEY, self._value(time.time()))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                if not announced:
+                    log.info("another scheduler is active; standing by")
+                    announced = True
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                log.warning("cannot reach the lease bucket: %s", exc or type(exc).__name__)
+            else:
+                self._renewed = time.monotonic()
+                self._task = asyncio.create_task(self._keep(time.time()), name="lease")
+                log.info("acquired the scheduler lease as %s", self.holder)
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.renew_s)
+        return False
+
+    async def _keep(self, acquired_at: float) -> None:
+        while True:
+            await asyncio.sleep(self.renew_s)
+            try:
+                self._revision = await self.kv.update(
+                    LEASE_KEY, self._value(acquired_at), last=self._revision
+                )
+                self._renewed = time.monotonic()
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.error("lost the scheduler lease to another scheduler; stepping down")
+                self.lost.set()
+                return
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                log.warning("lease renewal failed: %s", exc or type(exc).__name__)
+                if time.monotonic() - self._renewed > self.ttl_s:
+                    log.error("lease expired while NATS was unreachable; stepping down")
+                    self.lost.set()
+                    return
+
+    async def release(self) -> None:
+        """Give the lease up at once so a standby need not wait for the TTL."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._revision and not self.lost.is_set():
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, OSError):
+                await self.kv.delete(LEASE_KEY, last=self._revision)
+                log.info("released the scheduler lease")
+        self._revision = 0
