@@ -28,6 +28,7 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
+EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: restart me
 
 
 def _stop_event() -> asyncio.Event:
@@ -136,7 +137,8 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
 @main.command()
 @click.pass_context
 def scheduler(ctx: click.Context) -> None:
-    """The DAG engine (one active at a time)."""
+    """The DAG engine. Run several for high availability: one is active (it holds a lease in
+    JetStream), the others stand by and take over within seconds when it dies."""
     from services.scheduler import Scheduler
 
     config = _load(ctx)
@@ -144,14 +146,18 @@ def scheduler(ctx: click.Context) -> None:
     _warn(config)
     setup_tracing("provisioning-scheduler", config.tracing)
     registry = _registry(config)
+    held = True
 
     async def body(bus: Bus, stop: asyncio.Event) -> None:
-        await Scheduler(config, bus, registry).run(stop)
+        nonlocal held
+        held = await Scheduler(config, bus, registry).run(stop)
 
     try:
         asyncio.run(_with_bus(config, "scheduler", body))
     finally:
         shutdown_tracing()
+    if not held:  # lost the lease: exit so that a supervisor starts us again, as a standby
+        sys.exit(EXIT_LEASE_LOST)
 
 
 @main.command()

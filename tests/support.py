@@ -70,11 +70,11 @@ class NatsServer:
             f"host: 127.0.0.1\nport: {self.port or -1}\nmax_payload: 8MB\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
         )
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [NATS_BIN, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
         )
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
         def listening() -> int | None:
             assert self.proc is not None
@@ -88,11 +88,15 @@ class NatsServer:
                 else None
             )
 
-        port = wait_until(listening, 20, what="nats-server to listen")
+        try:
+            port = wait_until(listening, 20, what="nats-server to listen")
+            wait_until(
+                lambda: "Server is ready" in self.log_path.read_text(errors="replace")[offset:], 20
+            )
+        except BaseException:
+            self.stop(signal.SIGKILL)  # never leave a server behind
+            raise
         self.port = port
-        wait_until(
-            lambda: "Server is ready" in self.log_path.read_text(errors="replace")[offset:], 20
-        )
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -47,6 +47,7 @@ from shared.messages import (
     RetryWorkflow,
     SubmitWorkflow,
     WorkflowDefinition,
+    WorkflowRecord,
     decode_command,
     decode_event,
     decode_log,
@@ -389,15 +390,32 @@ async def list_workflows(request: web.Request) -> web.Response:
     )
 
 
+async def _lookup(
+    request: web.Request, wf_id: str
+) -> tuple[WorkflowRecord, int] | SubmitWorkflow | None:
+    """The workflow's record, else its submission still waiting in the queue, else None.
+
+    Checked record, queue, record: the scheduler writes the record before it acks (removes) the
+    submission, so a workflow being taken over between the first two looks is seen by the third.
+    """
+    store = request.app[STORE]
+    found = await store.workflow(wf_id)
+    if found is not None:
+        return found
+    pending = await _pending_submission(request.app[BUS], wf_id)
+    if pending is not None:
+        return pending
+    return await store.workflow(wf_id)
+
+
 async def get_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
     store = request.app[STORE]
-    found = await store.workflow(wf_id)
+    found = await _lookup(request, wf_id)
     if found is None:
-        pending = await _pending_submission(request.app[BUS], wf_id)
-        if pending is None:
-            raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
-        return web.json_response(pending_view(wf_id, pending.definition, pending.submitted_at))
+        raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+    if isinstance(found, SubmitWorkflow):
+        return web.json_response(pending_view(wf_id, found.definition, found.submitted_at))
     include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
     tasks, progress = await asyncio.gather(store.tasks(wf_id), store.progress(wf_id))
     view = workflow_view(
@@ -407,9 +425,7 @@ async def get_workflow(request: web.Request) -> web.Response:
 
 
 async def _workflow_exists(request: web.Request, wf_id: str) -> bool:
-    if await request.app[STORE].workflow(wf_id) is not None:
-        return True
-    return await _pending_submission(request.app[BUS], wf_id) is not None
+    return await _lookup(request, wf_id) is not None
 
 
 async def _sse_response(request: web.Request) -> web.StreamResponse:
@@ -481,9 +497,10 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
 
 async def cancel_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
-    found = await request.app[STORE].workflow(wf_id)
-    if found is None and await _pending_submission(request.app[BUS], wf_id) is None:
+    looked_up = await _lookup(request, wf_id)
+    if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+    found = None if isinstance(looked_up, SubmitWorkflow) else looked_up
     if found is not None and found[0].status in TERMINAL_WORKFLOW:
         return _error(
             409,

@@ -22,6 +22,8 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -35,7 +37,7 @@ from opentelemetry.trace import SpanKind
 
 from core.registry import Registry
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import LEASE_TTL_S, Bus
 from shared.config import Config
 from shared.errors import ProvisioningError
 from shared.messages import (
@@ -43,6 +45,7 @@ from shared.messages import (
     AttemptRecord,
     CancelWorkflow,
     DecodeError,
+    Report,
     RetryWorkflow,
     SubmitWorkflow,
     TaskDispatch,
@@ -56,10 +59,12 @@ from shared.messages import (
     decode_report,
     encode,
 )
+from shared.metrics import Metrics
 from shared.store import Store
 from shared.tracing import context_from, headers_with_context, trace_id_hex
 
 from .batch import Batch
+from .lease import Lease
 from .state import WorkflowState
 
 __all__ = ["Scheduler"]
@@ -68,6 +73,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.scheduler")
 
 WRITE_CHUNK = 512
+LEASE_RENEW_S = 1.5
 POISON_DELIVERIES = 5  # a command or report that crashed the engine this often is dead-lettered
 _Input = tuple[str, Any]
 
@@ -92,12 +98,37 @@ class Scheduler:
         self._waiters: set[asyncio.Task[None]] = set()
         self._batch = Batch()
         self._stale = False  # memory could not be rebuilt from checkpoints; retry at next step
+        self._lease: Lease | None = None
         self.processed = 0
+        self.id = f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = Metrics("scheduler")
+        self.metrics.gauge(
+            "provisioning.queue.depth",
+            "Tasks ready but not dispatched, and dispatched but not finished, per pool",
+            self._queue_depth,
+        )
+
+    def _queue_depth(self) -> list[tuple[float, dict[str, str]]]:
+        pools = set(self._ready) | set(self._inflight)
+        ready = [(float(len(self._ready.get(p, ()))), {"pool": p, "state": "ready"}) for p in pools]
+        busy = [(float(self._inflight.get(p, 0)), {"pool": p, "state": "in_flight"}) for p in pools]
+        return ready + busy
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Recover, then process inputs until ``stop`` is set; then hand back unprocessed input."""
+    async def run(self, stop: asyncio.Event) -> bool:
+        """Wait for the lease (one active scheduler), recover, then process inputs until ``stop``
+        is set; then hand back unprocessed input. Returns False if the lease was lost."""
+        lease = Lease(self.bus.kv.leases, self.id, ttl_s=LEASE_TTL_S, renew_s=LEASE_RENEW_S)
+        if not await lease.acquire(stop):
+            return True
+        self._lease = lease
+        try:
+            return await self._run_active(stop, lease)
+        finally:
+            await lease.release()
+
+    async def _run_active(self, stop: asyncio.Event, lease: Lease) -> bool:
         await self._take_over_consumers()
         await self._read_capacity()
         await self._recover()
@@ -114,8 +145,12 @@ class Scheduler:
         ]
         engine = asyncio.create_task(self._engine_loop(), name="engine")
         log.info("scheduler running: %d active workflows recovered", len(self._active))
-        await stop.wait()
-        log.info("scheduler stopping")
+        stopping = asyncio.create_task(stop.wait())
+        lost = asyncio.create_task(lease.lost.wait())
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        lost.cancel()
+        log.info("scheduler stopping%s", " (lease lost)" if lease.lost.is_set() else "")
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -134,6 +169,7 @@ class Scheduler:
             handle.cancel()
         for waiter in list(self._waiters):
             waiter.cancel()
+        return not lease.lost.is_set()
 
     async def _take_over_consumers(self) -> None:
         """Start the scheduler's consumers afresh. A scheduler that was killed leaves what it had
@@ -221,6 +257,8 @@ class Scheduler:
     async def _step_done(self) -> None:
         """Dispatch into free capacity, then apply the batch to JetStream."""
         try:
+            if self._lease is not None and not self._lease.valid:
+                raise ProvisioningError("the scheduler lease is not held; not writing")
             await self._pump()
             await self._flush()
         except Exception as exc:
@@ -349,11 +387,16 @@ class Scheduler:
 
     def _set_status(self, state: WorkflowState, task_id: str, status: str) -> None:
         old = state.set_status(task_id, status)
+        pool = state.tasks[task_id].spec.pool
         busy = ("queued", "running")
         if old in busy and status not in busy:
-            self._inflight[state.tasks[task_id].spec.pool] -= 1
+            self._inflight[pool] -= 1
         elif old not in busy and status in busy:
-            self._inflight[state.tasks[task_id].spec.pool] += 1
+            self._inflight[pool] += 1
+        if old != status:
+            self.metrics.tasks.add(1, {"status": status, "pool": pool})
+            if status == "retrying":
+                self.metrics.retries.add(1, {"pool": pool})
 
     def _push_ready(self, state: WorkflowState, task_id: str) -> None:
         pool = state.tasks[task_id].spec.pool
@@ -498,6 +541,23 @@ class Scheduler:
 
     async def _on_report_msg(self, msg: Msg) -> None:
         report = decode_report(msg.data)
+        with tracer.start_as_current_span(
+            "scheduler.report",
+            context=context_from(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation.type": "process",
+                "workflow.id": report.workflow_id,
+                "task.id": report.task_id,
+                "task.attempt": report.attempt,
+                "task.report": "started" if isinstance(report, TaskStarted) else "finished",
+            },
+        ):
+            await self._apply_report(report)
+
+    async def _apply_report(self, report: Report) -> None:
         state = await self._state(report.workflow_id)
         if state is None or report.task_id not in state.tasks:
             log.info(
@@ -551,6 +611,9 @@ class Scheduler:
 
     async def _on_started(self, state: WorkflowState, rep: TaskStarted) -> None:
         task = state.tasks[rep.task_id]
+        if task.queued_at is not None:
+            latency = (rep.started_at - task.queued_at).total_seconds()
+            self.metrics.dispatch_latency.record(max(0.0, latency), {"pool": task.spec.pool})
         self._set_status(state, rep.task_id, "running")
         task.delivery = rep.delivery
         task.executor_id = rep.executor_id
