@@ -8,12 +8,14 @@ NU_STAMP := $(VENV)/.nushell
 DATA_DIR ?= $(CURDIR)/.data
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint format bench chaos clean
+.PHONY: help install run test lint format bench chaos test-cluster clean
 
 help:
 	@echo "make run    install, start the local stack and run the sample workflow (Ctrl-C stops)"
 	@echo "make test   install, then run the test suite against real NATS servers"
 	@echo "make lint   ruff format check, ruff, mypy"
+	@echo "make chaos  the long fault tests (pytest -m slow); CI runs them after make test"
+	@echo "make test-cluster  the deployment checks and every 3-node NATS cluster test"
 	@echo "make bench  benchmarks (see docs/performance.md)"
 
 $(BIN)/python:
@@ -49,6 +51,9 @@ test: install
 
 chaos: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-cluster: install
+	$(BIN)/python -m pytest tests/test_deploy.py tests/test_cluster.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff format --check .

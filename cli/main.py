@@ -26,6 +26,7 @@ from core import infra
 from core.registry import Registry, load_registry
 from core.runner import Runner, resolve_binary
 from shared import API_VERSION, __version__
+from shared.auth import redact_url
 from shared.config import Config, load_config
 from shared.errors import DefinitionError, ProvisioningError
 from shared.messages import TaskSpec, WorkflowDefinition
@@ -893,6 +894,8 @@ def env(state: State, output: str) -> None:
     rows = []
     for key, value in state.config.flat().items():
         shown = "********" if key.endswith(secret) and value else value
+        if key.endswith("url") and isinstance(value, str):
+            shown = redact_url(value)  # nats://user:password@host
         rows.append(
             {"key": key, "value": shown, "source": state.config.sources.get(key, "default")}
         )

@@ -67,6 +67,15 @@ def load_infra(name: str, infra_dir: str = "") -> dict[str, Any]:
     return _evaluate(path, path.stat().st_mtime)
 
 
+def _retries(params: dict[str, Any]) -> int:
+    value = params.get("retries", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise DefinitionError(
+            "params.retries must be an integer from 0 to 100", reason="wrong_field"
+        )
+    return value
+
+
 def _knobs(params: dict[str, Any]) -> dict[str, Any]:
     return {k: params[k] for k in KNOBS if k in params}
 
@@ -98,7 +107,7 @@ def _server_tasks(name: str, infra: dict[str, Any], params: dict[str, Any]) -> l
             id=f"server-{s['hostname']}",
             action="server.create",
             args={"infra": name, "server": s, **_knobs(params)},
-            retries=int(params.get("retries", 1)),
+            retries=_retries(params),
         )
         for s in _servers(infra, params)
     ]
@@ -132,7 +141,7 @@ def _taskserv_tasks(
                     action="taskserv.create",
                     args={"infra": name, "taskserv": ts, "server": host, **_knobs(params)},
                     depends_on=[previous] if previous else [],
-                    retries=int(params.get("retries", 1)),
+                    retries=_retries(params),
                 )
             )
             previous = task_id
@@ -171,6 +180,8 @@ def cluster_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> 
         depends_on=sorted(set(last_per_host.values())) or [s.id for s in servers],
     )
     apps = params.get("apps", cluster.get("apps", []))
+    if not isinstance(apps, list):
+        raise DefinitionError("params.apps must be a list of names", reason="wrong_field")
     app_tasks = [
         TaskSpec(
             id=f"app-{app}",

@@ -45,18 +45,23 @@ async def _with_bus(
 ) -> None:
     stop = _stop_event()
     bus = Bus(config.nats, name=name)
-    connect = asyncio.create_task(bus.connect())
+
+    async def start() -> None:  # both wait for NATS (a cluster may need a while to be ready)
+        await bus.connect()
+        await bus.bootstrap()
+
+    starting = asyncio.create_task(start())
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({connect, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
-        connect.cancel()
+        starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await connect
+            await starting
+        await bus.drain()
         return
     stopper.cancel()
-    await connect
     async with bus:
-        await bus.bootstrap()
+        await starting
         bus.ready = True
         await body(bus, stop)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import re
+import secrets
 import ssl
 from datetime import UTC, datetime
 from types import TracebackType
@@ -36,8 +39,9 @@ from opentelemetry import metrics
 from opentelemetry.metrics import Counter
 
 from . import subjects
+from .auth import redact_url
 from .config import NatsConfig
-from .errors import BusUnavailable, QueueFull
+from .errors import BusUnavailable, ProvisioningError, QueueFull
 
 __all__ = ["Bus", "KVBuckets"]
 
@@ -45,13 +49,21 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
 CONSUMER_ACK_WAIT_S = 60.0
+# A publish retries transient failures this long: a replicated stream whose leader died is
+# without one for NATS' Raft election timeout (4 to 9 s), more on a loaded machine.
+PUBLISH_RETRY_S = 20.0
 LEASE_TTL_S = 6.0  # a scheduler lease not renewed for this long expires (standby takes over)
+_DLQ_HEADROOM = 4096  # bytes kept for a dead letter's headers within NATS's max payload
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RETRYABLE = (
     nats.js.errors.NoStreamResponseError,
     nats.errors.NoRespondersError,
     nats.errors.TimeoutError,
     nats.js.errors.ServiceUnavailableError,
 )
+# Stream placement refused while cluster peers are missing: "no suitable peers for placement",
+# "insufficient resources". Transient while the servers of a cluster are still starting.
+_PLACEMENT_ERRORS = (10005, 10023)
 
 
 class KVBuckets:
@@ -81,6 +93,7 @@ class Bus:
         self._drained = False
         self.ready = False  # connected and bootstrapped (set by the service)
         self._dead_letters: Counter | None = None
+        self._msg_ids = (f"{name}.{secrets.token_hex(6)}.{n}" for n in itertools.count())
 
     # -- connection -------------------------------------------------------------------------
 
@@ -134,11 +147,10 @@ class Bus:
                 nc = await nats.connect(**self._options())
                 break
             except (nats.errors.NoServersError, OSError, nats.errors.Error) as exc:
+                url = redact_url(self.config.url)  # credentials in the URL stay out of logs
                 if deadline is not None and loop.time() + delay > deadline:
-                    raise BusUnavailable(
-                        f"cannot reach NATS at {self.config.url}: {exc}", url=self.config.url
-                    ) from None
-                log.warning("NATS at %s not reachable (%s); retrying", self.config.url, exc)
+                    raise BusUnavailable(f"cannot reach NATS at {url}: {exc}", url=url) from None
+                log.warning("NATS at %s not reachable (%s); retrying", url, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         # Once connected, reconnect forever: services ride out NATS restarts.
@@ -147,7 +159,7 @@ class Bus:
         self._js = nc.jetstream(timeout=5)
         log.info(
             "connected to NATS at %s as %s",
-            nc.connected_url.netloc if nc.connected_url else "?",
+            redact_url(nc.connected_url.geturl()) if nc.connected_url else "?",
             self.name,
         )
 
@@ -283,8 +295,33 @@ class Bus:
             ),
         ]
 
-    async def bootstrap(self) -> None:
-        """Create streams, the scheduler's consumers and the KV buckets; safe to run anywhere."""
+    async def bootstrap(self, *, retry_for_s: float | None = None) -> None:
+        """Create streams, the scheduler's consumers and the KV buckets; safe to run anywhere.
+
+        In a cluster JetStream may not answer yet (no meta leader, or fewer servers up than
+        ``replicas``): transient errors are retried with backoff for ``retry_for_s`` seconds
+        (``None``: until it works), as every step is idempotent.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if retry_for_s is None else loop.time() + retry_for_s
+        delay = 0.5
+        while True:
+            try:
+                await self._bootstrap_once()
+                return
+            except nats.js.errors.APIError as exc:
+                if not isinstance(exc, _RETRYABLE) and exc.err_code not in _PLACEMENT_ERRORS:
+                    raise
+                error: Exception = exc
+            except _RETRYABLE as exc:
+                error = exc
+            if deadline is not None and loop.time() + delay > deadline:
+                raise BusUnavailable(f"JetStream not ready: {error!r}") from None
+            log.warning("JetStream not ready (%r); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _bootstrap_once(self) -> None:
         jsm = self.js
         for stream in self._streams():
             try:
@@ -294,20 +331,7 @@ class Bus:
                     raise
                 await jsm.update_stream(stream)
                 log.info("updated stream %s to the current configuration", stream.name)
-        for durable, stream_name in (
-            (subjects.CONSUMER_COMMANDS, subjects.STREAM_COMMANDS),
-            (subjects.CONSUMER_REPORTS, subjects.STREAM_REPORTS),
-        ):
-            await self._ensure_consumer(
-                stream_name,
-                ConsumerConfig(
-                    durable_name=durable,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=CONSUMER_ACK_WAIT_S,
-                    max_deliver=-1,
-                    max_ack_pending=10_000,
-                ),
-            )
+        await self.ensure_scheduler_consumers()
         for attr, bucket, kv_config in self._buckets():
             try:
                 kv = await jsm.create_key_value(kv_config)
@@ -317,6 +341,23 @@ class Bus:
                 await self._update_bucket(kv_config)
                 kv = await jsm.key_value(bucket)
             setattr(self.kv, attr, kv)
+        if self.config.replicas > 1:
+            await self._wait_for_leaders()
+
+    async def _wait_for_leaders(self, timeout_s: float = 30.0) -> None:
+        """Replicated streams take a moment to elect a leader once created; until then every
+        publish fails with "no response from stream". Return once each has one."""
+        names = [s.name for s in self._streams()] + [f"KV_{b}" for _, b, _ in self._buckets()]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        for name in names:
+            while True:
+                assert name is not None
+                info = await self.js.stream_info(name)
+                if info.cluster is None or info.cluster.leader:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise nats.errors.TimeoutError  # retried by bootstrap
+                await asyncio.sleep(0.2)
 
     async def _update_bucket(self, config: KeyValueConfig) -> None:
         """Apply what may change on a live bucket (replicas, TTL) to its backing stream."""
@@ -331,6 +372,23 @@ class Bus:
         await self.js.update_stream(current)
         log.info("updated bucket %s: replicas=%d", config.bucket, config.replicas)
 
+    async def ensure_scheduler_consumers(self) -> None:
+        """The scheduler's durable consumers (commands, reports), created unless they exist."""
+        for durable, stream_name in (
+            (subjects.CONSUMER_COMMANDS, subjects.STREAM_COMMANDS),
+            (subjects.CONSUMER_REPORTS, subjects.STREAM_REPORTS),
+        ):
+            await self._ensure_consumer(
+                stream_name,
+                ConsumerConfig(
+                    durable_name=durable,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=CONSUMER_ACK_WAIT_S,
+                    max_deliver=-1,
+                    max_ack_pending=10_000,
+                ),
+            )
+
     async def _ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
         """Create a durable consumer unless it exists (never silently reconfigure a live one)."""
         assert config.durable_name
@@ -338,6 +396,7 @@ class Bus:
             await self.js.consumer_info(stream, config.durable_name)
         except nats.js.errors.NotFoundError:
             await self.js.add_consumer(stream, config)
+            log.info("created consumer %s of %s", config.durable_name, stream)
 
     async def ensure_pool_consumer(self, pool: str, ack_wait_s: float) -> str:
         """The shared durable consumer of one executor pool; returns its name."""
@@ -365,17 +424,20 @@ class Bus:
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
         timeout_s: float = 5.0,
-        attempts: int = 6,
+        retry_for_s: float = PUBLISH_RETRY_S,
     ) -> PubAck:
-        """Publish to a stream and wait for its ack, retrying transient failures.
+        """Publish to a stream and wait for its ack, retrying transient failures for up to
+        ``retry_for_s`` (long enough for a stream whose leader died to elect another).
 
         A retry reuses ``msg_id`` (``Nats-Msg-Id``), so it can never duplicate the message.
         """
         hdrs = dict(headers or {})
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for_s
         delay = 0.1
-        for attempt in range(1, attempts + 1):
+        while True:
             try:
                 return await self.js.publish(
                     subject, data, timeout=timeout_s, headers=dict(hdrs) if hdrs else None
@@ -383,32 +445,75 @@ class Bus:
             except nats.js.errors.APIError as exc:
                 if exc.err_code in (10077, 10078, 10047):  # max msgs / bytes / resources
                     raise QueueFull(f"queue full: {exc.description}", subject=subject) from None
-                if attempt == attempts or not isinstance(exc, _RETRYABLE):
+                if loop.time() + delay > deadline or not isinstance(exc, _RETRYABLE):
                     raise BusUnavailable(f"publish to {subject} failed: {exc}") from None
             except _RETRYABLE as exc:
-                if attempt == attempts:
+                if loop.time() + delay > deadline:
                     raise BusUnavailable(f"publish to {subject} failed: {exc!r}") from None
             except nats.errors.ConnectionClosedError:
                 raise BusUnavailable("NATS connection closed") from None
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
+            delay = min(delay * 2, 1.0)
 
-    async def dead_letter(self, source: str, msg: Msg, error: str) -> None:
-        """Copy an unprocessable message, with why, into the dead-letter stream."""
+    async def publish_all(
+        self, messages: list[tuple[str, bytes]], *, timeout_s: float = 5.0, chunk: int = 256
+    ) -> None:
+        """Publish ``(subject, data)`` messages to streams and wait until every one is stored.
+
+        A core NATS publish to a stream that is electing a leader (a cluster node died) is
+        silently dropped; these are acknowledged. They are pipelined (sent at once, in order);
+        any that failed is sent again, one at a time and in order, with :meth:`publish`'s
+        retries, so the order holds unless a stream loses its leader between two of them. Each
+        carries a message id of its own: a retry of one that was in fact stored is not stored
+        twice. Raises what :meth:`publish` raises."""
+        for start in range(0, len(messages), chunk):
+            batch = [
+                (subject, data, next(self._msg_ids))
+                for subject, data in messages[start : start + chunk]
+            ]
+            results = await asyncio.gather(
+                *(
+                    self.js.publish(subject, data, timeout=timeout_s, headers={"Nats-Msg-Id": mid})
+                    for subject, data, mid in batch
+                ),
+                return_exceptions=True,
+            )
+            for (subject, data, mid), result in zip(batch, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, BaseException):
+                    await self.publish(subject, data, msg_id=mid, timeout_s=timeout_s)
+
+    async def dead_letter(
+        self, source: str, msg: Msg, error: str, *, msg_id: str | None = None
+    ) -> bool:
+        """Copy an unprocessable message, with why, into the dead-letter stream; never raises.
+
+        Returns whether the copy is stored. A message too big to copy whole beside its headers
+        (it arrived just under NATS's max payload) is cut, and ``Prov-Dlq-Truncated`` says how
+        big it was. ``msg_id`` deduplicates copies made by several consumers of one message.
+        """
+        reason = _CONTROL.sub(" ", error[:1000]).encode("ascii", "backslashreplace").decode()
         headers = {
             "Prov-Dlq-Source": source,
             "Prov-Dlq-Subject": msg.subject,
-            "Prov-Dlq-Error": error[:1000].replace("\r", " ").replace("\n", " "),
+            "Prov-Dlq-Error": reason,
             "Prov-Dlq-At": datetime.now(UTC).isoformat(),
         }
+        data = msg.data or b""
+        room = (self._nc.max_payload if self._nc is not None else 1 << 20) - _DLQ_HEADROOM
+        if len(data) > room:
+            headers["Prov-Dlq-Truncated"] = str(len(data))
+            data = data[: max(0, room)]
         try:
-            await self.publish(subjects.dlq_subject(source), msg.data, headers=headers)
-        except BusUnavailable:
-            log.exception("could not dead-letter a message from %s", msg.subject)
+            await self.publish(subjects.dlq_subject(source), data, headers=headers, msg_id=msg_id)
+        except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.error("could not dead-letter a message from %s (%s): %s", msg.subject, error, exc)
+            return False
         log.error("dead-lettered a message from %s: %s", msg.subject, error)
         if self._dead_letters is None:
             self._dead_letters = metrics.get_meter("provisioning.bus").create_counter(
                 "provisioning.dead_letters", unit="{message}", description="Dead-lettered messages"
             )
         self._dead_letters.add(1, {"source": source})
+        return True

@@ -7,9 +7,11 @@ Run as ``python -m shared.nickel_source`` it reads source on stdin and prints JS
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import resource
 import sys
+import weakref
 from pathlib import Path
 
 from .errors import DefinitionError
@@ -23,6 +25,12 @@ _SCHEMA_NAME_RE = re.compile(r"[a-z][a-z0-9_-]*\.ncl")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MEMORY_LIMIT = 1 << 30
+# Evaluations at once per process: each may take MEMORY_LIMIT and a core for its whole
+# timeout, so a burst of hostile sources waits its turn instead of exhausting the machine.
+MAX_CONCURRENT = max(1, (os.cpu_count() or 2) // 2)
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _imports(source: str) -> list[str | None]:
@@ -93,6 +101,14 @@ async def evaluate_nickel(source: bytes, *, timeout_s: float = 10.0) -> bytes:
     except UnicodeDecodeError:
         raise DefinitionError("Nickel source is not UTF-8", reason="malformed") from None
     _check_imports(text)
+    loop = asyncio.get_running_loop()
+    if loop not in _SLOTS:
+        _SLOTS[loop] = asyncio.Semaphore(MAX_CONCURRENT)
+    async with _SLOTS[loop]:
+        return await _evaluate(source, timeout_s)
+
+
+async def _evaluate(source: bytes, timeout_s: float) -> bytes:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -2,12 +2,15 @@
 
 Validation happens before anything is queued and names the task and the reason: an empty
 workflow, too many tasks, a duplicate id, an unknown action, an unknown or self dependency,
-a cycle (printed as ``a -> b -> a``).
+a cycle (printed as ``a -> b -> a``), arguments nested too deeply or too large once expanded
+(a YAML alias bomb), or values the message codec cannot carry (lone surrogates, integers
+beyond 64 bits, non-finite floats, keys that are not strings or numbers).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from typing import Any
@@ -43,6 +46,9 @@ CONTENT_TYPES = {
 }
 _PATH_TASK_RE = re.compile(r"^\$\.tasks\[(\d+)\]")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MAX_ARGS_DEPTH = 64  # nesting of a task's arguments
+MAX_VALUES = 1_000_000  # scalars, lists and records in all arguments, aliases expanded
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what the message codec decodes
 
 
 def format_for_content_type(content_type: str) -> str | None:
@@ -63,6 +69,8 @@ def definition_from_data(data: Any) -> WorkflowDefinition:
         raise DefinitionError("a workflow definition must be an object", reason="wrong_type")
     try:
         return msgspec.convert(data, WorkflowDefinition, strict=True)
+    except RecursionError:
+        raise DefinitionError("the definition is nested too deeply", reason="too_deep") from None
     except msgspec.ValidationError as exc:
         text = str(exc)
         task = None
@@ -107,6 +115,86 @@ def build_graph(definition: WorkflowDefinition) -> nx.DiGraph:
     return graph
 
 
+def _bad_value(value: Any) -> str | None:
+    """Why the codec cannot carry this scalar faithfully, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a string that is not valid Unicode (lone surrogate)"
+    elif isinstance(value, bool):
+        return None
+    elif isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            return "an integer beyond 64 bits"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return "a number that is not finite (NaN or infinity)"
+    return None
+
+
+def _bad_key(key: Any) -> str | None:
+    if isinstance(key, str):
+        return _bad_value(key)
+    try:  # numbers and dates become strings; true, null and lists cannot be keys
+        msgspec.json.encode({key: None})
+    except TypeError:
+        return f"the key {key!r} is not a string (quote it in YAML)"
+    return _bad_value(key)
+
+
+def _check_value(root: Any, *, budget: list[int], task: str | None, where: str) -> None:
+    """Walk ``root`` without recursion (arguments may be nested 100,000 levels deep or be a
+    YAML alias bomb): bounded depth and size, and only values the codec carries faithfully."""
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    prefix = f"task {task!r}: " if task else ""
+    while stack:
+        value, depth = stack.pop()
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise DefinitionError(
+                f"{prefix}{where}: more than {MAX_VALUES} values in all (aliases expanded)",
+                task=task,
+                reason="too_large",
+                limit=MAX_VALUES,
+            )
+        if isinstance(value, dict | list | tuple | set | frozenset):
+            if depth >= MAX_ARGS_DEPTH:
+                raise DefinitionError(
+                    f"{prefix}{where}: nested deeper than {MAX_ARGS_DEPTH} levels",
+                    task=task,
+                    reason="too_deep",
+                    limit=MAX_ARGS_DEPTH,
+                )
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if (why := _bad_key(key)) is not None:
+                        raise DefinitionError(
+                            f"{prefix}{where}: {why}", task=task, reason="wrong_field"
+                        )
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        elif (why := _bad_value(value)) is not None:
+            raise DefinitionError(f"{prefix}{where}: {why}", task=task, reason="wrong_field")
+
+
+def _check_values(definition: WorkflowDefinition) -> None:
+    budget = [MAX_VALUES]
+    _check_value(definition.name, budget=budget, task=None, where="name")
+    _check_value(definition.description, budget=budget, task=None, where="description")
+    for task in definition.tasks:
+        _check_value(task.args, budget=budget, task=task.id, where="arguments")
+    try:  # what the scheduler will decode: anything the walk above missed
+        msgspec.json.decode(msgspec.json.encode(definition), type=WorkflowDefinition)
+    except (msgspec.ValidationError, TypeError, ValueError, RecursionError) as exc:
+        text = str(exc)
+        path = text.rpartition(" - at `")[2].rstrip("`") if " - at `" in text else ""
+        m = _PATH_TASK_RE.match(path)
+        named = definition.tasks[int(m.group(1))].id if m else None
+        where = f"task {named!r}: " if named else ""
+        raise DefinitionError(f"{where}{text}", task=named, reason="wrong_field") from None
+
+
 def validate_definition(
     definition: WorkflowDefinition, known_actions: Any, *, max_tasks: int
 ) -> nx.DiGraph:
@@ -120,6 +208,7 @@ def validate_definition(
             reason="too_many_tasks",
             limit=max_tasks,
         )
+    _check_values(definition)
     seen: set[str] = set()
     for task in tasks:
         if task.id in seen:
@@ -159,6 +248,7 @@ def validate_definition(
     except nx.NetworkXNoCycle:
         return graph
     cycle = [u for u, _ in edges] + [edges[0][0]]
-    raise DefinitionError(
-        f"dependency cycle: {' -> '.join(cycle)}", task=cycle[0], reason="cycle", cycle=cycle
-    )
+    shown = " -> ".join(cycle)
+    if len(cycle) > 21:  # the whole cycle is in details.cycle
+        shown = f"{' -> '.join(cycle[:20])} -> ... -> {cycle[-1]} (a cycle of {len(edges)} tasks)"
+    raise DefinitionError(f"dependency cycle: {shown}", task=cycle[0], reason="cycle", cycle=cycle)

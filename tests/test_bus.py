@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
+import nats.js.errors
 import pytest
 from nats.js.api import RetentionPolicy
 
@@ -65,3 +68,24 @@ async def test_bucket_changes_are_applied(nats_url: str) -> None:
         await bus.bootstrap()
         info = await bus.js.stream_info(f"KV_{subjects.BUCKET_PROGRESS}")
         assert info.config.max_age == 7200.0
+
+
+async def test_publish_all_stores_every_message_in_order(nats_url: str) -> None:
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        messages = [(f"prov.evt.wf{i % 3}", str(i).encode()) for i in range(600)]
+        await bus.publish_all(messages, chunk=256)  # three chunks
+        sub = await bus.js.pull_subscribe("prov.evt.>", stream=subjects.STREAM_EVENTS)
+        got: list[bytes] = []
+        while len(got) < len(messages):
+            got += [m.data for m in await sub.fetch(len(messages) - len(got), timeout=5)]
+        assert got == [data for _, data in messages]
+        assert (await bus.js.stream_info(subjects.STREAM_EVENTS)).state.messages == 600
+
+
+async def test_bootstrap_does_not_retry_a_configuration_error(nats_url: str) -> None:
+    """Only what a cluster that is still starting answers is retried; 3 replicas on a server
+    that is not in a cluster is reported at once."""
+    async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
+        with pytest.raises(nats.js.errors.APIError, match="non-clustered"):
+            await asyncio.wait_for(bus.bootstrap(), 10)

@@ -37,6 +37,7 @@ TASK_ENV = {
     "PROVISIONING_WORKFLOW_ID",
     "PROVISIONING_ATTEMPT",
     "PROVISIONING_GATEWAY_URL",
+    "PROVISIONING_TASK_TOKEN",  # auth is on in that stack: the task's capability token
     "TRACEPARENT",
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -29,9 +30,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from core.registry import Registry
 from core.runner import Runner, RunResult
 from shared import __version__, subjects
+from shared.auth import task_token
 from shared.bus import Bus
 from shared.config import Config
 from shared.errors import ActionNotFound
+from shared.ids import NAME_RE, is_workflow_id
 from shared.messages import (
     TERMINAL_TASK,
     DecodeError,
@@ -60,11 +63,24 @@ LOG_FLUSH_S = 0.2
 LOG_FLUSH_LINES = 100
 LOG_FLUSH_BYTES = 128 * 1024
 FETCH_TIMEOUT_S = 1.0
+EXPIRED_BEFORE_START = 0.8  # of the ack wait: a delivery this old is left to its redelivery
 _task_list = msgspec.json.Decoder(list[str])
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _not_a_dispatch(subject: str, dispatch: TaskDispatch) -> str | None:
+    """Why a decoded dispatch cannot come from the scheduler (ids that are not ids, or a subject
+    that does not match them), or None. Such a message is dead-lettered, never run."""
+    if not is_workflow_id(dispatch.workflow_id):
+        return f"not a dispatch: workflow id {dispatch.workflow_id[:80]!r}"
+    if not (NAME_RE.match(dispatch.task_id) and NAME_RE.match(dispatch.pool)):
+        return f"not a dispatch: task id {dispatch.task_id[:80]!r}, pool {dispatch.pool[:80]!r}"
+    if subject != subjects.dispatch_subject(dispatch.pool, dispatch.workflow_id, dispatch.task_id):
+        return "not a dispatch: the subject does not match the task"
+    return None
 
 
 class _Running:
@@ -77,6 +93,8 @@ class _Running:
         self.cancel = asyncio.Event()
         self.handed_back = False  # shutting down: nak, another executor runs it
         self.superseded_by: str | None = None  # a later delivery runs elsewhere: drop this run
+        self.received = time.monotonic()  # when the delivery was fetched (its ack timer runs)
+        self.extra: list[Msg] = []  # later deliveries of this attempt, settled with this one
 
 
 class _LogSink:
@@ -210,7 +228,10 @@ class Executor:
             )
         sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
         kill_sub = await self.bus.nc.subscribe(f"{subjects.PREFIX}.kill.*", cb=self._on_kill)
-        await self._beat()
+        try:  # a leader election in a NATS cluster must not stop us: the loop beats again
+            await self._beat()
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("first heartbeat failed: %s; retrying", exc or type(exc).__name__)
         beats = asyncio.create_task(self._beat_loop(stop), name="heartbeat")
         log.info("executor %s serving pool %r with %d slots", self.id, self.pool, self.slots)
         fetcher = asyncio.create_task(self._fetch_loop(sub, stop), name="fetch")
@@ -252,8 +273,21 @@ class Executor:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await self.bus.kv.executors.delete(self.id)
 
+    async def _ensure_consumer(self) -> None:
+        """Re-create the pool's consumer if it was deleted (it is then found again by name)."""
+        try:
+            await self.bus.js.consumer_info(
+                subjects.STREAM_DISPATCH, subjects.executor_consumer(self.pool)
+            )
+        except nats.js.errors.NotFoundError:
+            log.warning("the consumer of pool %r is gone; creating it again", self.pool)
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.bus.ensure_pool_consumer(self.pool, self.ack_wait_s)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.debug("consumer check failed: %s", exc or type(exc).__name__)
+
     async def _fetch_loop(self, sub: Any, stop: asyncio.Event) -> None:
-        backoff = 0.1
+        backoff, errors = 0.1, 0
         while not (stop.is_set() or self._draining):
             free = self.slots - len(self._workers)
             if free <= 0:
@@ -265,11 +299,16 @@ class Executor:
             except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("fetch failed: %s; retrying", exc)
+                # ServiceUnavailable while a consumer leader moves (a NATS node died), but also
+                # when the consumer is gone: after a few failures make sure it exists.
+                errors += 1
+                log.warning("fetch failed: %s; retrying", exc or type(exc).__name__)
+                if errors % 5 == 0:
+                    await self._ensure_consumer()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 continue
-            backoff = 0.1
+            backoff, errors = 0.1, 0
             for msg in msgs:
                 if stop.is_set() or self._draining:
                     with contextlib.suppress(nats.errors.Error):
@@ -314,7 +353,12 @@ class Executor:
         workflow_id = msg.subject.rsplit(".", 1)[-1]
         try:
             task_ids = _task_list.decode(msg.data)
-        except DecodeError:
+        except (DecodeError, RecursionError) as exc:
+            # every executor sees a core message: one copy in the dead-letter stream
+            digest = hashlib.sha256(msg.subject.encode() + b"\0" + msg.data).hexdigest()[:40]
+            await self.bus.dead_letter(
+                "executor", msg, f"undecodable kill request: {exc}", msg_id=f"kill.{digest}"
+            )
             return
         for task_id in task_ids:
             running = self._running.get(f"{workflow_id}.{task_id}")
@@ -325,14 +369,29 @@ class Executor:
     # -- one task -------------------------------------------------------------------------------
 
     async def _handle(self, msg: Msg) -> None:
+        received = time.monotonic()
         try:
             dispatch = decode_dispatch(msg.data)
-        except DecodeError as exc:
-            await self.bus.dead_letter("executor", msg, f"undecodable dispatch: {exc}")
-            await msg.term()
+            problem = _not_a_dispatch(msg.subject, dispatch)
+        except (DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+            problem = f"undecodable dispatch: {exc}"
+        if problem is not None:
+            if await self.bus.dead_letter("executor", msg, problem):
+                await msg.term()
+            else:
+                await msg.nak(delay=5)
             return
         delivery = msg.metadata.num_delivered or 1
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        current = self._running.get(key)
+        if current is not None and current.dispatch.attempt == dispatch.attempt:
+            # JetStream redelivered an attempt that runs here (its keep-alives were lost while
+            # NATS was away): never a second run; this delivery is settled with the first.
+            log.info("%s attempt %d delivery %d already runs here", key, dispatch.attempt, delivery)
+            current.extra.append(msg)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+            return
         if delivery > self.config.executor.max_deliveries:
             log.error(
                 "%s attempt %d delivered %d times; failing it", key, dispatch.attempt, delivery
@@ -352,22 +411,28 @@ class Executor:
             )
             await msg.ack()
             return
-        if await self._already_done(dispatch, delivery):
+        done = await self._already_done(msg, dispatch, delivery)
+        if done is None:  # deferred: delivered again later
+            return
+        if done:
             await msg.ack()
             return
         running = _Running(msg, dispatch, delivery)
+        running.received = received
         self._running[key] = running
         try:
             await self._execute(running)
         finally:
             self._running.pop(key, None)
 
-    async def _already_done(self, dispatch: TaskDispatch, delivery: int) -> bool:
-        """Fencing: skip an attempt that is stale, finished or whose result is on its way."""
+    async def _already_done(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> bool | None:
+        """Fencing: skip (True) an attempt that is stale, finished or whose result is on its way;
+        defer (None: nak, it comes back after the ack wait) a delivery that another executor
+        has already started; else run it (False)."""
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
         found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
-        if found is None:
-            log.warning("%s: no checkpoint for this task; dropping the dispatch", key)
+        if found is None:  # the scheduler checkpoints a task before it dispatches it
+            await self.bus.dead_letter("executor", msg, f"no checkpoint for task {key}")
             return True
         record, _ = found
         if record.attempt != dispatch.attempt or record.status in TERMINAL_TASK:
@@ -389,6 +454,13 @@ class Executor:
                 now,
             )
             return True
+        if (
+            record.status == "running"
+            and record.delivery >= delivery
+            and record.executor_id not in (None, self.id)
+        ):
+            await self._defer(msg, key, dispatch, delivery, record.executor_id)
+            return None
         try:
             last = await self.bus.js.get_last_msg(
                 subjects.STREAM_REPORTS,
@@ -398,12 +470,36 @@ class Executor:
             return False
         try:
             report = decode_report(last.data or b"")
-        except DecodeError:
+        except (DecodeError, RecursionError):
             return False
         if isinstance(report, TaskFinished) and report.attempt == dispatch.attempt:
             log.info("%s attempt %d already finished; not running it again", key, dispatch.attempt)
             return True
+        if (
+            isinstance(report, TaskStarted)
+            and report.attempt == dispatch.attempt
+            and report.delivery >= delivery
+            and report.executor_id != self.id
+        ):
+            await self._defer(msg, key, dispatch, delivery, report.executor_id)
+            return None
         return False
+
+    async def _defer(
+        self, msg: Msg, key: str, dispatch: TaskDispatch, delivery: int, holder: str | None
+    ) -> None:
+        """A delivery no later than one another executor has started: JetStream lost track of
+        the first (a NATS server killed just after delivering it). Not run now; it comes back
+        after the ack wait, finished by then (acked) or, as a later delivery, taken over."""
+        log.warning(
+            "%s attempt %d delivery %d was already started by %s; not running it twice now",
+            key,
+            dispatch.attempt,
+            delivery,
+            holder,
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak(delay=self.ack_wait_s)
 
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
@@ -439,6 +535,19 @@ class Executor:
                 ),
                 headers=headers_with_context(),
             )
+            if time.monotonic() - running.received > EXPIRED_BEFORE_START * self.ack_wait_s:
+                # NATS was out of reach for about the ack wait before the attempt could start:
+                # JetStream redelivers it (perhaps already has). Leave it to that delivery
+                # rather than run it twice; unacked, it cannot be lost.
+                span.set_attribute("task.expired", True)
+                log.warning(
+                    "%s attempt %d delivery %d waited past its ack deadline before starting; "
+                    "leaving it to its redelivery",
+                    key,
+                    dispatch.attempt,
+                    delivery,
+                )
+                return
             keepalive = asyncio.create_task(self._keepalive(running))
             t0 = time.monotonic()
             try:
@@ -451,7 +560,8 @@ class Executor:
                 span.set_attribute("task.handed_back", True)
                 log.info("%s handed back for redelivery", key)
                 with contextlib.suppress(nats.errors.Error):
-                    await msg.nak()
+                    for handed in (msg, *running.extra):
+                        await handed.nak()
                 return
             if running.superseded_by or await self._superseded(running):
                 # The message was redelivered (we were stopped or cut off past the ack wait)
@@ -471,6 +581,9 @@ class Executor:
             span.set_attribute("task.outcome", result.outcome)
             await self._report_finished(dispatch, delivery, result, started, _now())
             await msg.ack()
+            for extra in running.extra:
+                with contextlib.suppress(nats.errors.Error):
+                    await extra.ack()
             self.completed += 1
             self.metrics.task_duration.record(
                 time.monotonic() - t0, {"action": dispatch.action, "outcome": result.outcome}
@@ -522,6 +635,10 @@ class Executor:
             }
             if traceparent := current_traceparent():
                 task_env["TRACEPARENT"] = traceparent
+            if secret := self.config.gateway.auth_token:  # a capability, never the secret itself
+                task_env["PROVISIONING_TASK_TOKEN"] = task_token(
+                    secret, dispatch.workflow_id, dispatch.task_id, dispatch.attempt
+                )
             result = await self.runner.run(
                 action,
                 dispatch.args,
@@ -547,7 +664,8 @@ class Executor:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(nats.errors.Error):
-                await running.msg.in_progress()
+                for held in (running.msg, *running.extra):
+                    await held.in_progress()
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
                 if found is None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from nats.js.api import DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -26,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from core import infra
 from core.registry import Registry
 from shared import API_VERSION, __version__, subjects
+from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
 from shared.config import Config
 from shared.errors import (
@@ -57,7 +59,6 @@ from shared.nickel_source import evaluate_nickel
 from shared.store import Store
 from shared.tracing import context_from, headers_with_context, trace_id_hex
 from shared.workflow import (
-    definition_from_data,
     format_for_content_type,
     parse_definition,
     validate_definition,
@@ -78,6 +79,8 @@ STORE = web.AppKey("store", Store)
 SSE_HEARTBEAT_S = 15.0
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROGRESS_ROUTE = "/tasks/{id}/progress"
+_EVENT_ID_RE = re.compile(r"[0-9]{1,19}")
 
 
 class _ProgressBody(msgspec.Struct, forbid_unknown_fields=False):
@@ -134,15 +137,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(500, "internal", "internal error; see the gateway log")
 
 
-def _auth_middleware(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
+async def _task_token_ok(request: web.Request, secret: str, given: str) -> bool:
+    """A task's capability token opens ``POST /tasks/{id}/progress`` of that task only, and
+    only while the task is at the attempt the token was made for."""
+    resource = request.match_info.route.resource
+    if request.method != "POST" or resource is None or resource.canonical != PROGRESS_ROUTE:
+        return False
+    try:
+        wf_id, task_id = split_task_key(request.match_info["id"])
+    except ValueError:
+        return False
+    found = await request.app[STORE].task(wf_id, task_id)
+    if found is None:
+        return False
+    return tokens_equal(given, task_token(secret, wf_id, task_id, found[0].attempt))
 
+
+def _auth_middleware(secret: str) -> Any:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/health":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _error(401, "unauthorized", "missing or invalid bearer token")
+            given = bearer_token(request.headers.get("Authorization", ""))
+            if given is None or not (
+                tokens_equal(given, secret) or await _task_token_ok(request, secret, given)
+            ):
+                response = _error(401, "unauthorized", "missing or invalid bearer token")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="provisioning"'
+                return response
         return await handler(request)
 
     return auth
@@ -175,6 +196,24 @@ async def bus_ready_middleware(request: web.Request, handler: Handler) -> web.St
     if request.path not in ("/health", "/openapi.json") and not request.app[BUS].ready:
         return _error(503, "bus_unavailable", "not connected to NATS yet")
     return await handler(request)
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every request its HTTP parser refuses at ERROR with a traceback that
+    echoes the offending bytes (an ``Authorization`` header among them, perhaps). Any client
+    can send those: log one line at INFO naming only the error instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused a malformed HTTP request: %s %s"
+            record.args = (exc.code, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_MALFORMED_REQUESTS = _MalformedRequestFilter()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -211,9 +250,21 @@ async def _pending_submission(bus: Bus, wf_id: str) -> SubmitWorkflow | None:
         return None
     try:
         command = decode_command(raw.data or b"")
-    except DecodeError:
+    except (DecodeError, RecursionError):  # nested too deeply: poison too
         return None
     return command if isinstance(command, SubmitWorkflow) else None
+
+
+def _valid_idempotency_key(key: str) -> bool:
+    """1 to 200 printable characters that are valid UTF-8 (aiohttp hands invalid bytes over
+    as lone surrogates, which cannot be hashed into a workflow id)."""
+    if not (0 < len(key) <= 200 and key.isprintable()):
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _submit(
@@ -224,8 +275,10 @@ async def _submit(
     bus = app[BUS]
     validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= 200):
-        raise DefinitionError("Idempotency-Key must be 1 to 200 characters", reason="malformed")
+    if key is not None and not _valid_idempotency_key(key):
+        raise DefinitionError(
+            "Idempotency-Key must be 1 to 200 printable UTF-8 characters", reason="malformed"
+        )
     wf_id = idempotent_workflow_id(key) if key else new_workflow_id()
     if key:
         found = await app[STORE].workflow(wf_id)
@@ -292,6 +345,8 @@ async def _submit(
 async def health(request: web.Request) -> web.Response:
     bus = request.app[BUS]
     ok, reason = await bus.healthy()
+    if ok and not bus.ready:  # connected, but other routes still answer 503 until bootstrapped
+        ok, reason = False, "connected to NATS; setting up streams and buckets"
     body = {
         "status": "healthy" if ok else "unhealthy",
         "version": __version__,
@@ -310,7 +365,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
         )
     body = await request.read()
     if fmt == "nickel":
-        definition = definition_from_data(json.loads(await evaluate_nickel(body)))
+        definition = parse_definition(await evaluate_nickel(body), "json")
     else:
         definition = parse_definition(body, fmt)
     return await _submit(request, definition, f"api:{fmt}")
@@ -468,27 +523,24 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
     wf_id = _workflow_id(request)
     if not await _workflow_exists(request, wf_id):
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
-    last_id = (
-        int(request.headers.get("Last-Event-ID", "0") or 0)
-        if request.headers.get("Last-Event-ID", "").isdigit()
-        else 0
-    )
+    # Anything but ASCII digits (a garbled or hostile header) replays from the start.
+    raw_last = request.headers.get("Last-Event-ID", "").strip()
+    last_id = int(raw_last) if _EVENT_ID_RE.fullmatch(raw_last) else 0
     response = await _sse_response(request)
     terminal_seen = False
     async for seq, pending, data in _replay(request.app[BUS], subjects.event_subject(wf_id)):
         if not data:
             await response.write(b": keepalive\n\n")
             continue
-        if seq <= last_id:
-            continue
         try:
             event = decode_event(data)
-        except DecodeError:
+        except (DecodeError, RecursionError):  # nested too deeply: poison too
             continue
         kind = type(event).__name__.removesuffix("Event").lower()
-        await response.write(f"id: {seq}\nevent: {kind}\ndata: ".encode() + data + b"\n\n")
-        if kind == "workflow":
+        if kind == "workflow":  # also when skipped: a Last-Event-ID past the end still ends
             terminal_seen = getattr(event, "status", "") in TERMINAL_WORKFLOW
+        if seq > last_id:
+            await response.write(f"id: {seq}\nevent: {kind}\ndata: ".encode() + data + b"\n\n")
         if terminal_seen and pending == 0:
             break
     await response.write_eof()
@@ -552,7 +604,7 @@ async def get_task(request: web.Request) -> web.Response:
 def _log_entries(data: bytes) -> list[dict[str, Any]]:
     try:
         chunk = decode_log(data)
-    except DecodeError:
+    except (DecodeError, RecursionError):  # nested too deeply: poison too
         return []
     return [
         {"attempt": chunk.attempt, "stream": chunk.stream, "line": line, "at": chunk.at.isoformat()}
@@ -634,6 +686,10 @@ async def post_progress(request: web.Request) -> web.Response:
         raise DefinitionError(f"{exc}", reason="wrong_field") from None
     if not 0 <= body.progress <= 100:
         raise DefinitionError("progress must be within 0..100", reason="wrong_field")
+    try:
+        body.message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DefinitionError("message is not valid Unicode", reason="wrong_field") from None
     found = await request.app[STORE].task(wf_id, task_id)
     if found is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
@@ -716,6 +772,7 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
     middlewares: list[Any] = [tracing_middleware, error_middleware]
     if config.gateway.auth_token:
         middlewares.append(_auth_middleware(config.gateway.auth_token))
@@ -740,6 +797,6 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_post("/workflows/{id}/retry", retry_workflow)
     app.router.add_get("/tasks/{id}", get_task)
     app.router.add_get("/tasks/{id}/logs", task_logs)
-    app.router.add_post("/tasks/{id}/progress", post_progress)
+    app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
     return app

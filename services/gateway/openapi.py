@@ -1,4 +1,8 @@
-"""The OpenAPI 3.1 document of the v1 API, with schemas generated from the message Structs."""
+"""The OpenAPI 3.1 document of the v1 API, with schemas generated from the message Structs.
+
+The response schemas describe what the handlers and ``views.py`` return; the fuzzing test
+(``tests/test_hostile_fuzz.py``) checks every answer against them.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +16,249 @@ from shared.messages import WorkflowDefinition
 
 __all__ = ["openapi_document"]
 
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "details": {"type": "object"},
+_WORKFLOW_STATUS = ["queued", "running", "completed", "failed", "cancelled"]
+_TASK_STATUS = [
+    "pending",
+    "queued",
+    "running",
+    "retrying",
+    "completed",
+    "failed",
+    "cancelled",
+    "skipped",
+]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(kind: str) -> dict[str, Any]:
+    return {"type": [kind, "null"]}
+
+
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "details": {"type": "object"},
+                },
+            }
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["workflow_id", "status"],
+        "properties": {
+            "workflow_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "status": {"enum": _WORKFLOW_STATUS},
+            "name": {"type": "string"},
+            "tasks": {"type": "integer", "minimum": 1},
+            "trace_id": _nullable("string"),
+            "idempotent_replay": {"type": "boolean"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "version", "api_version", "nats"],
+        "properties": {
+            "status": {"enum": ["healthy", "unhealthy"]},
+            "version": {"type": "string"},
+            "api_version": {"type": "string"},
+            "nats": {
+                "type": "object",
+                "required": ["connected", "jetstream"],
+                "properties": {
+                    "connected": {"type": "boolean"},
+                    "jetstream": {"type": "boolean"},
+                    "detail": {"type": "string"},
+                },
             },
-        }
+        },
+    },
+    "WorkflowSummary": {
+        "type": "object",
+        "required": ["workflow_id", "name", "status", "tasks_total", "created_at"],
+        "properties": {
+            "workflow_id": {"type": "string"},
+            "name": {"type": "string"},
+            "status": {"enum": _WORKFLOW_STATUS},
+            "tasks_total": {"type": "integer"},
+            "created_at": _TIME,
+            "started_at": _TIME,
+            "finished_at": _TIME,
+            "duration_seconds": _nullable("number"),
+            "source": {"type": "string"},
+            "runs": {"type": "integer"},
+            "trace_id": _nullable("string"),
+            "error": _nullable("string"),
+        },
+    },
+    "WorkflowPage": {
+        "type": "object",
+        "required": ["workflows", "limit", "offset", "next_offset"],
+        "properties": {
+            "workflows": {"type": "array", "items": _ref("WorkflowSummary")},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 500},
+            "offset": {"type": "integer", "minimum": 0},
+            "next_offset": _nullable("integer"),
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": ["id", "task_id", "action", "status", "attempt", "progress", "depends_on"],
+        "properties": {
+            "id": {"type": "string"},
+            "task_id": {"type": "string"},
+            "workflow_id": {"type": "string"},
+            "action": {"type": "string"},
+            "status": {"enum": _TASK_STATUS},
+            "attempt": {"type": "integer", "minimum": 0},
+            "max_attempts": {"type": "integer", "minimum": 1},
+            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+            "progress_message": {"type": "string"},
+            "executor_id": _nullable("string"),
+            "exit_code": _nullable("integer"),
+            "reason": _nullable("string"),
+            "error": _nullable("string"),
+            "output": {},
+            "depends_on": {"type": "array", "items": {"type": "string"}},
+            "priority": _nullable("integer"),
+            "pool": {"type": "string"},
+            "queued_at": _TIME,
+            "started_at": _TIME,
+            "finished_at": _TIME,
+            "next_attempt_at": _TIME,
+            "duration_seconds": _nullable("number"),
+            "attempts": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Workflow": {
+        "allOf": [
+            _ref("WorkflowSummary"),
+            {
+                "type": "object",
+                "required": ["counts", "progress"],
+                "properties": {
+                    "counts": {
+                        "type": "object",
+                        "propertyNames": {"enum": _TASK_STATUS},
+                        "additionalProperties": {"type": "integer"},
+                    },
+                    "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "tasks": {"type": "array", "items": _ref("Task")},
+                    "priority": {"type": "integer"},
+                    "on_failure": {"enum": ["stop", "continue"]},
+                    "description": {"type": "string"},
+                    "cancel_requested": {"type": "boolean"},
+                },
+            },
+        ]
+    },
+    "ControlAccepted": {
+        "type": "object",
+        "required": ["workflow_id", "status"],
+        "properties": {
+            "workflow_id": {"type": "string"},
+            "status": {"enum": ["cancelling", "queued"]},
+            "run": {"type": "integer", "minimum": 1},
+        },
+    },
+    "Logs": {
+        "type": "object",
+        "required": ["task_id", "lines"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "lines": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["attempt", "stream", "line", "at"],
+                    "properties": {
+                        "attempt": {"type": "integer"},
+                        "stream": {"enum": ["stdout", "stderr", "system"]},
+                        "line": {"type": "string"},
+                        "at": {"type": "string", "format": "date-time"},
+                    },
+                },
+            },
+        },
+    },
+    "Event": {
+        "description": "One Server-Sent Event; data is the event (or log chunk) as JSON",
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "event": {"enum": ["workflow", "task", "progress", "log"]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+        },
+    },
+    "ProgressAccepted": {
+        "type": "object",
+        "required": ["task_id", "progress"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+        },
+    },
+    "Executors": {
+        "type": "object",
+        "required": ["executors"],
+        "properties": {
+            "executors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "pool", "slots", "running", "alive", "last_beat"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "pool": {"type": "string"},
+                        "hostname": {"type": "string"},
+                        "pid": {"type": "integer"},
+                        "slots": {"type": "integer"},
+                        "running": {"type": "integer"},
+                        "running_tasks": {"type": "array", "items": {"type": "string"}},
+                        "draining": {"type": "boolean"},
+                        "alive": {"type": "boolean"},
+                        "last_beat": {"type": "string", "format": "date-time"},
+                        "last_beat_age_seconds": {"type": "number"},
+                        "started_at": {"type": "string", "format": "date-time"},
+                        "version": {"type": "string"},
+                    },
+                },
+            }
+        },
     },
 }
 
 
 def _err(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
 
 
-def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": schema or {"type": "object"}}},
-    }
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
-_ID = {
+def _responses(**codes: dict[str, Any]) -> dict[str, Any]:
+    """``codes`` keyed ``r200``, ``r404``...; every route may also answer 401 (auth on) and
+    503 (NATS unreachable)."""
+    answers = {name[1:]: value for name, value in codes.items()}
+    answers.setdefault("401", _err("Authentication is on and the bearer token is missing or wrong"))
+    answers.setdefault("503", _err("NATS or JetStream unreachable, or a queue is full"))
+    return answers
+
+
+_WORKFLOW_ID = {
     "name": "id",
     "in": "path",
     "required": True,
@@ -66,29 +281,36 @@ _SHORTCUT_BODY = {
                 "additionalProperties": False,
                 "properties": {
                     "infra": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
-                    "params": {"type": "object"},
+                    "params": {
+                        "type": "object",
+                        "properties": {
+                            "servers": {"type": "array", "items": {"type": "string"}},
+                            "taskserv": {"type": "string"},
+                            "apps": {"type": "array", "items": {"type": "string"}},
+                            "retries": {"type": "integer", "minimum": 0, "maximum": 100},
+                            "delay_seconds": {"type": "number", "minimum": 0},
+                            "fail": {},
+                            "fail_at": {},
+                        },
+                    },
                 },
             }
         }
     },
 }
-_ACCEPTED = {
-    "type": "object",
-    "required": ["workflow_id", "status"],
-    "properties": {"workflow_id": {"type": "string"}, "status": {"const": "queued"}},
-}
 
 
 def _submit_responses() -> dict[str, Any]:
-    return {
-        "202": _ok("Accepted: durable in JetStream", _ACCEPTED),
-        "400": _err("Malformed body"),
-        "401": _err("Missing or bad token"),
-        "413": _err("Body too large"),
-        "415": _err("Unsupported content type"),
-        "422": _err("Invalid definition"),
-        "503": _err("NATS unavailable"),
-    }
+    return _responses(
+        r202={
+            **_ok("Accepted: durable in JetStream", "Accepted"),
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
+        r400=_err("Malformed body or Idempotency-Key"),
+        r413=_err("Body too large"),
+        r415=_err("Unsupported content type"),
+        r422=_err("Invalid definition: details.task and details.reason say where and why"),
+    )
 
 
 @functools.cache
@@ -96,25 +318,45 @@ def openapi_document() -> dict[str, Any]:
     (definition,), components = msgspec.json.schema_components(
         [WorkflowDefinition], ref_template="#/components/schemas/{name}"
     )
-    components["Error"] = _ERROR
+    components.update(_SCHEMAS)
     shortcut = {"requestBody": _SHORTCUT_BODY, "responses": _submit_responses()}
+    sse = {"text/event-stream": {"schema": _ref("Event")}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Provisioning orchestrator API", "version": __version__},
-        "servers": [{"url": "http://localhost:9090"}],
+        "servers": [{"url": "/"}],
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "[gateway] auth_token; a task's PROVISIONING_TASK_TOKEN is "
+                    "accepted by POST /tasks/{id}/progress of that task only",
+                }
+            },
         },
         "security": [{"bearer": []}],
         "paths": {
             "/health": {
                 "get": {
                     "security": [],
-                    "responses": {"200": _ok("Healthy"), "503": _ok("Unhealthy")},
+                    "responses": {
+                        "200": _ok("Healthy", "Health"),
+                        "503": _ok("NATS or JetStream unreachable", "Health"),
+                    },
                 }
             },
-            "/openapi.json": {"get": {"responses": {"200": _ok("This document")}}},
+            "/openapi.json": {
+                "get": {
+                    "responses": _responses(
+                        r200={
+                            "description": "This document",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    )
+                }
+            },
             "/workflows": {
                 "post": {
                     "requestBody": {
@@ -130,14 +372,19 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
-                            "schema": {"type": "string", "maxLength": 200},
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
                         }
                     ],
                     "responses": _submit_responses(),
                 },
                 "get": {
                     "parameters": [
-                        {"name": "status", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "description": "comma-separated workflow statuses",
+                            "schema": {"type": "string"},
+                        },
                         {"name": "name", "in": "query", "schema": {"type": "string"}},
                         {
                             "name": "limit",
@@ -150,7 +397,10 @@ def openapi_document() -> dict[str, Any]:
                             "schema": {"type": "integer", "minimum": 0},
                         },
                     ],
-                    "responses": {"200": _ok("Workflows, newest first"), "400": _err("Bad query")},
+                    "responses": _responses(
+                        r200=_ok("Workflows, newest first", "WorkflowPage"),
+                        r400=_err("Bad query parameter"),
+                    ),
                 },
             },
             "/workflows/servers/create": {"post": shortcut},
@@ -158,49 +408,57 @@ def openapi_document() -> dict[str, Any]:
             "/workflows/cluster/create": {"post": shortcut},
             "/workflows/{id}": {
                 "get": {
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": _ok("The workflow and its tasks"),
-                        "404": _err("Unknown id"),
-                    },
+                    "parameters": [
+                        _WORKFLOW_ID,
+                        {"name": "tasks", "in": "query", "schema": {"type": "boolean"}},
+                    ],
+                    "responses": _responses(
+                        r200=_ok("The workflow and its tasks", "Workflow"),
+                        r404=_err("Unknown id"),
+                    ),
                 }
             },
             "/workflows/{id}/events": {
                 "get": {
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": {
-                            "description": "Server-Sent Events",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "parameters": [
+                        _WORKFLOW_ID,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "description": "continue after this event id (the stream sequence)",
+                            "schema": {"type": "string"},
                         },
-                        "404": _err("Unknown id"),
-                    },
+                    ],
+                    "responses": _responses(
+                        r200={"description": "Server-Sent Events", "content": sse},
+                        r404=_err("Unknown id"),
+                    ),
                 }
             },
             "/workflows/{id}/cancel": {
                 "post": {
-                    "parameters": [_ID],
-                    "responses": {
-                        "202": _ok("Cancelling"),
-                        "404": _err("Unknown id"),
-                        "409": _err("Already finished"),
-                    },
+                    "parameters": [_WORKFLOW_ID],
+                    "responses": _responses(
+                        r202=_ok("Cancelling", "ControlAccepted"),
+                        r404=_err("Unknown id"),
+                        r409=_err("Already finished"),
+                    ),
                 }
             },
             "/workflows/{id}/retry": {
                 "post": {
-                    "parameters": [_ID],
-                    "responses": {
-                        "202": _ok("Retrying"),
-                        "404": _err("Unknown id"),
-                        "409": _err("Not failed or cancelled"),
-                    },
+                    "parameters": [_WORKFLOW_ID],
+                    "responses": _responses(
+                        r202=_ok("Retrying", "ControlAccepted"),
+                        r404=_err("Unknown id"),
+                        r409=_err("Not failed or cancelled"),
+                    ),
                 }
             },
             "/tasks/{id}": {
                 "get": {
                     "parameters": [_TASK_ID],
-                    "responses": {"200": _ok("The task"), "404": _err("Unknown id")},
+                    "responses": _responses(r200=_ok("The task", "Task"), r404=_err("Unknown id")),
                 }
             },
             "/tasks/{id}/logs": {
@@ -209,7 +467,16 @@ def openapi_document() -> dict[str, Any]:
                         _TASK_ID,
                         {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
                     ],
-                    "responses": {"200": _ok("Log lines"), "404": _err("Unknown id")},
+                    "responses": _responses(
+                        r200={
+                            "description": "Log lines (JSON), or with follow=true a stream",
+                            "content": {
+                                "application/json": {"schema": _ref("Logs")},
+                                **sse,
+                            },
+                        },
+                        r404=_err("Unknown id"),
+                    ),
                 }
             },
             "/tasks/{id}/progress": {
@@ -228,21 +495,29 @@ def openapi_document() -> dict[str, Any]:
                                             "minimum": 0,
                                             "maximum": 100,
                                         },
-                                        "message": {"type": "string"},
+                                        "message": {
+                                            "type": "string",
+                                            "description": "kept to 500 characters",
+                                        },
                                     },
                                 }
                             }
                         },
                     },
-                    "responses": {
-                        "202": _ok("Recorded"),
-                        "400": _err("Malformed"),
-                        "404": _err("Unknown id"),
-                        "409": _err("Task finished"),
-                        "422": _err("Invalid"),
-                    },
+                    "responses": _responses(
+                        r202=_ok("Recorded", "ProgressAccepted"),
+                        r400=_err("Malformed JSON"),
+                        r404=_err("Unknown id"),
+                        r409=_err("Task finished"),
+                        r413=_err("Body too large"),
+                        r422=_err("Invalid progress or message"),
+                    ),
                 }
             },
-            "/executors": {"get": {"responses": {"200": _ok("Live executors and their load")}}},
+            "/executors": {
+                "get": {
+                    "responses": _responses(r200=_ok("Live executors and their load", "Executors"))
+                }
+            },
         },
     }

@@ -39,7 +39,8 @@ from core.registry import Registry
 from shared import subjects
 from shared.bus import LEASE_TTL_S, Bus
 from shared.config import Config
-from shared.errors import ProvisioningError
+from shared.errors import DefinitionError, ProvisioningError
+from shared.ids import NAME_RE, is_workflow_id
 from shared.messages import (
     TERMINAL_WORKFLOW,
     AttemptRecord,
@@ -62,6 +63,7 @@ from shared.messages import (
 from shared.metrics import Metrics
 from shared.store import Store
 from shared.tracing import context_from, headers_with_context, trace_id_hex
+from shared.workflow import validate_definition
 
 from .batch import Batch
 from .lease import Lease
@@ -75,11 +77,47 @@ tracer = trace.get_tracer("provisioning.scheduler")
 WRITE_CHUNK = 512
 LEASE_RENEW_S = 1.5
 POISON_DELIVERIES = 5  # a command or report that crashed the engine this often is dead-lettered
+_TRANSIENT = (ProvisioningError, nats.errors.Error, nats.js.errors.Error, TimeoutError)
 _Input = tuple[str, Any]
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class _Poison(Exception):
+    """An input no service could have sent: dead-lettered at once, never retried."""
+
+
+class _AnyAction:
+    """Actions are checked by the gateway against its registry and refused by executors that do
+    not know them; the scheduler checks a submission's shape only."""
+
+    def __contains__(self, action: object) -> bool:
+        return True
+
+
+def _not_a_command(subject: str, command: Any, config: Config) -> str | None:
+    """Why a decoded command cannot come from a gateway, or None: an id that is not a workflow
+    id, a subject that does not match it, or a definition the gateway would have refused (a
+    cycle, an unknown dependency, ...), which would otherwise never reach an end state."""
+    kind: dict[type, str] = {
+        SubmitWorkflow: "submit",
+        CancelWorkflow: "cancel",
+        RetryWorkflow: "retry",
+    }
+    if not is_workflow_id(command.workflow_id):
+        return f"not a command: workflow id {command.workflow_id[:80]!r}"
+    if subject != subjects.command_subject(kind[type(command)], command.workflow_id):
+        return "not a command: the subject does not match the workflow"
+    if isinstance(command, SubmitWorkflow):
+        try:
+            validate_definition(
+                command.definition, _AnyAction(), max_tasks=config.gateway.max_tasks_per_workflow
+            )
+        except DefinitionError as exc:
+            return f"invalid definition: {exc.message}"
+    return None
 
 
 class Scheduler:
@@ -118,15 +156,43 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> bool:
         """Wait for the lease (one active scheduler), recover, then process inputs until ``stop``
-        is set; then hand back unprocessed input. Returns False if the lease was lost."""
-        lease = Lease(self.bus.kv.leases, self.id, ttl_s=LEASE_TTL_S, renew_s=LEASE_RENEW_S)
-        if not await lease.acquire(stop):
-            return True
-        self._lease = lease
-        try:
-            return await self._run_active(stop, lease)
-        finally:
-            await lease.release()
+        is set; then hand back unprocessed input.
+
+        A scheduler that loses its lease (NATS unreachable for longer than the lease, or a
+        paused process that finds another scheduler active) stops writing, drops its memory and
+        stands by again in the same process: with no supervisor to restart it, a lone scheduler
+        must take its lease back by itself once NATS returns. Returns True once stopped."""
+        while not stop.is_set():
+            lease = Lease(self.bus.kv.leases, self.id, ttl_s=LEASE_TTL_S, renew_s=LEASE_RENEW_S)
+            if not await lease.acquire(stop):
+                break
+            self._lease = lease
+            try:
+                held = await self._run_active(stop, lease)
+            except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("cannot take over (%s); standing by again", exc or type(exc).__name__)
+                held = False
+            finally:
+                await lease.release()
+            if held:
+                break
+            log.warning("lost the scheduler lease: memory dropped; standing by again")
+            self._forget()
+        return True
+
+    def _forget(self) -> None:
+        """Drop everything an active period kept in memory (rebuilt from checkpoints if this
+        scheduler becomes active again)."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        self._active.clear()
+        self._ready.clear()
+        self._inflight.clear()
+        self._inbox = asyncio.Queue(maxsize=10_000)
+        self._batch = Batch()
+        self._stale = False
+        self._lease = None
 
     async def _run_active(self, stop: asyncio.Event, lease: Lease) -> bool:
         await self._take_over_consumers()
@@ -138,10 +204,14 @@ class Scheduler:
         reports = await self.bus.js.pull_subscribe_bind(
             subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
         )
+        # the loops end when ``halt`` is set, even if a cancellation is lost (asyncio.wait_for
+        # in nats-py's fetch can swallow one): a scheduler that lost its lease must not go on
+        # taking reports from the one that holds it
+        halt = asyncio.Event()
         tasks = [
-            asyncio.create_task(self._fetch_loop(commands, "command", stop), name="fetch-commands"),
-            asyncio.create_task(self._fetch_loop(reports, "report", stop), name="fetch-reports"),
-            asyncio.create_task(self._capacity_loop(stop), name="capacity"),
+            asyncio.create_task(self._fetch_loop(commands, "command", halt), name="fetch-commands"),
+            asyncio.create_task(self._fetch_loop(reports, "report", halt), name="fetch-reports"),
+            asyncio.create_task(self._capacity_loop(halt), name="capacity"),
         ]
         engine = asyncio.create_task(self._engine_loop(), name="engine")
         log.info("scheduler running: %d active workflows recovered", len(self._active))
@@ -151,6 +221,7 @@ class Scheduler:
         stopping.cancel()
         lost.cancel()
         log.info("scheduler stopping%s", " (lease lost)" if lease.lost.is_set() else "")
+        halt.set()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -181,22 +252,32 @@ class Scheduler:
         ):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.bus.js.delete_consumer(stream, durable)
-        await self.bus.bootstrap()  # creates them again, as everywhere else
+        # creates them again, as everywhere else; one try: if NATS does not answer, the caller
+        # stands by again (and still sees its stop event) rather than waiting here
+        await self.bus.bootstrap(retry_for_s=0)
 
     async def _fetch_loop(self, sub: Any, kind: str, stop: asyncio.Event) -> None:
         batch = self.config.scheduler.report_batch
-        backoff = 0.1
+        backoff, errors = 0.1, 0
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
             except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("fetching %ss failed: %s; retrying", kind, exc)
+                # ServiceUnavailable while a consumer leader moves (a NATS node died), but also
+                # when the consumer is gone: after a few failures make sure it exists.
+                errors += 1
+                log.warning("fetching %ss failed: %s; retrying", kind, exc or type(exc).__name__)
+                if errors % 5 == 0:
+                    try:
+                        await self.bus.ensure_scheduler_consumers()
+                    except (nats.errors.Error, nats.js.errors.Error) as check:
+                        log.debug("consumer check failed: %s", check or type(check).__name__)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 continue
-            backoff = 0.1
+            backoff, errors = 0.1, 0
             for msg in msgs:
                 await self._inbox.put((kind, msg))
 
@@ -230,16 +311,17 @@ class Scheduler:
                 await self._on_report_msg(item)
             elif kind == "timer":
                 await self._on_retry_due(*item)
-        except DecodeError as exc:
-            await self.bus.dead_letter("scheduler", item, f"undecodable: {exc}")
+        except (_Poison, DecodeError) as exc:
+            reason = str(exc) if isinstance(exc, _Poison) else f"undecodable: {exc}"
+            stored = await self.bus.dead_letter("scheduler", item, reason)
             with contextlib.suppress(nats.errors.Error):
-                await item.term()
+                await (item.term() if stored else item.nak(delay=5))
             return
         except Exception as exc:
             msg = item if isinstance(item, Msg) else None
             poison = msg is not None and (msg.metadata.num_delivered or 1) >= POISON_DELIVERIES
-            if isinstance(exc, ProvisioningError):
-                log.warning("cannot process a %s now (%s); will retry", kind, exc)
+            if isinstance(exc, _TRANSIENT):  # NATS away for a moment: no traceback
+                log.warning("cannot process a %s now (%r); will retry", kind, exc)
             else:
                 log.exception("scheduler failed to process a %s", kind)
             if msg is not None and poison:
@@ -350,10 +432,13 @@ class Scheduler:
         for state, revision in zip(states, revisions, strict=True):
             state.revision = revision
         batch.workflows.clear()
-        nc = self.bus.nc
-        for event in batch.events:
-            await nc.publish(subjects.event_subject(event.workflow_id), encode(event))
+        # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
+        # leader would otherwise be lost (and an SSE stream would wait for its end forever).
+        await self.bus.publish_all(
+            [(subjects.event_subject(e.workflow_id), encode(e)) for e in batch.events]
+        )
         batch.events.clear()
+        nc = self.bus.nc
         for wf_id, task_ids in batch.kills.items():
             await nc.publish(subjects.cancel_subject(wf_id), encode(task_ids))
         batch.kills.clear()
@@ -406,7 +491,12 @@ class Scheduler:
     # -- commands -------------------------------------------------------------------------------
 
     async def _on_command_msg(self, msg: Msg) -> None:
-        command = decode_command(msg.data)
+        try:
+            command = decode_command(msg.data)
+        except (DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+            raise _Poison(f"undecodable: {exc}") from None
+        if (problem := _not_a_command(msg.subject, command, self.config)) is not None:
+            raise _Poison(problem)
         match command:
             case SubmitWorkflow():
                 with tracer.start_as_current_span(
@@ -540,7 +630,14 @@ class Scheduler:
     # -- reports --------------------------------------------------------------------------------
 
     async def _on_report_msg(self, msg: Msg) -> None:
-        report = decode_report(msg.data)
+        try:
+            report = decode_report(msg.data)
+        except (DecodeError, RecursionError) as exc:
+            raise _Poison(f"undecodable: {exc}") from None
+        if not (is_workflow_id(report.workflow_id) and NAME_RE.match(report.task_id)) or (
+            msg.subject != subjects.report_subject(report.workflow_id, report.task_id)
+        ):
+            raise _Poison("not a report: its ids are not ids or do not match its subject")
         with tracer.start_as_current_span(
             "scheduler.report",
             context=context_from(msg.headers),
@@ -922,10 +1019,16 @@ class Scheduler:
         self._ready.clear()
         self._inflight.clear()
         self._batch = Batch()
+        if self._lease is not None and not self._lease.valid:
+            self._stale = True  # not active (any more): recovering would write without a lease
+            return
         try:
             await self._recover()
-        except Exception:
-            log.exception("reload from checkpoints failed; will retry at the next input")
+        except Exception as exc:
+            if isinstance(exc, ProvisioningError | nats.errors.Error | nats.js.errors.Error):
+                log.warning("reload from checkpoints failed (%r); retrying at the next input", exc)
+            else:
+                log.exception("reload from checkpoints failed; will retry at the next input")
             self._batch = Batch()
             self._stale = True
         else:

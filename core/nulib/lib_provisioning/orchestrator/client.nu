@@ -1,7 +1,9 @@
 # Client for the orchestrator gateway, used from inside a running task
 # (pattern 3: the task reports its progress over HTTP besides its stdout
 # PROGRESS lines). Reads PROVISIONING_GATEWAY_URL, PROVISIONING_TASK_ID and,
-# when set, TRACEPARENT and PROVISIONING_AUTH_TOKEN.
+# when set, TRACEPARENT and a bearer token: PROVISIONING_TASK_TOKEN (the
+# per-task token its executor hands it when the gateway requires auth; it
+# opens POST /tasks/<this task>/progress only), else PROVISIONING_AUTH_TOKEN.
 
 def gateway-url []: nothing -> string {
     $env.PROVISIONING_GATEWAY_URL? | default "" | str trim --right --char "/"
@@ -10,7 +12,8 @@ def gateway-url []: nothing -> string {
 # traceparent and Authorization headers, each only when its variable is set.
 def gateway-headers []: nothing -> record {
     let trace = ($env.TRACEPARENT? | default "")
-    let token = ($env.PROVISIONING_AUTH_TOKEN? | default "")
+    let task_token = ($env.PROVISIONING_TASK_TOKEN? | default "")
+    let token = if $task_token != "" { $task_token } else { $env.PROVISIONING_AUTH_TOKEN? | default "" }
     {}
     | if $trace != "" { insert traceparent $trace } else { $in }
     | if $token != "" { insert Authorization $"Bearer ($token)" } else { $in }
