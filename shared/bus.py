@@ -14,9 +14,10 @@ import logging
 import re
 import secrets
 import ssl
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -44,6 +45,8 @@ from .config import NatsConfig
 from .errors import BusUnavailable, ProvisioningError, QueueFull
 
 __all__ = ["Bus", "KVBuckets"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -452,6 +455,29 @@ class Bus:
                     raise BusUnavailable(f"publish to {subject} failed: {exc!r}") from None
             except nats.errors.ConnectionClosedError:
                 raise BusUnavailable("NATS connection closed") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def write(
+        self,
+        write: Callable[..., Awaitable[T]],
+        *args: Any,
+        retry_for_s: float = PUBLISH_RETRY_S,
+        **kwargs: Any,
+    ) -> T:
+        """``await write(*args, **kwargs)`` (a KV ``put``, ``update``, ``delete``...), again while
+        the stream has no leader. "No response from stream" means nothing was stored, so even a
+        compare-and-swap ``update`` can be sent again; any other error (a timeout included: the
+        write may have happened) is raised at once, as is the last one after ``retry_for_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for_s
+        delay = 0.1
+        while True:
+            try:
+                return await write(*args, **kwargs)
+            except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+                if loop.time() + delay > deadline:
+                    raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

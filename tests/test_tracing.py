@@ -198,3 +198,55 @@ def test_cli_prints_trace_link_and_tree(traced: tuple[Stack, Receiver]) -> None:
     indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
     assert indent(execute) > indent(submit)
     assert "provisioning-executor" in execute and execute.rstrip().endswith("ms")
+
+
+def test_otlp_grpc_export(tmp_path: Path, nats_server: NatsServer) -> None:
+    """The same spans over OTLP/gRPC, to a real gRPC server in the test."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[tuple[str, str]] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
+            for resource_spans in request.resource_spans:
+                service = next(
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                )
+                for scope in resource_spans.scope_spans:
+                    received.extend((service, span.name) for span in scope.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stack = Stack(
+        tmp_path,
+        nats_server,
+        env={
+            "PROVISIONING_TRACING_EXPORTER": "otlp-grpc",
+            "PROVISIONING_TRACING_ENDPOINT": f"http://127.0.0.1:{port}",
+        },
+    )
+    try:
+        stack.start()
+        status, accepted = stack.http.post(
+            "/workflows", {"name": "g", "tasks": [{"id": "a", "action": "builtin.noop"}]}
+        )
+        assert status == 202
+        assert stack.http.wait_workflow(accepted["workflow_id"])["status"] == "completed"
+        wait_until(
+            lambda: ("provisioning-executor", "execute a") in received,
+            30,
+            0.5,
+            what="spans over gRPC",
+        )
+        assert {s for s, _ in received} >= SERVICES
+    finally:
+        stack.stop()
+        server.stop(None)

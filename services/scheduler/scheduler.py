@@ -410,11 +410,14 @@ class Scheduler:
             return
         kv = self.bus.kv
         writes = list(batch.tasks.items())
+        # bus.write: again while a bucket elects a leader (a NATS node died), rather than
+        # abort a batch half written (its events would then never be sent)
         for start in range(0, len(writes), WRITE_CHUNK):
             chunk = writes[start : start + WRITE_CHUNK]
             revisions = await asyncio.gather(
                 *(
-                    kv.tasks.update(
+                    self.bus.write(
+                        kv.tasks.update,
                         f"{wf_id}.{task_id}",
                         encode(state.tasks[task_id]),
                         last=state.revisions[task_id],
@@ -427,7 +430,10 @@ class Scheduler:
         batch.tasks.clear()
         states = list(batch.workflows.values())
         revisions = await asyncio.gather(
-            *(kv.workflows.update(s.id, encode(s.record), last=s.revision) for s in states)
+            *(
+                self.bus.write(kv.workflows.update, s.id, encode(s.record), last=s.revision)
+                for s in states
+            )
         )
         for state, revision in zip(states, revisions, strict=True):
             state.revision = revision
