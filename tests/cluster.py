@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import signal
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -21,11 +24,35 @@ from typing import Any
 
 from services.runner import EXIT_LEASE_LOST
 
-from .support import NATS_BIN, Service, Stack, free_port, wait_until
+from .support import NATS_BIN, Service, Stack, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CLUSTER_CONFIGS = DEPLOY / "nats" / "cluster"
 NODE_NAMES = ("nats-1", "nats-2", "nats-3")
+
+
+def _local_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range: the kernel hands ephemeral ports to outgoing
+    connections too (other tests are busy making them), and a node restarted on its port must
+    still find it free."""
+    low, _ = _local_port_range()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 def _rewrite(text: str, pattern: str, replacement: str) -> str:
@@ -48,10 +75,12 @@ class ClusterNode:
         self.store_dir = self.dir / "store"
         self.conf = self.dir / "nats.conf"
         self.log_path = self.dir / "nats.log"
-        self.port = free_port()
-        self.http_port = free_port()
-        self.route_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0  # where this run's log starts
+        self.new_ports()
+
+    def new_ports(self) -> None:
+        self.port, self.http_port, self.route_port = free_port(), free_port(), free_port()
 
     @property
     def url(self) -> str:
@@ -85,17 +114,27 @@ class ClusterNode:
         )
 
     def wait_ready(self, timeout: float = 30) -> None:
-        def ready() -> bool:
-            assert self.proc is not None
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "Server is ready" in self.log()[self._offset :]:
+                return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log()[-3000:]}")
-            return "Server is ready" in self.log()[self._offset :]
-
-        wait_until(ready, timeout, what=f"{self.name} to start")
+                raise RuntimeError(f"{self.name} exited: {self.log()[self._offset :][-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not ready after {timeout}s: {self.log()[-3000:]}")
 
     def start(self, timeout: float = 30) -> ClusterNode:
-        self.spawn()
-        self.wait_ready(timeout)
+        """Start (again) on this node's ports and store; retried while a port is taken."""
+        for attempt in range(5):
+            self.spawn()
+            try:
+                self.wait_ready(timeout)
+                return self
+            except (AssertionError, RuntimeError):
+                if "address already in use" not in self.log()[self._offset :] or attempt == 4:
+                    raise
+            time.sleep(1)
         return self
 
     def kill9(self) -> None:
@@ -144,6 +183,9 @@ class NatsCluster:
 
     def __init__(self, base: Path) -> None:
         self.nodes = [ClusterNode(name, base) for name in NODE_NAMES]
+        self._configure()
+
+    def _configure(self) -> None:
         routes = {node.name: node.route_port for node in self.nodes}
         for node in self.nodes:
             node.configure(routes)
@@ -160,15 +202,23 @@ class NatsCluster:
         return next(node for node in self.nodes if node.name == name)
 
     def start(self, timeout: float = 60) -> NatsCluster:
-        try:
-            for node in self.nodes:
-                node.spawn()
-            for node in self.nodes:
-                node.wait_ready(timeout)
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(3):
+            try:
+                for node in self.nodes:
+                    node.spawn()
+                for node in self.nodes:
+                    node.wait_ready(timeout)
+                self.wait_healthy(timeout)
+                return self
+            except BaseException:
+                self.stop()
+                taken = any("address already in use" in n.log() for n in self.nodes)
+                if not taken or attempt == 2:
+                    raise
+            for node in self.nodes:  # a port was taken meanwhile: start afresh on others
+                node.new_ports()
+                node.log_path.unlink(missing_ok=True)
+            self._configure()
         return self
 
     def wait_healthy(self, timeout: float = 60) -> None:
@@ -227,6 +277,37 @@ class NatsCluster:
             return {info.config.name: info for info in await js.streams_info()}
 
         result: dict[str, Any] = self.run(body)
+        return result
+
+    def events(self, workflow_id: str) -> list[tuple[str, str, str]]:
+        """A workflow's stored event history (what SSE replays), read straight from
+        PROV_EVENTS (bounded, unlike an SSE stream that waits for a terminal event):
+        ``(kind, task_id, status)`` of each workflow and task event, in order."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        from shared import subjects
+        from shared.messages import TaskEvent, WorkflowEvent, decode_event
+
+        async def body(js: Any) -> list[tuple[str, str, str]]:
+            sub = await js.pull_subscribe(
+                subjects.event_subject(workflow_id),
+                stream=subjects.STREAM_EVENTS,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+            )
+            pending = (await sub.consumer_info()).num_pending or 0
+            out: list[tuple[str, str, str]] = []
+            while pending > 0:
+                for msg in await sub.fetch(min(pending, 500), timeout=10):
+                    pending = msg.metadata.num_pending
+                    event = decode_event(msg.data)
+                    if isinstance(event, TaskEvent):
+                        out.append(("task", event.task_id, event.status))
+                    elif isinstance(event, WorkflowEvent):
+                        out.append(("workflow", "", event.status))
+            await sub.unsubscribe()
+            return out
+
+        result: list[tuple[str, str, str]] = self.run(body)
         return result
 
     def stream_leader(self, stream: str) -> ClusterNode:
