@@ -12,12 +12,15 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import AttributeValue
 
 from . import __version__
 from .config import TracingConfig
@@ -27,6 +30,7 @@ __all__ = [
     "context_from",
     "current_traceparent",
     "headers_with_context",
+    "message_span",
     "resource_for",
     "setup_tracing",
     "shutdown_tracing",
@@ -101,6 +105,33 @@ def headers_with_context(
 
 def context_from(headers: Mapping[str, str] | None) -> Context:
     return propagate.extract({k.lower(): v for k, v in (headers or {}).items()})
+
+
+def message_span(
+    tracer: trace.Tracer,
+    name: str,
+    subject: str,
+    *,
+    kind: SpanKind,
+    attributes: Mapping[str, AttributeValue],
+    headers: Mapping[str, str] | None = None,
+    context: Context | None = None,
+) -> AbstractContextManager[trace.Span]:
+    """A span for one NATS message, after the messaging semantic conventions: PRODUCER for a
+    publish, CONSUMER for processing. A CONSUMER span continues the trace in ``headers``."""
+    if headers is not None:
+        context = context_from(headers)
+    return tracer.start_as_current_span(
+        name,
+        context=context,
+        kind=kind,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": subject,
+            "messaging.operation.type": "publish" if kind == SpanKind.PRODUCER else "process",
+            **attributes,
+        },
+    )
 
 
 def current_traceparent() -> str | None:

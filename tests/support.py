@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -582,3 +582,19 @@ def logged_runs(
 
     wait_until(lambda: len(runs()) >= at_least, timeout, what=f"{task_id} runs in the logs")
     return runs()
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, **kwargs: Any) -> Iterator[Stack]:
+    """A NATS server and a started :class:`Stack` of its own; logs printed if anything fails."""
+    nats = NatsServer(tmp / "nats").start()
+    stack = Stack(tmp, nats, **kwargs)
+    try:
+        stack.start()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+        nats.stop()

@@ -22,7 +22,7 @@ import pytest
 from core import NULIB_DIR
 from core.runner import resolve_binary
 
-from .support import PROBE_ENV, NatsServer, Stack, read_event_stream, wait_until
+from .support import PROBE_ENV, Stack, read_event_stream, running_stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -68,18 +68,9 @@ def assert_401(status: int, headers: dict[str, str], body: Any, what: str) -> No
 
 @pytest.fixture(scope="module")
 def authed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("auth")
-    nats = NatsServer(tmp / "nats").start()
-    stack = Stack(tmp, nats, env={**PROBE_ENV, "PROVISIONING_GATEWAY_AUTH_TOKEN": SECRET})
-    try:
-        stack.start()
+    env = {**PROBE_ENV, "PROVISIONING_GATEWAY_AUTH_TOKEN": SECRET}
+    with running_stack(tmp_path_factory.mktemp("auth"), env=env) as stack:
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
-        nats.stop()
 
 
 @pytest.fixture(scope="module")

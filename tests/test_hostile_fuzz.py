@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from .support import NatsServer, Stack
+from .support import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,18 +43,8 @@ SENT: Counter[str] = Counter()
 
 @pytest.fixture(scope="module")
 def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    nats = NatsServer(tmp / "nats").start()
-    stack = Stack(tmp, nats, executors=1)
-    try:
-        stack.start()
+    with running_stack(tmp_path_factory.mktemp("fuzz"), executors=1) as stack:
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
-        nats.stop()
 
 
 def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str) -> list[str]:

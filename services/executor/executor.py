@@ -51,7 +51,7 @@ from shared.messages import (
 )
 from shared.metrics import Metrics
 from shared.store import Store
-from shared.tracing import context_from, current_traceparent, headers_with_context
+from shared.tracing import current_traceparent, headers_with_context, message_span
 
 from .builtins import run_builtin
 
@@ -504,14 +504,13 @@ class Executor:
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
-        with tracer.start_as_current_span(
+        with message_span(
+            tracer,
             f"execute {dispatch.task_id}",
-            context=context_from(msg.headers),
+            msg.subject,
             kind=SpanKind.CONSUMER,
+            headers=msg.headers,
             attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.operation.type": "process",
                 "workflow.id": dispatch.workflow_id,
                 "task.id": dispatch.task_id,
                 "task.attempt": dispatch.attempt,

@@ -57,7 +57,7 @@ from shared.messages import (
 )
 from shared.nickel_source import evaluate_nickel
 from shared.store import Store
-from shared.tracing import context_from, headers_with_context, trace_id_hex
+from shared.tracing import context_from, headers_with_context, message_span, trace_id_hex
 from shared.workflow import (
     format_for_content_type,
     parse_definition,
@@ -288,13 +288,12 @@ async def _submit(
                 status=202,
                 headers={"Idempotent-Replayed": "true"},
             )
-    with tracer.start_as_current_span(
+    with message_span(
+        tracer,
         "gateway.submit",
+        subjects.command_subject("submit", wf_id),
         kind=SpanKind.PRODUCER,
         attributes={
-            "messaging.system": "nats",
-            "messaging.destination.name": subjects.command_subject("submit", wf_id),
-            "messaging.operation.type": "publish",
             "workflow.id": wf_id,
             "workflow.name": definition.name,
             "workflow.tasks": len(definition.tasks),

@@ -62,7 +62,7 @@ from shared.messages import (
 )
 from shared.metrics import Metrics
 from shared.store import Store
-from shared.tracing import context_from, headers_with_context, trace_id_hex
+from shared.tracing import context_from, headers_with_context, message_span, trace_id_hex
 from shared.workflow import validate_definition
 
 from .batch import Batch
@@ -183,14 +183,8 @@ class Scheduler:
     def _forget(self) -> None:
         """Drop everything an active period kept in memory (rebuilt from checkpoints if this
         scheduler becomes active again)."""
-        for handle in self._timers:
-            handle.cancel()
-        self._timers.clear()
-        self._active.clear()
-        self._ready.clear()
-        self._inflight.clear()
+        self._drop_memory()
         self._inbox = asyncio.Queue(maxsize=10_000)
-        self._batch = Batch()
         self._stale = False
         self._lease = None
 
@@ -505,16 +499,13 @@ class Scheduler:
             raise _Poison(problem)
         match command:
             case SubmitWorkflow():
-                with tracer.start_as_current_span(
+                with message_span(
+                    tracer,
                     "scheduler.accept",
-                    context=context_from(msg.headers),
+                    msg.subject,
                     kind=SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.system": "nats",
-                        "messaging.destination.name": msg.subject,
-                        "messaging.operation.type": "process",
-                        "workflow.id": command.workflow_id,
-                    },
+                    headers=msg.headers,
+                    attributes={"workflow.id": command.workflow_id},
                 ):
                     await self._on_submit(command, msg.headers or {})
             case CancelWorkflow():
@@ -644,14 +635,13 @@ class Scheduler:
             msg.subject != subjects.report_subject(report.workflow_id, report.task_id)
         ):
             raise _Poison("not a report: its ids are not ids or do not match its subject")
-        with tracer.start_as_current_span(
+        with message_span(
+            tracer,
             "scheduler.report",
-            context=context_from(msg.headers),
+            msg.subject,
             kind=SpanKind.CONSUMER,
+            headers=msg.headers,
             attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.operation.type": "process",
                 "workflow.id": report.workflow_id,
                 "task.id": report.task_id,
                 "task.attempt": report.attempt,
@@ -901,14 +891,13 @@ class Scheduler:
         parent = context_from(
             {"traceparent": state.record.traceparent} if state.record.traceparent else {}
         )
-        with tracer.start_as_current_span(
+        with message_span(
+            tracer,
             f"dispatch {task_id}",
-            context=parent,
+            subject,
             kind=SpanKind.PRODUCER,
+            context=parent,
             attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": subject,
-                "messaging.operation.type": "publish",
                 "workflow.id": state.id,
                 "task.id": task_id,
                 "task.attempt": task.attempt,
@@ -1016,8 +1005,8 @@ class Scheduler:
         await self._pump()
         await self._flush()
 
-    async def _reload_all(self) -> None:
-        """Drop memory and rebuild it from checkpoints (after an unexpected failure)."""
+    def _drop_memory(self) -> None:
+        """Forget workflows, ready heaps, in-flight counts, retry timers and the unwritten batch."""
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
@@ -1025,6 +1014,10 @@ class Scheduler:
         self._ready.clear()
         self._inflight.clear()
         self._batch = Batch()
+
+    async def _reload_all(self) -> None:
+        """Drop memory and rebuild it from checkpoints (after an unexpected failure)."""
+        self._drop_memory()
         if self._lease is not None and not self._lease.valid:
             self._stale = True  # not active (any more): recovering would write without a lease
             return
