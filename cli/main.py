@@ -869,20 +869,24 @@ def health(state: State, output: str) -> None:
     """Whether the orchestrator and its NATS answer."""
     with user_errors():
         doc = state.client().health()
-        emit(
-            doc,
-            output,
-            lambda d: (
-                f"{d['status']} ({state.config.orchestrator.endpoint})"
-                + (
-                    f": {d['nats']['detail']}"
-                    if d.get("nats", {}).get("detail") not in (None, "ok")
-                    else ""
-                )
-            ),
-        )
+        emit(doc, output, lambda d: _health_text(d, state.config.orchestrator.endpoint))
         if doc.get("status") != "healthy":
             sys.exit(EXIT_UNAVAILABLE)
+
+
+def _health_text(doc: dict[str, Any], endpoint: str) -> str:
+    text = f"{doc['status']} ({endpoint})"
+    detail = doc.get("nats", {}).get("detail")
+    if detail not in (None, "ok"):
+        text += f": {detail}"
+    scheduler = doc.get("scheduler")
+    if scheduler is not None:  # an older gateway does not say
+        text += (
+            f"\nscheduler: active ({scheduler.get('holder', '?')})"
+            if scheduler.get("active")
+            else "\nscheduler: none active (submissions wait in JetStream until one starts)"
+        )
+    return text
 
 
 @main.command()

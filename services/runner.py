@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,20 +22,23 @@ from shared.errors import ProvisioningError
 from shared.logs import setup_logging
 from shared.tracing import setup_tracing, shutdown_tracing
 
+from . import shutdown
+
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
-EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: restart me
 
 
 def _stop_event() -> asyncio.Event:
     """Set on SIGTERM or SIGINT: the service stops taking work and drains."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in shutdown.SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    if shutdown.requested():  # a signal came while the service was starting
+        stop.set()
     return stop
 
 
@@ -64,6 +66,13 @@ async def _with_bus(
         await starting
         bus.ready = True
         await body(bus, stop)
+
+
+async def _stop_if_requested(_app: web.Application) -> None:
+    """aiohttp has its own signal handlers by now; honour a signal that came before them."""
+    if shutdown.requested():
+        log.info("stop requested while starting; not serving")
+        raise web.GracefulExit
 
 
 def _load(ctx: click.Context, **overrides: Any) -> Config:
@@ -121,6 +130,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
     _warn(config)
     setup_tracing("provisioning-gateway", config.tracing)
     app = create_app(config, _registry(config))
+    app.on_startup.append(_stop_if_requested)
     log.info("gateway listening on http://%s:%d", config.gateway.host, config.gateway.port)
     try:
         web.run_app(
@@ -151,18 +161,14 @@ def scheduler(ctx: click.Context) -> None:
     _warn(config)
     setup_tracing("provisioning-scheduler", config.tracing)
     registry = _registry(config)
-    held = True
 
     async def body(bus: Bus, stop: asyncio.Event) -> None:
-        nonlocal held
-        held = await Scheduler(config, bus, registry).run(stop)
+        await Scheduler(config, bus, registry).run(stop)
 
     try:
         asyncio.run(_with_bus(config, "scheduler", body))
     finally:
         shutdown_tracing()
-    if not held:  # lost the lease: exit so that a supervisor starts us again, as a standby
-        sys.exit(EXIT_LEASE_LOST)
 
 
 @main.command()

@@ -11,6 +11,7 @@ __all__ = [
     "BUCKET_WORKFLOWS",
     "CONSUMER_COMMANDS",
     "CONSUMER_REPORTS",
+    "LEASE_SCHEDULER",
     "STREAM_COMMANDS",
     "STREAM_DISPATCH",
     "STREAM_DLQ",
@@ -48,7 +49,8 @@ BUCKET_TASKS = "prov_tasks"  # <workflow_id>.<task_id> -> TaskRecord
 BUCKET_ACTIVE = "prov_active"  # <workflow_id> -> b"" while the workflow is not finished
 BUCKET_PROGRESS = "prov_progress"  # <workflow_id>.<task_id> -> Progress (last reported)
 BUCKET_EXECUTORS = "prov_executors"  # <executor_id> -> ExecutorBeat, expires by TTL
-BUCKET_LEASES = "prov_leases"  # "scheduler" -> the active scheduler's lease
+BUCKET_LEASES = "prov_leases"  # LEASE_SCHEDULER -> SchedulerLease of the active scheduler
+LEASE_SCHEDULER = "scheduler"
 
 
 def command_subject(kind: str, workflow_id: str) -> str:

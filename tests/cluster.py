@@ -22,8 +22,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from services.runner import EXIT_LEASE_LOST
-
 from .support import NATS_BIN, Service, Stack, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -389,19 +387,11 @@ class ClusterStack(Stack):
     def services(self) -> list[Service]:
         return [self.gateway, *self.schedulers, *self.executors]
 
-    def supervise(self) -> list[Service]:
-        """What systemd's ``Restart=on-failure`` (or compose's ``restart:``) does for a
-        scheduler that stepped down (exit 75): start it again, as a standby. Any other dead
-        service is an error. Returns the schedulers restarted."""
-        restarted = []
-        for service in self.services:
-            if service.alive:
-                continue
-            assert service.proc is not None
-            code = service.proc.returncode
-            assert service in self.schedulers and code == EXIT_LEASE_LOST, (
-                f"{service.name} exited with {code}:\n{service.log()[-4000:]}"
-            )
-            service.start()
-            restarted.append(service)
-        return restarted
+    def dead(self) -> list[str]:
+        """Services that died, with their exit codes and logs. A scheduler that loses its
+        lease stands by again in the same process, so nothing may die."""
+        return [
+            f"{s.name} exited with {s.proc.returncode}:\n{s.log()[-4000:]}"
+            for s in self.services
+            if s.proc is not None and not s.alive
+        ]

@@ -286,7 +286,12 @@ class Stack:
             service.start()
         self.http.wait_healthy()
         wait_until(self.executors_alive, 30, what="executors to announce themselves")
+        wait_until(self.scheduler_active, 30, what="a scheduler to hold the lease")
         return self
+
+    def scheduler_active(self) -> bool:
+        status, body = self.http.get("/health")
+        return status == 200 and bool(body["scheduler"]["active"])
 
     def executors_alive(self) -> int:
         status, body = self.http.get("/executors")
@@ -435,6 +440,15 @@ def task_runs(executor_logs: str, workflow_id: str, task_id: str) -> list[tuple[
         rf"\b{re.escape(workflow_id)}\.{re.escape(task_id)} attempt (\d+) (\w+) in [\d.]+s"
     )
     return [(int(a), o) for a, o in pattern.findall(executor_logs)]
+
+
+def caught_signals(pid: int) -> set[int]:
+    """The signals a live process has handlers for (``SigCgt`` in ``/proc/<pid>/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+    return set()
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -277,7 +277,7 @@ def test_dockerfile_runtime_stage() -> None:
         runner.commands
     )
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'provisioning-orchestrator = "services.runner:main"' in pyproject
+    assert 'provisioning-orchestrator = "services.__main__:run"' in pyproject
 
     env = " ".join(args for word, args in instructions if word == "ENV")
     for var in re.findall(r"\b(PROVISIONING_[A-Z_]+)=", env):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
-from .support import Stack, wait_until
+from .support import NatsServer, Stack, caught_signals, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -109,3 +111,43 @@ def test_services_stop_cleanly_on_sigterm(stack: Stack) -> None:
     for service in stack.services:
         assert service.proc is not None
         assert service.proc.wait(30) == 0, service.log()[-3000:]
+
+
+@pytest.mark.parametrize("delay_s", [0.1, 0.6])
+def test_sigterm_while_starting_is_a_clean_stop(
+    tmp_path: Path, nats_server: NatsServer, delay_s: float
+) -> None:
+    """A supervisor may stop a service that is still importing, configuring or connecting:
+    that is a clean stop too (exit 0), not death by signal."""
+    stack = Stack(tmp_path, nats_server)
+    services = stack.services
+    for service in services:
+        service.start()
+    for service in services:  # the interpreter is up (it catches SIGINT): the service's code runs
+        assert service.proc is not None
+        wait_until(lambda s=service: signal.SIGINT in caught_signals(s.proc.pid), 10)  # type: ignore[union-attr]
+    time.sleep(delay_s)
+    for service in services:
+        service.signal(signal.SIGTERM)
+    for service in services:
+        assert service.proc is not None
+        assert service.proc.wait(30) == 0, service.log()[-3000:]
+
+
+def test_health_names_the_active_scheduler(stack: Stack) -> None:
+    scheduler = stack.http.get("/health")[1]["scheduler"]
+    assert scheduler["active"] is True
+    assert scheduler["holder"] and scheduler["since"]
+    assert 0 <= scheduler["renewed_seconds_ago"] < 6
+    cli = stack.cli("health")
+    assert f"scheduler: active ({scheduler['holder']})" in cli.stdout
+
+    assert stack.scheduler.stop() == 0  # a graceful stop releases the lease at once
+    wait_until(lambda: not stack.scheduler_active(), 5, what="the lease to be released")
+    status, body = stack.http.get("/health")
+    assert status == 200 and body["scheduler"] == {"active": False}  # the gateway still serves
+    assert "scheduler: none active" in stack.cli("health").stdout
+
+    stack.scheduler.start()
+    wait_until(stack.scheduler_active, 30, what="the restarted scheduler to take the lease")
+    assert stack.http.get("/health")[1]["scheduler"]["holder"] != scheduler["holder"]

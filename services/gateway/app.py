@@ -52,6 +52,7 @@ from shared.messages import (
     WorkflowRecord,
     decode_command,
     decode_event,
+    decode_lease,
     decode_log,
     encode,
 )
@@ -351,8 +352,32 @@ async def health(request: web.Request) -> web.Response:
         "version": __version__,
         "api_version": API_VERSION,
         "nats": {"connected": bus.connected, "jetstream": ok, "detail": reason},
+        "scheduler": await _scheduler_health(bus) if ok else {"active": False},
     }
     return web.json_response(body, status=200 if ok else 503)
+
+
+async def _scheduler_health(bus: Bus) -> dict[str, Any]:
+    """Whether a scheduler holds the lease (submissions are accepted either way; they wait in
+    JetStream until one is active)."""
+    try:
+        entry = await bus.kv.leases.get(subjects.LEASE_SCHEDULER)
+    except nats.js.errors.KeyNotFoundError:
+        return {"active": False}
+    except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        return {"active": False, "detail": f"cannot read the lease: {exc or type(exc).__name__}"}
+    if not entry.value:
+        return {"active": False}
+    try:
+        lease = decode_lease(entry.value)
+    except DecodeError:
+        return {"active": False, "detail": "unreadable lease"}
+    return {
+        "active": True,
+        "holder": lease.holder,
+        "since": datetime.fromtimestamp(lease.acquired_at, UTC).isoformat(),
+        "renewed_seconds_ago": round(max(0.0, datetime.now(UTC).timestamp() - lease.renewed_at), 3),
+    }
 
 
 async def submit_workflow(request: web.Request) -> web.Response:

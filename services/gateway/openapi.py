@@ -82,6 +82,18 @@ _SCHEMAS: dict[str, Any] = {
                     "detail": {"type": "string"},
                 },
             },
+            "scheduler": {
+                "type": "object",
+                "description": "The active scheduler (the holder of the lease), if any.",
+                "required": ["active"],
+                "properties": {
+                    "active": {"type": "boolean"},
+                    "holder": {"type": "string"},
+                    "since": {"type": "string", "format": "date-time"},
+                    "renewed_seconds_ago": {"type": "number"},
+                    "detail": {"type": "string"},
+                },
+            },
         },
     },
     "WorkflowSummary": {

@@ -14,21 +14,16 @@ import contextlib
 import logging
 import time
 
-import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-__all__ = ["LEASE_KEY", "Lease"]
+from shared.messages import SchedulerLease, encode
+from shared.subjects import LEASE_SCHEDULER
+
+__all__ = ["Lease"]
 
 log = logging.getLogger(__name__)
-LEASE_KEY = "scheduler"
-
-
-class _Holder(msgspec.Struct):
-    holder: str
-    acquired_at: float
-    renewed_at: float
 
 
 class Lease:
@@ -54,14 +49,14 @@ class Lease:
         )
 
     def _value(self, acquired_at: float) -> bytes:
-        return msgspec.json.encode(_Holder(self.holder, acquired_at, time.time()))
+        return encode(SchedulerLease(self.holder, acquired_at, time.time()))
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this process holds the lease (True) or ``stop`` is set (False)."""
         announced = False
         while not stop.is_set():
             try:
-                self._revision = await self.kv.create(LEASE_KEY, self._value(time.time()))
+                self._revision = await self.kv.create(LEASE_SCHEDULER, self._value(time.time()))
             except nats.js.errors.KeyWrongLastSequenceError:
                 if not announced:
                     log.info("another scheduler is active; standing by")
@@ -82,7 +77,7 @@ class Lease:
             await asyncio.sleep(self.renew_s)
             try:
                 self._revision = await self.kv.update(
-                    LEASE_KEY, self._value(acquired_at), last=self._revision
+                    LEASE_SCHEDULER, self._value(acquired_at), last=self._revision
                 )
                 self._renewed = time.monotonic()
             except nats.js.errors.KeyWrongLastSequenceError:
@@ -104,6 +99,6 @@ class Lease:
                 await self._task
         if self._revision and not self.lost.is_set():
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, OSError):
-                await self.kv.delete(LEASE_KEY, last=self._revision)
+                await self.kv.delete(LEASE_SCHEDULER, last=self._revision)
                 log.info("released the scheduler lease")
         self._revision = 0

@@ -154,14 +154,14 @@ class Scheduler:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> bool:
+    async def run(self, stop: asyncio.Event) -> None:
         """Wait for the lease (one active scheduler), recover, then process inputs until ``stop``
         is set; then hand back unprocessed input.
 
         A scheduler that loses its lease (NATS unreachable for longer than the lease, or a
         paused process that finds another scheduler active) stops writing, drops its memory and
         stands by again in the same process: with no supervisor to restart it, a lone scheduler
-        must take its lease back by itself once NATS returns. Returns True once stopped."""
+        must take its lease back by itself once NATS returns."""
         while not stop.is_set():
             lease = Lease(self.bus.kv.leases, self.id, ttl_s=LEASE_TTL_S, renew_s=LEASE_RENEW_S)
             if not await lease.acquire(stop):
@@ -178,7 +178,6 @@ class Scheduler:
                 break
             log.warning("lost the scheduler lease: memory dropped; standing by again")
             self._forget()
-        return True
 
     def _forget(self) -> None:
         """Drop everything an active period kept in memory (rebuilt from checkpoints if this

@@ -6,6 +6,7 @@ from .codec import (
     decode_command,
     decode_dispatch,
     decode_event,
+    decode_lease,
     decode_log,
     decode_progress,
     decode_report,
@@ -17,6 +18,7 @@ from .commands import CancelWorkflow, Command, RetryWorkflow, SubmitWorkflow
 from .definition import Backoff, OnFailure, TaskSpec, WorkflowDefinition
 from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
+from .leases import SchedulerLease
 from .records import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
@@ -47,6 +49,7 @@ __all__ = [
     "ProgressEvent",
     "Report",
     "RetryWorkflow",
+    "SchedulerLease",
     "SubmitWorkflow",
     "TaskDispatch",
     "TaskEvent",
@@ -63,6 +66,7 @@ __all__ = [
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_lease",
     "decode_log",
     "decode_progress",
     "decode_report",

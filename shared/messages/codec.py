@@ -9,6 +9,7 @@ import msgspec
 from .commands import Command
 from .events import Event, LogChunk
 from .executors import ExecutorBeat
+from .leases import SchedulerLease
 from .records import Progress, TaskRecord, WorkflowRecord
 from .tasks import Report, TaskDispatch
 
@@ -18,6 +19,7 @@ __all__ = [
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_lease",
     "decode_log",
     "decode_progress",
     "decode_report",
@@ -39,6 +41,7 @@ _workflows = msgspec.json.Decoder(WorkflowRecord)
 _tasks = msgspec.json.Decoder(TaskRecord)
 _progress = msgspec.json.Decoder(Progress)
 _beats = msgspec.json.Decoder(ExecutorBeat)
+_leases = msgspec.json.Decoder(SchedulerLease)
 
 
 def encode(obj: Any) -> bytes:
@@ -79,3 +82,7 @@ def decode_progress(data: bytes) -> Progress:
 
 def decode_beat(data: bytes) -> ExecutorBeat:
     return _beats.decode(data)
+
+
+def decode_lease(data: bytes) -> SchedulerLease:
+    return _leases.decode(data)
