@@ -138,6 +138,11 @@ def test_retry_reruns_only_failed_cancelled_and_skipped_tasks(stack: Stack) -> N
     }
     assert "server rt-srv-1 does not exist" in before["install"]["error"]
     assert view["runs"] == 1
+    # the summary (from the workflow's record alone) agrees with the tasks
+    expected = {"completed": 2, "failed": 1, "skipped": 1, "cancelled": 1}
+    summary = stack.http.get(f"/workflows/{wf_id}?tasks=false")[1]
+    assert "tasks" not in summary and view["counts"] == summary["counts"] == expected
+    assert summary["progress"] == view["progress"] == 40
 
     # the cause goes away: create the server, then retry the workflow
     server = submit(
@@ -160,6 +165,10 @@ def test_retry_reruns_only_failed_cancelled_and_skipped_tasks(stack: Stack) -> N
     after = tasks_of(view)
     assert view["runs"] == 2 and view["error"] is None
     assert {k: t["status"] for k, t in after.items()} == dict.fromkeys(after, "completed")
+    summary = stack.http.get(f"/workflows/{wf_id}?tasks=false")[1]
+    assert summary["counts"] == {"completed": 5} and summary["progress"] == 100
+    listed = {w["workflow_id"]: w for w in stack.http.get("/workflows")[1]["workflows"]}
+    assert listed[wf_id]["counts"] == {"completed": 5}
     # completed tasks were not run again
     for task_id in ("prep", "side"):
         assert after[task_id]["attempt"] == 1 and len(after[task_id]["attempts"]) == 1

@@ -42,6 +42,7 @@ from shared.messages import (
     LogChunk,
     Progress,
     ProgressEvent,
+    Report,
     TaskDispatch,
     TaskFinished,
     TaskStarted,
@@ -93,7 +94,8 @@ class _Running:
         self.cancel = asyncio.Event()
         self.handed_back = False  # shutting down: nak, another executor runs it
         self.superseded_by: str | None = None  # a later delivery runs elsewhere: drop this run
-        self.received = time.monotonic()  # when the delivery was fetched (its ack timer runs)
+        # when the fetch that brought the delivery began: its ack timer started no earlier
+        self.received = time.monotonic()
         self.extra: list[Msg] = []  # later deliveries of this attempt, settled with this one
 
 
@@ -294,6 +296,7 @@ class Executor:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            fetched = time.monotonic()
             try:
                 msgs = await sub.fetch(free, timeout=FETCH_TIMEOUT_S)
             except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
@@ -314,7 +317,7 @@ class Executor:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.nak()  # arrived while stopping: another executor takes it
                     continue
-                worker = asyncio.create_task(self._handle(msg))
+                worker = asyncio.create_task(self._handle(msg, fetched))
                 self._workers.add(worker)
                 worker.add_done_callback(self._worker_done)
 
@@ -368,8 +371,7 @@ class Executor:
 
     # -- one task -------------------------------------------------------------------------------
 
-    async def _handle(self, msg: Msg) -> None:
-        received = time.monotonic()
+    async def _handle(self, msg: Msg, received: float) -> None:
         try:
             dispatch = decode_dispatch(msg.data)
             problem = _not_a_dispatch(msg.subject, dispatch)
@@ -428,8 +430,14 @@ class Executor:
     async def _already_done(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> bool | None:
         """Fencing: skip (True) an attempt that is stale, finished or whose result is on its way;
         defer (None: nak, it comes back after the ack wait) a delivery that another executor
-        has already started; else run it (False)."""
+        has already started; else run it (False).
+
+        The pending report is read before the checkpoint: the scheduler writes the checkpoint
+        before it consumes the report, so a report gone by the first read is in the checkpoint
+        by the second. (In the other order a result consumed between the two reads is missed
+        by both, and the task runs again.)"""
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        report = await self._pending_report(dispatch)
         found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
         if found is None:  # the scheduler checkpoints a task before it dispatches it
             await self.bus.dead_letter("executor", msg, f"no checkpoint for task {key}")
@@ -461,17 +469,6 @@ class Executor:
         ):
             await self._defer(msg, key, dispatch, delivery, record.executor_id)
             return None
-        try:
-            last = await self.bus.js.get_last_msg(
-                subjects.STREAM_REPORTS,
-                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
-            )
-        except nats.js.errors.NotFoundError:
-            return False
-        try:
-            report = decode_report(last.data or b"")
-        except (DecodeError, RecursionError):
-            return False
         if isinstance(report, TaskFinished) and report.attempt == dispatch.attempt:
             log.info("%s attempt %d already finished; not running it again", key, dispatch.attempt)
             return True
@@ -484,6 +481,20 @@ class Executor:
             await self._defer(msg, key, dispatch, delivery, report.executor_id)
             return None
         return False
+
+    async def _pending_report(self, dispatch: TaskDispatch) -> Report | None:
+        """The last report of the task not yet consumed by the scheduler, if any."""
+        try:
+            last = await self.bus.js.get_last_msg(
+                subjects.STREAM_REPORTS,
+                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        try:
+            return decode_report(last.data or b"")
+        except (DecodeError, RecursionError):
+            return None
 
     async def _defer(
         self, msg: Msg, key: str, dispatch: TaskDispatch, delivery: int, holder: str | None
@@ -562,7 +573,11 @@ class Executor:
                     for handed in (msg, *running.extra):
                         await handed.nak()
                 return
-            if running.superseded_by or await self._superseded(running):
+            if running.superseded_by or (
+                # a later delivery needs the ack wait to pass first: a task this short has none
+                time.monotonic() - running.received > self.ack_wait_s / 2
+                and await self._superseded(running)
+            ):
                 # The message was redelivered (we were stopped or cut off past the ack wait)
                 # and a later delivery runs or ran elsewhere: it owns the result and the ack.
                 span.set_attribute("task.superseded", True)

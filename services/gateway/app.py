@@ -495,11 +495,14 @@ async def get_workflow(request: web.Request) -> web.Response:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(found, SubmitWorkflow):
         return web.json_response(pending_view(wf_id, found.definition, found.submitted_at))
+    record = found[0]
     include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
+    if not include and record.counts is not None:  # the summary: one read, however many tasks
+        return web.json_response(workflow_view(record, None, {}))
     tasks, progress = await asyncio.gather(store.tasks(wf_id), store.progress(wf_id))
-    view = workflow_view(
-        found[0], {k: v[0] for k, v in tasks.items()}, progress, include_tasks=include
-    )
+    view = workflow_view(record, {k: v[0] for k, v in tasks.items()}, progress)
+    if not include:
+        del view["tasks"]
     return web.json_response(view)
 
 

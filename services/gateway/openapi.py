@@ -112,6 +112,13 @@ _SCHEMAS: dict[str, Any] = {
             "runs": {"type": "integer"},
             "trace_id": _nullable("string"),
             "error": _nullable("string"),
+            "counts": {
+                "type": "object",
+                "description": "Tasks per status (once the scheduler has taken the workflow)",
+                "propertyNames": {"enum": _TASK_STATUS},
+                "additionalProperties": {"type": "integer"},
+            },
+            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
         },
     },
     "WorkflowPage": {
@@ -160,12 +167,6 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "required": ["counts", "progress"],
                 "properties": {
-                    "counts": {
-                        "type": "object",
-                        "propertyNames": {"enum": _TASK_STATUS},
-                        "additionalProperties": {"type": "integer"},
-                    },
-                    "progress": {"type": "integer", "minimum": 0, "maximum": 100},
                     "tasks": {"type": "array", "items": _ref("Task")},
                     "priority": {"type": "integer"},
                     "on_failure": {"enum": ["stop", "continue"]},

@@ -55,7 +55,7 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
 
 
 def workflow_summary(record: WorkflowRecord) -> dict[str, Any]:
-    return {
+    summary = {
         "workflow_id": record.id,
         "name": record.name,
         "status": record.status,
@@ -69,29 +69,37 @@ def workflow_summary(record: WorkflowRecord) -> dict[str, Any]:
         "trace_id": record.trace_id,
         "error": record.error,
     }
+    if record.counts is not None:  # written by the scheduler since it took the workflow
+        summary["counts"] = dict(record.counts)
+        done = record.counts.get("completed", 0)
+        summary["progress"] = round(100 * done / max(1, len(record.task_ids)))
+    return summary
 
 
 def workflow_view(
     record: WorkflowRecord,
-    tasks: dict[str, TaskRecord],
+    tasks: dict[str, TaskRecord] | None,
     progress: dict[str, Progress],
-    *,
-    include_tasks: bool = True,
 ) -> dict[str, Any]:
+    """The workflow with its tasks, or (``tasks`` None) its summary from the record alone."""
     view = workflow_summary(record)
+    counts: dict[str, int]
+    if tasks is not None:
+        counts = dict(Counter(str(t.status) for t in tasks.values()))
+    else:
+        counts = dict(record.counts or {})
     view.update(
         priority=record.priority,
         on_failure=record.on_failure,
         description=record.description,
         cancel_requested=record.cancel_requested,
-        counts=dict(Counter(t.status for t in tasks.values())),
+        counts=counts,
     )
-    if include_tasks:
+    if tasks is not None:
         view["tasks"] = [
             task_view(tasks[t], progress.get(t)) for t in record.task_ids if t in tasks
         ]
-    done = sum(1 for t in tasks.values() if t.status == "completed")
-    view["progress"] = round(100 * done / max(1, len(record.task_ids)))
+    view["progress"] = round(100 * counts.get("completed", 0) / max(1, len(record.task_ids)))
     return view
 
 

@@ -1,9 +1,10 @@
 """What one step of the scheduler's engine changed, waiting to be applied to JetStream.
 
 The engine handles a batch of inputs (executor reports, retry timers) in memory, then applies
-the result in one go and in this order: task and workflow checkpoints (KV, with revision
-checks), events, the dispatches those checkpoints allow, the end of finished workflows, and
-only then the acks of the inputs. Several changes to one task in a step make one write.
+the result in one go and in this order: task checkpoints (KV, with revision checks); then,
+together, workflow checkpoints and the dispatches and kills the task checkpoints allow; events;
+the end of finished workflows; and only then the acks of the inputs. Several changes to one
+task in a step make one write.
 """
 
 from __future__ import annotations

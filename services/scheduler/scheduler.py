@@ -397,7 +397,8 @@ class Scheduler:
         self._batch.kills[state.id].append(task_id)
 
     async def _flush(self) -> None:
-        """Apply the batch: checkpoints, events, dispatches, ends of workflows, then acks."""
+        """Apply the batch: task checkpoints; workflow checkpoints with the dispatches and kills
+        they allow; events; ends of workflows; then acks."""
         batch = self._batch
         if not batch:
             return
@@ -421,34 +422,16 @@ class Scheduler:
             for ((_, task_id), state), revision in zip(chunk, revisions, strict=True):
                 state.revisions[task_id] = revision
         batch.tasks.clear()
-        states = list(batch.workflows.values())
-        revisions = await asyncio.gather(
-            *(
-                self.bus.write(kv.workflows.update, s.id, encode(s.record), last=s.revision)
-                for s in states
-            )
-        )
-        for state, revision in zip(states, revisions, strict=True):
-            state.revision = revision
-        batch.workflows.clear()
+        # The task checkpoints are written: what they allow (dispatches, kills) goes out together
+        # with the workflow records, one round trip instead of two on the path of every task.
+        await asyncio.gather(self._write_workflows(), self._send_work())
+        # Events last: a client that sees a workflow's end event finds its final record.
         # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
         # leader would otherwise be lost (and an SSE stream would wait for its end forever).
         await self.bus.publish_all(
             [(subjects.event_subject(e.workflow_id), encode(e)) for e in batch.events]
         )
         batch.events.clear()
-        nc = self.bus.nc
-        for wf_id, task_ids in batch.kills.items():
-            await nc.publish(subjects.cancel_subject(wf_id), encode(task_ids))
-        batch.kills.clear()
-        dispatches, batch.dispatches = batch.dispatches, []
-        for start in range(0, len(dispatches), WRITE_CHUNK):
-            await asyncio.gather(
-                *(
-                    self._publish_dispatch(state, task_id)
-                    for state, task_id in dispatches[start : start + WRITE_CHUNK]
-                )
-            )
         for wf_id, state in batch.finished.items():
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
                 await kv.active.delete(wf_id)
@@ -469,6 +452,38 @@ class Scheduler:
                 await msg.ack()
         batch.msgs.clear()
 
+    async def _write_workflows(self) -> None:
+        batch = self._batch
+        states = list(batch.workflows.values())
+        batch.workflows.clear()
+        for state in states:
+            state.record.counts = {k: n for k, n in sorted(state.counts.items()) if n}
+        revisions = await asyncio.gather(
+            *(
+                self.bus.write(
+                    self.bus.kv.workflows.update, s.id, encode(s.record), last=s.revision
+                )
+                for s in states
+            )
+        )
+        for state, revision in zip(states, revisions, strict=True):
+            state.revision = revision
+
+    async def _send_work(self) -> None:
+        """Kill requests and dispatches of the batch (their task checkpoints are written)."""
+        batch = self._batch
+        for wf_id, task_ids in batch.kills.items():
+            await self.bus.nc.publish(subjects.cancel_subject(wf_id), encode(task_ids))
+        batch.kills.clear()
+        dispatches, batch.dispatches = batch.dispatches, []
+        for start in range(0, len(dispatches), WRITE_CHUNK):
+            await asyncio.gather(
+                *(
+                    self._publish_dispatch(state, task_id)
+                    for state, task_id in dispatches[start : start + WRITE_CHUNK]
+                )
+            )
+
     def _set_status(self, state: WorkflowState, task_id: str, status: str) -> None:
         old = state.set_status(task_id, status)
         pool = state.tasks[task_id].spec.pool
@@ -478,6 +493,7 @@ class Scheduler:
         elif old not in busy and status in busy:
             self._inflight[pool] += 1
         if old != status:
+            self._save_workflow(state)  # its counts changed
             self.metrics.tasks.add(1, {"status": status, "pool": pool})
             if status == "retrying":
                 self.metrics.retries.add(1, {"pool": pool})

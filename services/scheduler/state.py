@@ -7,7 +7,7 @@ a fan-in over 10,000 tasks costs O(1) per finished dependency, not O(10,000).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from shared.messages import TERMINAL_TASK, TaskRecord, WorkflowRecord
 
@@ -34,6 +34,7 @@ class WorkflowState:
         self.dependents: dict[str, list[str]] = defaultdict(list)
         self.waiting: dict[str, int] = {}  # dependencies not completed yet, per task
         self.terminal = 0  # tasks in an end state
+        self.counts: Counter[str] = Counter(task.status for task in tasks.values())  # per status
         for task_id, task in tasks.items():
             self.waiting[task_id] = 0
             if task.status in TERMINAL_TASK:
@@ -55,6 +56,8 @@ class WorkflowState:
         if old == status:
             return old
         self.terminal += (status in TERMINAL_TASK) - (old in TERMINAL_TASK)
+        self.counts[old] -= 1
+        self.counts[status] += 1
         if old == "completed" or status == "completed":
             step = -1 if status == "completed" else 1
             for child in self.dependents.get(task_id, ()):

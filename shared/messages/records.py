@@ -77,6 +77,9 @@ class WorkflowRecord(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     runs: int = 1
     cancel_requested: bool = False
+    # Tasks per status, written by the scheduler with each step that changes one: a summary
+    # of the workflow costs one read, not one per task. None in records of older versions.
+    counts: dict[str, int] | None = None
     v: int = 1
 
 
