@@ -14,7 +14,9 @@ def setup_logging(level: str | None = None, *, service: str = "") -> None:
     prefix = f"{service} " if service else ""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)-7s {prefix}%(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            f"%(asctime)s.%(msecs)03d %(levelname)-7s {prefix}%(name)s: %(message)s", "%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -301,3 +301,30 @@ def test_cli_submits_example3_in_every_format(stack: Stack) -> None:
     assert run.returncode == 4, (run.stdout, run.stderr)
     assert "task 'a' depends on itself" in run.stderr
     assert len(stack.http.get("/workflows?limit=100")[1]["workflows"]) == count
+
+
+def test_a_submission_waiting_for_the_scheduler_shows_as_queued(stack: Stack) -> None:
+    assert stack.scheduler.stop() == 0
+    status, accepted = stack.http.post(
+        "/workflows",
+        {"name": "waits", "tasks": [{"id": f"t{i}", "action": "builtin.noop"} for i in range(3)]},
+    )
+    assert status == 202
+    wf_id = accepted["workflow_id"]
+    # the summary comes from what the gateway remembers of the submission it accepted
+    status, summary = stack.http.get(f"/workflows/{wf_id}?tasks=false")
+    assert status == 200 and "tasks" not in summary
+    assert summary["status"] == "queued" and summary["tasks_total"] == 3
+    assert summary["counts"] == {"pending": 3} and summary["progress"] == 0
+    # the whole view reads the submission back from the queue
+    status, view = stack.http.get(f"/workflows/{wf_id}")
+    assert status == 200 and view["status"] == "queued"
+    assert [(t["id"], t["status"]) for t in view["tasks"]] == [
+        (f"t{i}", "pending") for i in range(3)
+    ]
+    assert stack.http.get("/workflows/" + "0" * 32 + "?tasks=false")[0] == 404
+
+    stack.scheduler.start()
+    assert stack.http.wait_workflow(wf_id)["status"] == "completed"
+    status, summary = stack.http.get(f"/workflows/{wf_id}?tasks=false")
+    assert summary["status"] == "completed" and summary["counts"] == {"completed": 3}

@@ -66,7 +66,7 @@ from shared.workflow import (
 )
 
 from .openapi import openapi_document
-from .views import pending_view, task_view, workflow_summary, workflow_view
+from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
 
 __all__ = ["BUS", "create_app"]
 
@@ -77,6 +77,11 @@ BUS = web.AppKey("bus", Bus)
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
 STORE = web.AppKey("store", Store)
+# Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
+# Their summaries are answered from here until the scheduler writes the record, rather than by
+# reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
+RECENT = web.AppKey("recent", dict[str, tuple[str, int, datetime]])
+RECENT_LIMIT = 1024
 SSE_HEARTBEAT_S = 15.0
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -320,6 +325,10 @@ async def _submit(
             headers=headers_with_context(),
         )
         trace_id = trace_id_hex()
+    recent = app[RECENT]
+    recent[wf_id] = (definition.name, len(definition.tasks), command.submitted_at)
+    while len(recent) > RECENT_LIMIT:
+        del recent[next(iter(recent))]
     log.info(
         "accepted workflow %s %r (%d tasks, %s)",
         wf_id,
@@ -487,16 +496,37 @@ async def _lookup(
     return await store.workflow(wf_id)
 
 
+async def _recent_pending(request: web.Request, wf_id: str) -> dict[str, Any] | None:
+    """The summary of a submission accepted here and still waiting in the queue, if it is one;
+    whether it waits is asked of JetStream without reading the submission back."""
+    accepted = request.app[RECENT].get(wf_id)
+    if accepted is None:
+        return None
+    subject = subjects.command_subject("submit", wf_id)
+    info = await request.app[BUS].js.stream_info(subjects.STREAM_COMMANDS, subjects_filter=subject)
+    if not (info.state.subjects or {}).get(subject):
+        return None  # taken by the scheduler (or refused): the record, or nothing, says which
+    return pending_summary(wf_id, *accepted)
+
+
 async def get_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
     store = request.app[STORE]
+    include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
+    if (
+        not include
+        and await store.workflow(wf_id) is None
+        and (summary := await _recent_pending(request, wf_id)) is not None
+    ):
+        return web.json_response(summary)
     found = await _lookup(request, wf_id)
     if found is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(found, SubmitWorkflow):
-        return web.json_response(pending_view(wf_id, found.definition, found.submitted_at))
+        view = pending_view(wf_id, found.definition, found.submitted_at, include_tasks=include)
+        return web.json_response(view)
+    request.app[RECENT].pop(wf_id, None)  # the scheduler has it: the record answers from now
     record = found[0]
-    include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
     if not include and record.counts is not None:  # the summary: one read, however many tasks
         return web.json_response(workflow_view(record, None, {}))
     tasks, progress = await asyncio.gather(store.tasks(wf_id), store.progress(wf_id))
@@ -810,6 +840,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[STORE] = Store(the_bus)
+    app[RECENT] = {}
     app.cleanup_ctx.append(_bus_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", get_openapi)

@@ -10,7 +10,7 @@ import msgspec
 
 from shared.messages import Progress, TaskRecord, WorkflowDefinition, WorkflowRecord
 
-__all__ = ["pending_view", "task_view", "workflow_summary", "workflow_view"]
+__all__ = ["pending_summary", "pending_view", "task_view", "workflow_summary", "workflow_view"]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -103,22 +103,35 @@ def workflow_view(
     return view
 
 
-def pending_view(
-    workflow_id: str, definition: WorkflowDefinition, submitted_at: datetime
+def pending_summary(
+    workflow_id: str, name: str, tasks_total: int, submitted_at: datetime
 ) -> dict[str, Any]:
-    """A workflow whose submission is durable but not yet taken by the scheduler."""
+    """The summary of a workflow whose submission waits for the scheduler."""
     return {
         "workflow_id": workflow_id,
-        "name": definition.name,
+        "name": name,
         "status": "queued",
-        "tasks_total": len(definition.tasks),
+        "tasks_total": tasks_total,
         "created_at": _iso(submitted_at),
         "started_at": None,
         "finished_at": None,
         "trace_id": None,
-        "counts": {"pending": len(definition.tasks)},
+        "counts": {"pending": tasks_total},
         "progress": 0,
-        "tasks": [
+    }
+
+
+def pending_view(
+    workflow_id: str,
+    definition: WorkflowDefinition,
+    submitted_at: datetime,
+    *,
+    include_tasks: bool = True,
+) -> dict[str, Any]:
+    """A workflow whose submission is durable but not yet taken by the scheduler."""
+    view = pending_summary(workflow_id, definition.name, len(definition.tasks), submitted_at)
+    if include_tasks:
+        view["tasks"] = [
             {
                 "id": t.id,
                 "task_id": f"{workflow_id}.{t.id}",
@@ -129,5 +142,5 @@ def pending_view(
                 "depends_on": t.depends_on,
             }
             for t in definition.tasks
-        ],
-    }
+        ]
+    return view

@@ -557,6 +557,7 @@ class Scheduler:
             idempotency_key=cmd.idempotency_key,
             trace_id=trace_id_hex() or _trace_id_from(headers),
             traceparent=headers.get("traceparent"),
+            counts={"pending": len(tasks)},  # summaries never need to read the tasks
         )
         try:
             revision = await self.bus.kv.workflows.create(wf_id, encode(record))
