@@ -207,3 +207,27 @@ def test_poison_messages_are_dead_lettered_and_consumers_keep_going(stack: Stack
     assert all(s.alive for s in stack.services)
     assert len(dead_letters(stack.nats.url)) == len(poison) + 3  # nothing else dead-lettered
     audit.report("poison")
+
+
+def test_only_failures_of_the_input_itself_make_it_poison() -> None:
+    """An accepted workflow must survive NATS being away or electing leaders for as long as
+    it takes: those failures never count toward dead-lettering the input."""
+    import nats.errors
+    import nats.js.errors
+
+    from services.scheduler.scheduler import POISON_DELIVERIES, _poisonous
+
+    not_the_input = [
+        nats.errors.TimeoutError(),
+        nats.errors.NoRespondersError(),
+        nats.errors.ConnectionClosedError(),
+        nats.js.errors.ServiceUnavailableError(),
+        nats.js.errors.KeyWrongLastSequenceError(),
+        TimeoutError(),
+        ConnectionResetError(),
+    ]
+    for exc in not_the_input:
+        assert not _poisonous(exc, POISON_DELIVERIES * 100), exc
+    for exc in (ValueError("bad"), KeyError("t1"), nats.errors.MaxPayloadError()):
+        assert not _poisonous(exc, POISON_DELIVERIES - 1)
+        assert _poisonous(exc, POISON_DELIVERIES), exc

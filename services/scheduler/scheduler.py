@@ -78,11 +78,34 @@ WRITE_CHUNK = 512
 LEASE_RENEW_S = 1.5
 POISON_DELIVERIES = 5  # a command or report that crashed the engine this often is dead-lettered
 _TRANSIENT = (ProvisioningError, nats.errors.Error, nats.js.errors.Error, TimeoutError)
+# Failures that are not the input's fault: NATS out of reach or electing a leader, or a
+# checkpoint changed under us (another scheduler took over). However often an input meets
+# them, it is retried, never dead-lettered: a long election must not lose an accepted workflow.
+_NOT_THE_INPUT = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.TimeoutError,
+    nats.js.errors.KeyWrongLastSequenceError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    ConnectionError,
+    TimeoutError,
+)
 _Input = tuple[str, Any]
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _poisonous(exc: BaseException, deliveries: int) -> bool:
+    """Whether an input whose processing failed with ``exc`` on its ``deliveries``-th delivery
+    is to be dead-lettered rather than retried."""
+    return deliveries >= POISON_DELIVERIES and not isinstance(exc, _NOT_THE_INPUT)
 
 
 class _Poison(Exception):
@@ -312,7 +335,7 @@ class Scheduler:
             return
         except Exception as exc:
             msg = item if isinstance(item, Msg) else None
-            poison = msg is not None and (msg.metadata.num_delivered or 1) >= POISON_DELIVERIES
+            poison = msg is not None and _poisonous(exc, msg.metadata.num_delivered or 1)
             if isinstance(exc, _TRANSIENT):  # NATS away for a moment: no traceback
                 log.warning("cannot process a %s now (%r); will retry", kind, exc)
             else:
