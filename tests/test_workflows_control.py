@@ -187,6 +187,38 @@ def test_retry_reruns_only_failed_cancelled_and_skipped_tasks(stack: Stack) -> N
     assert stack.http.post("/workflows/" + "0" * 32 + "/retry")[0] == 404
 
 
+def test_each_run_of_a_workflow_has_the_whole_retry_budget(stack: Stack) -> None:
+    wf_id = submit(
+        stack,
+        {
+            "name": "budget",
+            "tasks": [
+                {
+                    "id": "flaky",
+                    "action": "builtin.fail",
+                    "retries": 1,
+                    "backoff": {"initial_seconds": 0.1},
+                }
+            ],
+        },
+    )
+    view = stack.http.wait_workflow(wf_id)
+    assert view["status"] == "failed"
+    assert [a["attempt"] for a in view["tasks"][0]["attempts"]] == [1, 2]  # one retry
+
+    assert stack.http.post(f"/workflows/{wf_id}/retry")[0] == 202
+
+    def second_run_ended() -> dict[str, Any] | None:
+        found = stack.http.get(f"/workflows/{wf_id}")[1]
+        return found if found["runs"] == 2 and found["status"] == "failed" else None
+
+    view = wait_until(second_run_ended, 30, what="the second run to fail")
+    task = view["tasks"][0]
+    # the second run retried once again: attempts 3 and 4, not just 3
+    assert [a["attempt"] for a in task["attempts"]] == [1, 2, 3, 4], task["attempts"]
+    assert [a["outcome"] for a in task["attempts"]] == ["failed"] * 4
+
+
 def test_list_filters_by_status_and_paginates(stack: Stack) -> None:
     ids = {"completed": [], "failed": []}  # type: dict[str, list[str]]
     for i in range(7):

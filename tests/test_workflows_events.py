@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from .support import SseEvent, Stack, read_event_stream, wait_until
+from shared import subjects
+from shared.messages import decode_event
+
+from .support import SseEvent, Stack, nats_run, read_event_stream, sse, submit, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -148,3 +151,27 @@ def test_events_of_failure_retry_and_cancel(stack: Stack) -> None:
     assert statuses(events, "task", "child") == ["skipped"]
     assert statuses(events, "task", "long") == ["queued", "running", "cancelled"]
     assert statuses(events, "workflow") == ["queued", "running", "cancelled"]
+
+
+def test_stream_ends_when_the_record_has_ended_but_its_end_event_is_lost(stack: Stack) -> None:
+    """The scheduler checkpoints, then publishes events; if the end event never makes it into
+    the stream, an SSE client still gets the end (from the record) instead of waiting for ever."""
+    wf_id = submit(stack.http, [{"id": "a", "action": "builtin.noop"}])
+    assert stack.http.wait_workflow(wf_id)["status"] == "completed"
+
+    async def drop_end_event(nc: Any) -> int:
+        js = nc.jetstream()
+        last = await js.get_last_msg(subjects.STREAM_EVENTS, subjects.event_subject(wf_id))
+        assert decode_event(last.data).status == "completed"  # type: ignore[union-attr]
+        await js.delete_msg(subjects.STREAM_EVENTS, last.seq)
+        return int(last.seq)
+
+    dropped = nats_run(stack.nats.url, drop_end_event)
+    events = sse(stack.http.base, f"/workflows/{wf_id}/events", timeout=10)
+    kinds = [(kind, data.get("status")) for kind, data in events]
+    assert ("task", "completed") in kinds
+    assert kinds[-1] == ("workflow", "completed")  # from the record, the stream's one is gone
+    assert all(
+        data.get("status") != "completed" or kind != "workflow" for kind, data in events[:-1]
+    )
+    assert dropped > 0

@@ -49,6 +49,7 @@ from shared.messages import (
     RetryWorkflow,
     SubmitWorkflow,
     WorkflowDefinition,
+    WorkflowEvent,
     WorkflowRecord,
     decode_command,
     decode_event,
@@ -584,9 +585,12 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
     raw_last = request.headers.get("Last-Event-ID", "").strip()
     last_id = int(raw_last) if _EVENT_ID_RE.fullmatch(raw_last) else 0
     response = await _sse_response(request)
-    terminal_seen = False
+    terminal_seen = caught_up = False
     async for seq, pending, data in _replay(request.app[BUS], subjects.event_subject(wf_id)):
-        if not data:
+        if not data:  # quiet for a while: has the workflow ended without its end event?
+            if (end := await _recorded_end(request, wf_id)) is not None:
+                await response.write(b"event: workflow\ndata: " + end + b"\n\n")
+                break
             await response.write(b": keepalive\n\n")
             continue
         try:
@@ -600,8 +604,24 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
             await response.write(f"id: {seq}\nevent: {kind}\ndata: ".encode() + data + b"\n\n")
         if terminal_seen and pending == 0:
             break
+        if pending == 0 and not caught_up:  # the history is replayed: once, ask the record
+            caught_up = True
+            if (end := await _recorded_end(request, wf_id)) is not None:
+                await response.write(b"event: workflow\ndata: " + end + b"\n\n")
+                break
     await response.write_eof()
     return response
+
+
+async def _recorded_end(request: web.Request, wf_id: str) -> bytes | None:
+    """The workflow's end as an event, when its record says it has ended: a stream whose own
+    end event was lost (the scheduler checkpoints first, then publishes) still ends."""
+    found = await request.app[STORE].workflow(wf_id)
+    if found is None or found[0].status not in TERMINAL_WORKFLOW:
+        return None
+    record = found[0]
+    at = record.finished_at or datetime.now(UTC)
+    return encode(WorkflowEvent(wf_id, record.status, at, record.error or ""))
 
 
 async def cancel_workflow(request: web.Request) -> web.Response:

@@ -645,6 +645,7 @@ class Scheduler:
             task = state.tasks[task_id]
             if task.status in ("failed", "cancelled", "skipped"):
                 state.set_status(task_id, "pending")
+                task.attempts_before_run = task.attempt  # a fresh retry budget in this run
                 task.cancel_requested = False
                 task.error = task.reason = None
                 task.exit_code = None
@@ -800,7 +801,7 @@ class Scheduler:
             rep.outcome == "failed"
             and rep.retryable
             and rep.reason not in ("cancelled", "refused")
-            and task.attempt <= task.spec.retries
+            and task.attempt - task.attempts_before_run <= task.spec.retries
             and not task.cancel_requested
             and not state.record.cancel_requested
         )
@@ -822,7 +823,7 @@ class Scheduler:
             reason=rep.reason,
         )
         if status == "retrying":
-            delay = task.spec.backoff.delay(task.attempt)
+            delay = task.spec.backoff.delay(task.attempt - task.attempts_before_run)
             task.next_attempt_at = datetime.fromtimestamp(time.time() + delay, UTC)
             self._save_task(state, task_id)
             self._emit(event)

@@ -56,6 +56,9 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     output: Any = None
     attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
     cancel_requested: bool = False
+    # attempts made in earlier runs of the workflow: each run (POST /retry) has the task's
+    # whole retry budget again
+    attempts_before_run: int = 0
     v: int = 1
 
 
