@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -89,7 +89,8 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
     kill_grace_seconds: float
     ack_wait_seconds: float
     max_deliveries: int
-    heartbeat_interval_seconds: float
+    # the heartbeat bucket forgets an executor after 60 s: three beats must fit in that
+    heartbeat_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=20)]
     shutdown_grace_seconds: float
     log_limit_bytes: int
     result_limit_bytes: int

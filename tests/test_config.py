@@ -73,6 +73,11 @@ def test_otel_endpoint_enables_otlp() -> None:
         ("", {"PROVISIONING_GATEWAY_PORT": "abc"}, "PROVISIONING_GATEWAY_PORT"),
         ("", {"PROVISIONING_EXECUTOR_ALLOW_COMMANDS": "maybe"}, "expected a boolean"),
         ("", {"PROVISIONING_EXECUTION_DEFAULT_MODE": "sideways"}, "invalid configuration"),
+        (
+            "[executor]\nheartbeat_interval_seconds = 90\n",
+            {},
+            "float` <= 20.0 - at `.*executor.heartbeat_interval_seconds",
+        ),
     ],
 )
 def test_bad_configuration_is_a_clear_error(
