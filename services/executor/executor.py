@@ -32,6 +32,7 @@ from core.runner import Runner, RunResult
 from shared import __version__, subjects
 from shared.auth import task_token
 from shared.bus import Bus
+from shared.cancellation import cancel_and_wait
 from shared.config import Config
 from shared.errors import ActionNotFound
 from shared.ids import NAME_RE, is_workflow_id
@@ -142,9 +143,7 @@ class _LogSink:
     async def close(self) -> None:
         """Flush what is left; called once the task's process has ended."""
         if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            await cancel_and_wait(self._timer)
             self._timer = None
         await self.flush()
 
@@ -252,9 +251,7 @@ class Executor:
         # cancel it: a cancelled fetch strands its messages until their ack wait expires.
         _, still = await asyncio.wait({fetcher}, timeout=FETCH_TIMEOUT_S + 2)
         if still:
-            fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fetcher
+            await cancel_and_wait(fetcher)
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
@@ -269,9 +266,7 @@ class Executor:
             if pending:
                 log.info("handing %d unfinished tasks back for redelivery", len(pending))
                 await asyncio.wait(pending, timeout=self.config.executor.kill_grace_seconds + 5)
-        beats.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beats
+        await cancel_and_wait(beats)
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await self.bus.kv.executors.delete(self.id)
 
@@ -385,6 +380,7 @@ class Executor:
             return
         delivery = msg.metadata.num_delivered or 1
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        log.debug("%s attempt %d delivery %d received", key, dispatch.attempt, delivery)
         current = self._running.get(key)
         if current is not None and current.dispatch.attempt == dispatch.attempt:
             # JetStream redelivered an attempt that runs here (its keep-alives were lost while
@@ -439,6 +435,16 @@ class Executor:
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
         report = await self._pending_report(dispatch)
         found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
+        log.debug(
+            "%s attempt %d delivery %d: pending report %r, checkpoint %s",
+            key,
+            dispatch.attempt,
+            delivery,
+            type(report).__name__ if report else None,
+            f"{found[0].status} attempt {found[0].attempt} delivery {found[0].delivery}"
+            if found
+            else None,
+        )
         if found is None:  # the scheduler checkpoints a task before it dispatches it
             await self.bus.dead_letter("executor", msg, f"no checkpoint for task {key}")
             return True
@@ -558,14 +564,15 @@ class Executor:
                     delivery,
                 )
                 return
+            log.debug("%s attempt %d delivery %d started", key, dispatch.attempt, delivery)
             keepalive = asyncio.create_task(self._keepalive(running))
             t0 = time.monotonic()
             try:
                 result = await self._run_action(running, span)
             finally:
-                keepalive.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keepalive
+                # a keep-alive whose cancellation was swallowed would be awaited for ever, and
+                # would keep the message alive for ever: the result never reported
+                await cancel_and_wait(keepalive)
             if running.handed_back and result.outcome == "cancelled":  # stopped by shutdown
                 span.set_attribute("task.handed_back", True)
                 log.info("%s handed back for redelivery", key)

@@ -29,6 +29,7 @@ from core.registry import Registry
 from shared import API_VERSION, __version__, subjects
 from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
+from shared.cancellation import cancel_and_wait
 from shared.config import Config
 from shared.errors import (
     BusUnavailable,
@@ -842,9 +843,7 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(connect())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await cancel_and_wait(task)
     await bus.drain()
 
 

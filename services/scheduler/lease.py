@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from shared.cancellation import cancel_and_wait
 from shared.messages import SchedulerLease, encode
 from shared.subjects import LEASE_SCHEDULER
 
@@ -94,9 +95,7 @@ class Lease:
     async def release(self) -> None:
         """Give the lease up at once so a standby need not wait for the TTL."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._revision and not self.lost.is_set():
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, OSError):
                 await self.kv.delete(LEASE_SCHEDULER, last=self._revision)
