@@ -435,16 +435,17 @@ class Executor:
         key = f"{dispatch.workflow_id}.{dispatch.task_id}"
         report = await self._pending_report(dispatch)
         found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
-        log.debug(
-            "%s attempt %d delivery %d: pending report %r, checkpoint %s",
-            key,
-            dispatch.attempt,
-            delivery,
-            type(report).__name__ if report else None,
-            f"{found[0].status} attempt {found[0].attempt} delivery {found[0].delivery}"
-            if found
-            else None,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s attempt %d delivery %d: pending report %s, checkpoint %s",
+                key,
+                dispatch.attempt,
+                delivery,
+                type(report).__name__ if report else None,
+                f"{found[0].status} attempt {found[0].attempt} delivery {found[0].delivery}"
+                if found
+                else None,
+            )
         if found is None:  # the scheduler checkpoints a task before it dispatches it
             await self.bus.dead_letter("executor", msg, f"no checkpoint for task {key}")
             return True
