@@ -74,11 +74,14 @@ def test_one_trace_across_services_and_subprocess(traced: tuple[Stack, Receiver]
         names = [s["name"] for s in spans]
         return (
             spans
-            if names.count("execute flaky") == 2 and "subprocess probe.progress" in names
+            if names.count("execute flaky") == 2
+            and "subprocess probe.progress" in names
+            # each service exports on its own schedule: wait for all of them
+            and {s["service"] for s in spans} >= SERVICES
             else None
         )
 
-    spans = wait_until(complete, 30, 0.5, what="spans to arrive")
+    spans = wait_until(complete, 30, 0.5, what="spans of every service to arrive")
     assert {s["service"] for s in spans} >= SERVICES
     # every span of the workflow is in this one trace
     assert all(
