@@ -28,9 +28,9 @@ from shared.nickel_source import MAX_CONCURRENT
 
 from .support import (
     PROBE_ENV,
-    NatsServer,
     Stack,
     injection_payloads,
+    running_stack,
     stream_state,
     wait_until,
 )
@@ -183,10 +183,7 @@ class Hostile:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     tmp = tmp_path_factory.mktemp("hostile")
-    nats = NatsServer(tmp / "nats").start()
-    stack = Stack(tmp, nats, executors=1, env=PROBE_ENV)
-    try:
-        stack.start()
+    with running_stack(tmp, executors=1, env=PROBE_ENV) as stack:
         status, accepted = stack.http.post("/workflows", wf(name="done"))
         assert status == 202, accepted
         done_wf = accepted["workflow_id"]
@@ -201,13 +198,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
             what="the holder task to run",
         )
         yield Hostile(stack, done_wf, f"{done_wf}.a", holder_wf, f"{holder_wf}.hold", tmp / "pwned")
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
-        nats.stop()
-        print("\nhostile-input cases " + json.dumps(dict(COUNTS), sort_keys=True))
+    print("\nhostile-input cases " + json.dumps(dict(COUNTS), sort_keys=True))
 
 
 # -- the table ------------------------------------------------------------------------------------

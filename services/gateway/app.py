@@ -515,13 +515,11 @@ async def get_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
     store = request.app[STORE]
     include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
-    if (
-        not include
-        and await store.workflow(wf_id) is None
-        and (summary := await _recent_pending(request, wf_id)) is not None
-    ):
-        return web.json_response(summary)
-    found = await _lookup(request, wf_id)
+    found: tuple[WorkflowRecord, int] | SubmitWorkflow | None = await store.workflow(wf_id)
+    if found is None:
+        if not include and (summary := await _recent_pending(request, wf_id)) is not None:
+            return web.json_response(summary)
+        found = await _lookup(request, wf_id)
     if found is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(found, SubmitWorkflow):
