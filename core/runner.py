@@ -33,7 +33,14 @@ from shared.errors import ProvisioningError
 
 from .registry import Action
 
-__all__ = ["LineHandler", "RunResult", "Runner", "parse_progress", "resolve_binary"]
+__all__ = [
+    "LineHandler",
+    "ProgressHandler",
+    "RunResult",
+    "Runner",
+    "parse_progress",
+    "resolve_binary",
+]
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from core.registry import load_registry
+from core.registry import registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
 from shared.bus import Bus
@@ -93,7 +93,7 @@ def _warn(config: Config) -> None:
 
 def _registry(config: Config) -> Any:
     try:
-        return load_registry(config.nushell.registry or None, config.nushell.registry_lib or None)
+        return registry_for(config.nushell)
     except ProvisioningError as exc:
         raise click.ClickException(exc.message) from None
 

@@ -248,8 +248,8 @@ class Stack:
         return 0
 
     async def _demo(self, stop: asyncio.Event) -> None:
-        from cli.client import ApiClient
-        from cli.monitor import monitor_workflow
+        from shared.api_client import ApiClient
+        from shared.monitor import monitor_workflow
 
         client = ApiClient(self.gateway_url, token=self.config.gateway.auth_token, timeout_s=30)
         self._say(

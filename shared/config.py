@@ -93,6 +93,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
     heartbeat_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=20)]
     shutdown_grace_seconds: float
     log_limit_bytes: int
+    log_attempts_kept: Annotated[int, msgspec.Meta(ge=1, le=100)]
     result_limit_bytes: int
     allow_commands: bool
 
