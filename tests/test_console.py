@@ -302,6 +302,9 @@ def test_logs_follow_live_while_the_task_runs(console: Console, page: Page) -> N
         "data-status", "completed"
     )
     expect()(log.locator(".log-line")).to_have_count(8)
+    # the panel reloads the task when it ends: its result and the attempt's outcome
+    expect()(p.locator(".task-panel .task-result")).to_contain_text('"lines": 8')
+    expect()(p.locator(".task-panel table.attempts")).to_contain_text("completed")
     screenshot(page, "task")
     assert not page.errors, page.errors
 

@@ -260,7 +260,7 @@ export class DagView {
       return;
     }
     const parts = [`${task.id}`, `${task.status}`];
-    if (task.attempt) parts.push(`attempt ${task.attempt}/${task.maxAttempts}`);
+    if (task.attempt) parts.push(`attempt ${task.attempt}`);
     if (task.status === "running") parts.push(`${task.progress}%`);
     if (task.waitingFor) parts.push(`waiting for ${task.waitingFor}`);
     setText(this.tip, parts.join(" · "));
@@ -365,7 +365,7 @@ export class DagView {
     ctx.fillStyle = "#4a545e";
     let line = status;
     if (task) {
-      if (task.attempt > 1 || task.maxAttempts > 1) line += ` · a${task.attempt}/${task.maxAttempts}`;
+      if (task.attempt > 1 || task.maxAttempts > 1) line += ` · attempt ${task.attempt}`;
       if (status === "running") line += ` · ${task.progress}%`;
       if (task.waitingFor) line += ` · ${task.waitingFor}`;
       else if (task.message && status === "running") line += ` · ${task.message}`;

@@ -7,7 +7,8 @@
 // 2. Layer. Longest path from the sources (Kahn's order): every edge points to a later column.
 // 3. Order. Barycentre sweeps down and up the columns reduce crossings.
 // 4. Place. Columns left to right; in each column a node sits as near as it can to the mean
-//    height of its predecessors without overlapping the one above.
+//    height of its predecessors without overlapping the one above; a column far taller than
+//    the graph is wide wraps into sub-columns.
 // Linear in tasks and edges but for the sorts; it runs again only when tasks are added.
 
 export const NODE_W = 200;
@@ -20,6 +21,8 @@ export const GROUP_COLS = 16;
 export const GROUP_HEAD = 24;
 export const GROUP_PAD = 6;
 export const GROUP_MIN = 6;
+const GAP_SUB = 28; // between the sub-columns of a wrapped column
+const WRAP_MIN = 1200;
 const SWEEPS = 4;
 
 export function groupHeight(count) {
@@ -198,13 +201,38 @@ export function layoutDag(tasks) {
     for (let l = layers.length - 2; l >= 0; l--) sweep(layers[l], succs);
   }
 
-  // 4. place: columns; each node near the mean centre of its predecessors
+  // 4. place: columns; each node near the mean centre of its predecessors. A column much
+  // taller than the graph is wide (a fan-out of a hundred groups) wraps into sub-columns, so
+  // that the whole graph keeps a shape a screen can show.
+  let area = 0;
+  for (const node of nodes) area += (node.w + GAP_X) * (node.h + GAP_Y);
+  const wrapAt = Math.max(WRAP_MIN, Math.sqrt(area) * 1.2);
   let height = 0;
-  layers.forEach((layer, l) => {
+  let x = 0;
+  layers.forEach((layer) => {
+    let total = 0;
+    for (const n of layer) total += nodes[n].h + GAP_Y;
+    if (total > wrapAt * 1.5) {
+      let top = 0;
+      let column = 0;
+      for (const n of layer) {
+        const node = nodes[n];
+        if (top > 0 && top + node.h > wrapAt) {
+          column++;
+          top = 0;
+        }
+        node.x = x + column * (NODE_W + GAP_SUB);
+        node.y = top;
+        top += node.h + GAP_Y;
+        height = Math.max(height, node.y + node.h);
+      }
+      x += (column + 1) * (NODE_W + GAP_SUB) - GAP_SUB + GAP_X;
+      return;
+    }
     let bottom = -GAP_Y;
     for (const n of layer) {
       const node = nodes[n];
-      node.x = l * (NODE_W + GAP_X);
+      node.x = x;
       let want = bottom + GAP_Y;
       if (preds[n].length) {
         let sum = 0;
@@ -215,7 +243,8 @@ export function layoutDag(tasks) {
       bottom = node.y + node.h;
     }
     height = Math.max(height, bottom);
+    x += NODE_W + GAP_X;
   });
-  const width = layers.length * (NODE_W + GAP_X) - GAP_X;
+  const width = x - GAP_X;
   return { nodes, edges, where, width: Math.max(width, NODE_W), height: Math.max(height, NODE_H) };
 }

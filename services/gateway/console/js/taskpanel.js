@@ -163,7 +163,8 @@ export class TaskPanel {
 
   paintLive(task) {
     paintBadge(this.badge, task.status);
-    setText(this.attemptText, task.attempt ? `${task.attempt} of ${task.maxAttempts}` : "not started");
+    const budget = task.maxAttempts > 1 ? ` (up to ${task.maxAttempts} a run)` : "";
+    setText(this.attemptText, task.attempt ? `attempt ${task.attempt}${budget}` : "not started");
     this.progressBar.style.width = `${task.progress}%`;
     this.progressBar.style.background = this.badge.style.getPropertyValue("--c");
     setText(this.progressText, `${task.progress}%${task.message ? ` · ${task.message}` : ""}`);
