@@ -266,6 +266,13 @@ def test_a_run_goes_from_pending_to_completed_live(console: Console, page: Page)
         expect()(node(page, task)).to_have_count(1)
     expect()(node(page, "verify")).to_have_attribute("data-status", "pending")
     # ... and goes to completed live, without a reload
+    p.fill(".find-task", "build")
+    p.press(".find-task", "Enter")
+    expect()(node(page, "build")).to_have_attribute("data-status", "running", timeout=30_000)
+    expect()(p.locator(".task-panel .status-line .badge")).to_have_attribute(
+        "data-status", "running"
+    )
+    screenshot(page, "run")
     for task in ("prepare", "build", "verify", "shard-3"):
         expect()(node(page, task)).to_have_attribute("data-status", "completed", timeout=30_000)
     expect()(p.locator(".run-head .badge.big")).to_have_attribute("data-status", "completed")
@@ -274,7 +281,6 @@ def test_a_run_goes_from_pending_to_completed_live(console: Console, page: Page)
     # the trace id links to Jaeger ([tracing] ui_url)
     href = p.locator("a.trace-link").get_attribute("href")
     assert href is not None and href.startswith("http://jaeger.invalid:16686/trace/")
-    screenshot(page, "run")
     p.click(".run-tools >> text=Timeline")
     p.wait_for_selector(".timeline:not([hidden])")
     screenshot(page, "timeline")
