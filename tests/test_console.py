@@ -387,6 +387,56 @@ def test_values_from_a_workflow_render_as_inert_text(console: Console, page: Pag
     assert not page.errors, page.errors
 
 
+def test_the_model_fences_replayed_events_and_takes_tasks_added_at_run_time(
+    console: Console, page: Page
+) -> None:
+    """The run model and the layout, in the browser's own engine: a replayed history does not
+    move a task backwards, a retry seen live resets what it re-runs, and a fan-out child that
+    the snapshot did not have joins the graph beside its parent."""
+    login(page, console.url)
+    result = page.page.evaluate(
+        """async () => {
+            const { RunModel } = await import("./js/model.js");
+            const { layoutDag } = await import("./js/layout.js");
+            const m = new RunModel("w");
+            m.loadSnapshot({ workflow_id: "w", status: "running", runs: 1, tasks: [
+                { id: "fan", status: "completed", attempt: 1, depends_on: [] },
+                { id: "next", status: "running", attempt: 2, depends_on: ["fan"] },
+            ]});
+            const at = "2026-01-01T00:00:00+00:00";
+            const ev = (task_id, status, attempt) => m.applyEvent("task",
+                { type: "task", workflow_id: "w", task_id, status, at, attempt });
+            // the replay: older than the snapshot, not applied
+            ev("fan", "queued", 1); ev("fan", "running", 1);
+            ev("next", "queued", 1); ev("next", "running", 1); ev("next", "retrying", 1);
+            ev("next", "queued", 2);
+            const replayed = [m.tasks.get("fan").status, m.tasks.get("next").status];
+            // live: newer, applied
+            ev("next", "failed", 2);
+            const failed = m.tasks.get("next").status;
+            m.applyEvent("workflow", { workflow_id: "w", status: "failed", at });
+            m.applyEvent("workflow",
+                { workflow_id: "w", status: "queued", at, message: "retry (run 2)" });
+            const retried = [m.workflow.status, m.tasks.get("next").status, m.runs];
+            // a child made at run time
+            ev("fan[0]", "queued", 1); ev("fan[1]", "running", 1);
+            const layout = layoutDag([...m.tasks.values()]);
+            const fanout = layout.nodes.find((n) => n.kind === "fanout");
+            const timing = m.tasks.get("next").timing.get(1);
+            return { replayed, failed, retried, fanout: fanout && fanout.members,
+                     edge: layout.edges.some(([a, b, kind]) => kind === "fanout"),
+                     queuedTimeKept: timing.queued !== null,
+                     counts: m.countByStatus() };
+        }"""
+    )
+    assert result["replayed"] == ["completed", "running"], result
+    assert result["failed"] == "failed", result
+    assert result["retried"] == ["queued", "pending", 2], result
+    assert result["fanout"] == ["fan[0]", "fan[1]"] and result["edge"], result
+    assert result["queuedTimeKept"], result
+    assert result["counts"] == {"completed": 1, "pending": 1, "queued": 1, "running": 1}, result
+
+
 def test_executors_page_shows_pools_slots_and_heartbeats(console: Console, page: Page) -> None:
     wf_id = submit(
         console.stack.http,
