@@ -31,7 +31,8 @@ from .test_workflows_scale import TASKS, scale_definition
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
+# Debian's chromium package; another build of Chromium can be named here
+CHROMIUM = os.environ.get("PROVISIONING_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless=new",

@@ -121,6 +121,10 @@ export class DagView {
     this.canvas.height = Math.round(this.height * dpr);
     this.dpr = dpr;
     if (this.layout && !this.fitted) this.fit();
+    if (this.pendingFocus) {
+      this.focusTask(this.pendingFocus);
+      this.pendingFocus = null;
+    }
     this.draw();
   }
 
@@ -148,6 +152,10 @@ export class DagView {
   focusTask(taskId) {
     const found = this.layout?.where.get(taskId);
     if (!found) return;
+    if (!this.width) {
+      this.pendingFocus = taskId; // not measured yet: once it is
+      return;
+    }
     const node = this.layout.nodes[found[0]];
     let [x, y, w, hh] = [node.x, node.y, node.w, node.h];
     if (found[1] >= 0) {
