@@ -111,6 +111,7 @@ class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     exporter: Literal["none", "otlp-http", "otlp-grpc", "console"]
     endpoint: str
     jaeger_ui: str
+    ui_url: str = ""
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):

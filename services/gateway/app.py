@@ -65,6 +65,7 @@ from shared.workflow import (
     validate_definition,
 )
 
+from .console import add_console, is_console_asset
 from .openapi import openapi_document
 from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
 
@@ -164,7 +165,7 @@ async def _task_token_ok(request: web.Request, secret: str, given: str) -> bool:
 def _auth_middleware(secret: str) -> Any:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/health":
+        if request.path != "/health" and not is_console_asset(request):
             given = bearer_token(request.headers.get("Authorization", ""))
             if given is None or not (
                 tokens_equal(given, secret) or await _task_token_ok(request, secret, given)
@@ -221,7 +222,11 @@ def _timeout_middleware(seconds: float) -> Any:
 
 @web.middleware
 async def bus_ready_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in ("/health", "/openapi.json") and not request.app[BUS].ready:
+    if (
+        request.path not in ("/health", "/openapi.json")
+        and not is_console_asset(request)
+        and not request.app[BUS].ready
+    ):
         return _error(503, "bus_unavailable", "not connected to NATS yet")
     return await handler(request)
 
@@ -371,6 +376,8 @@ async def health(request: web.Request) -> web.Response:
         "nats": {"connected": bus.connected, "jetstream": ok, "detail": reason},
         "scheduler": await _scheduler_health(request.app[STORE]) if ok else {"active": False},
     }
+    if ui_url := request.app[CONFIG].tracing.ui_url:  # the console links trace ids there
+        body["tracing"] = {"ui_url": ui_url}
     return web.json_response(body, status=200 if ok else 503)
 
 
@@ -855,4 +862,5 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_get("/tasks/{id}/logs", task_logs)
     app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
+    add_console(app)
     return app
