@@ -123,6 +123,23 @@ export function rejectWorkflow(id, reason) {
 }
 
 /** The live events of a workflow (SSE, replayed from the start). See sse.js. */
+const LOG_PAGE = 5000;
+const LOG_PAGES_MAX = 200; // 1,000,000 lines: more than one attempt can store
+
+async function allLogPages(key, only, signal) {
+  const lines = [];
+  let cursor = "";
+  for (let page = 0; page < LOG_PAGES_MAX; page += 1) {
+    const body = await request(
+      "GET", `/tasks/${enc(key)}/logs?limit=${LOG_PAGE}${only}${cursor}`, { signal },
+    );
+    lines.push(...(body.lines || []));
+    if (!body.next_cursor || !(body.lines || []).length) break;
+    cursor = `&cursor=${enc(body.next_cursor)}`;
+  }
+  return lines;
+}
+
 export function workflowEvents(id, handlers) {
   return openStream(`${BASE}/workflows/${enc(id)}/events`, handlers);
 }
@@ -130,18 +147,13 @@ export function workflowEvents(id, handlers) {
 /**
  * Every log line of one attempt of a task: the one place that knows how logs are fetched.
  * `follow: true` streams them live (calling `onLines(lines)` as they come, until the task
- * ends) and returns the stream (with close()); otherwise resolves to the lines.
- * Today the API answers every attempt's lines at once and the follow stream replays from the
- * first line: both are filtered to `attempt` here.
+ * ends) and returns the stream (with close()); otherwise resolves to the lines, read page by
+ * page (`limit`, `next_cursor`) so that no answer is larger than a page.
  */
 export function taskLogs(key, attempt, { follow = false, onLines, onEnd, signal } = {}) {
-  const keep = (line) => !attempt || line.attempt === attempt;
-  if (!follow) {
-    return request("GET", `/tasks/${enc(key)}/logs`, { signal }).then((body) =>
-      (body.lines || []).filter(keep),
-    );
-  }
-  return openStream(`${BASE}/tasks/${enc(key)}/logs?follow=true`, {
+  const only = attempt ? `&attempt=${enc(String(attempt))}` : "";
+  if (!follow) return allLogPages(key, only, signal);
+  return openStream(`${BASE}/tasks/${enc(key)}/logs?follow=true${only}`, {
     onEvent(kind, data) {
       if (kind !== "log" || !data || !Array.isArray(data.lines)) return;
       if (attempt && data.attempt !== attempt) return;
