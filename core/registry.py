@@ -20,6 +20,7 @@ import msgspec
 from shared.config import NushellConfig
 from shared.errors import ActionNotFound, ConfigError
 from shared.ids import ACTION_RE
+from shared.keys import KeySpec
 
 from . import NULIB_DIR
 
@@ -50,6 +51,7 @@ class Action(msgspec.Struct, frozen=True):
     lib_dir: str = ""
     module_file: bool = False  # the module is ``<module>.nu``, not ``<module>/mod.nu``
     core_dir: str = ""  # the provisioning library ([nushell] provisioning_lib); "" = packaged
+    concurrency: tuple[KeySpec, ...] = ()  # keys every task of this action holds
 
     @property
     def lib_dirs(self) -> list[str]:
@@ -79,6 +81,7 @@ class _Entry(msgspec.Struct, forbid_unknown_fields=True):
     function: str
     description: str = ""
     timeout_seconds: float | None = None
+    concurrency: list[KeySpec] = msgspec.field(default_factory=list)
 
 
 class _File(msgspec.Struct):
@@ -105,6 +108,11 @@ class Registry:
 
     def lib_dirs(self) -> list[str]:
         return sorted({a.lib_dir for a in self._actions.values() if a.lib_dir})
+
+    def key_defaults(self, name: str) -> tuple[KeySpec, ...]:
+        """The concurrency keys every task of the action holds (none for an unknown one)."""
+        action = self._actions.get(name)
+        return action.concurrency if action is not None else ()
 
 
 def _load_file(path: Path, lib_dir: Path, core_dir: Path) -> list[Action]:
@@ -153,6 +161,7 @@ def _load_file(path: Path, lib_dir: Path, core_dir: Path) -> list[Action]:
                 lib_dir=str(root),
                 module_file=module_file,
                 core_dir=str(core_dir),
+                concurrency=tuple(entry.concurrency),
             )
         )
     return actions

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import msgspec
 
-from shared.messages import TaskDispatch, TaskEvent, WorkflowEvent
+from shared.messages import KeyState, TaskDispatch, TaskEvent, WorkflowEvent
 
 from .state import WorkflowState
 
@@ -49,6 +49,10 @@ class Effects:
         self.events: list[WorkflowEvent | TaskEvent] = []
         self.timers: list[Timer] = []
         self.ended: dict[str, WorkflowState] = {}  # workflows that reached an end state
+        # concurrency keys whose state changed: the new state, or None when no longer in use
+        self.keys: dict[str, KeyState | None] = {}
+        # when to call Engine.pump again although no input came (a rate window opening)
+        self.wakeups: list[datetime] = []
         # for metrics: (pool, new status) of every task transition, dispatch-to-start latencies
         self.transitions: list[tuple[str, str]] = []
         self.start_latencies: list[tuple[str, float]] = []
@@ -64,4 +68,6 @@ class Effects:
             or self.events
             or self.timers
             or self.ended
+            or self.keys
+            or self.wakeups
         )

@@ -37,13 +37,17 @@ import heapq
 import itertools
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
+from shared.errors import DefinitionError
+from shared.keys import Claim
 from shared.messages import (
     BUSY_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
+    KeyState,
     Report,
     SubmitWorkflow,
     TaskDispatch,
@@ -58,13 +62,28 @@ from shared.messages import (
 )
 
 from .effects import Dispatch, Effects, Timer
+from .keys import Blocked, KeyBook
 from .state import WorkflowState
 
-__all__ = ["ATTEMPTS_KEPT", "Engine", "Verdict"]
+__all__ = ["ATTEMPTS_KEPT", "ClaimsFor", "Engine", "Verdict"]
 
 ATTEMPTS_KEPT = 20  # attempt records kept per task (the newest)
 CANCELLED_NOTE = "finished after its workflow was cancelled"
 STOPPED_NOTE = "finished after its workflow was stopped (on_failure = stop)"
+# A task's concurrency keys, from its spec and (resolved) arguments; raises DefinitionError.
+ClaimsFor = Callable[[TaskSpec, dict[str, Any]], list[Claim]]
+TaskRef = tuple[str, str]
+
+
+def _no_claims(spec: TaskSpec, args: dict[str, Any]) -> list[Claim]:
+    return []
+
+
+def _ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+T_ZERO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Verdict(StrEnum):
@@ -81,17 +100,28 @@ class Engine:
 
     ``timeout_for`` gives a task's timeout in seconds (its own, else its action's, else the
     default); ``headroom`` is how far beyond the executors' slots a pool may be dispatched, as a
-    fraction of them (dispatches then wait in the queue, ready for the next free slot).
+    fraction of them (dispatches then wait in the queue, ready for the next free slot);
+    ``claims_for`` gives the concurrency keys a task holds (:mod:`shared.keys`).
     """
 
-    def __init__(self, *, timeout_for: Callable[[TaskSpec], float], headroom: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_for: Callable[[TaskSpec], float],
+        headroom: float = 0.0,
+        claims_for: ClaimsFor = _no_claims,
+    ) -> None:
         self.timeout_for = timeout_for
         self.headroom = headroom
+        self.claims_for = claims_for
         self.workflows: dict[str, WorkflowState] = {}
         self.inflight: dict[str, int] = defaultdict(int)
         self.slots: dict[str, int] = {}
-        self._ready: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
+        # per pool: (-priority, ready since, seq, workflow, task)
+        self._ready: dict[str, list[tuple[int, float, int, str, str]]] = defaultdict(list)
         self._seq = itertools.count()
+        self.keys = KeyBook()
+        self._claims: dict[TaskRef, list[Claim]] = {}  # of tasks holding or waiting for keys
         self.effects = Effects()
 
     # -- the driver's side ------------------------------------------------------------------------
@@ -101,6 +131,8 @@ class Engine:
         effects, self.effects = self.effects, Effects()
         for state in (*effects.workflows.values(), *effects.created.values()):
             state.record.counts = state.count_snapshot()
+        for key in self.keys.take_changed():
+            effects.keys[key] = self.keys.state(key) if self.keys.in_use(key) else None
         return effects
 
     def get(self, workflow_id: str) -> WorkflowState | None:
@@ -112,6 +144,8 @@ class Engine:
         self.workflows.clear()
         self.inflight.clear()
         self._ready.clear()
+        self.keys.clear()
+        self._claims.clear()
         self.effects = Effects()
 
     def set_capacity(self, slots: Mapping[str, int]) -> None:
@@ -126,6 +160,10 @@ class Engine:
 
     def pools(self) -> set[str]:
         return set(self._ready) | set(self.inflight)
+
+    def restore_key(self, state: KeyState) -> None:
+        """A key's rate window, from its checkpoint (before adopting the workflows)."""
+        self.keys.restore(state)
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -168,7 +206,7 @@ class Engine:
             self.cancel(wf_id, cancelled, now)
         else:
             for task_id in state.ready():
-                self._push_ready(state, task_id)
+                self._push_ready(state, task_id, now)
         return state
 
     def adopt(
@@ -187,12 +225,23 @@ class Engine:
             if task.status in BUSY_TASK:
                 self.inflight[task.spec.pool] += 1
                 busy.append(task_id)
+                if task.keys:  # the keys it holds, as its dispatch took them
+                    claims = self._claims_of(state, task_id)
+                    if claims is not None:
+                        started = task.status != "queued" or task.started_at is not None
+                        self.keys.hold((state.id, task_id), claims, started=started)
                 if task.cancel_requested and record.cancel_requested:
                     self._kill(state, task_id)
             elif task.status == "retrying":
                 self._timer(state, task_id, task.next_attempt_at or now)
+            elif task.status == "waiting":
+                # back in line, in its place (priority, then how long it has waited)
+                state.set_status(task_id, "pending")
+                self._save_task(state, task_id)
+                if state.is_ready(task_id) and self._may_start(state):
+                    self._push_ready(state, task_id, now)
             elif state.is_ready(task_id) and self._may_start(state):
-                self._push_ready(state, task_id)
+                self._push_ready(state, task_id, now)
         self._finish_if_done(state, now)
         return busy
 
@@ -253,7 +302,7 @@ class Engine:
         self._save_workflow(state)
         self._emit(WorkflowEvent(workflow_id, "queued", now, f"retry (run {record.runs})"))
         for task_id in state.ready():
-            self._push_ready(state, task_id)
+            self._push_ready(state, task_id, now)
         return True
 
     def report(self, report: Report, now: datetime) -> Verdict:
@@ -291,18 +340,28 @@ class Engine:
         task.next_attempt_at = None
         self._save_task(state, task_id)
         if state.is_ready(task_id) and self._may_start(state):
-            self._push_ready(state, task_id)
+            self._push_ready(state, task_id, now)
 
     def pump(self, now: datetime) -> None:
-        """Dispatch ready tasks into free capacity, highest priority first, per pool."""
+        """Dispatch ready tasks into free capacity, highest priority first, per pool; a task
+        whose concurrency key is full or over its rate waits on it instead (or, by its key's
+        strategy, is cancelled or cancels the holder)."""
         for pool, heap in self._ready.items():
             capacity = self.capacity(pool)
             while heap and self.inflight[pool] < capacity:
-                _, _, wf_id, task_id = heapq.heappop(heap)
+                _, _, _, wf_id, task_id = heapq.heappop(heap)
                 state = self.workflows.get(wf_id)
                 if state is None or not self._may_start(state) or not state.is_ready(task_id):
                     continue
-                self._dispatch(state, task_id, now)
+                claims = self._claims_of(state, task_id, now=now)
+                if claims is None:
+                    continue  # refused: its keys cannot be made from its arguments
+                blocked = self.keys.blocked((wf_id, task_id), claims, _ts(now))
+                if blocked is None:
+                    self.keys.hold((wf_id, task_id), claims, started=False)
+                    self._dispatch(state, task_id, now)
+                else:
+                    self._blocked(state, task_id, blocked, now)
 
     # -- transitions ------------------------------------------------------------------------------
 
@@ -317,6 +376,8 @@ class Engine:
         if task.attempts:
             task.attempts[-1].executor_id = rep.executor_id
             task.attempts[-1].started_at = rep.started_at
+        if (claims := self._claims.get((state.id, rep.task_id))) is not None:
+            self.keys.started((state.id, rep.task_id), claims, _ts(now))
         if task.status == "cancelling" and not state.record.cancel_requested:
             # asked not to start by on_failure = "stop", but it had started: a stop lets
             # running tasks finish
@@ -405,7 +466,7 @@ class Engine:
             if self._may_start(state):
                 for child in state.dependents.get(task_id, ()):
                     if state.is_ready(child):
-                        self._push_ready(state, child)
+                        self._push_ready(state, child, now)
         else:
             self._skip_dependents(state, task_id, now)
             if status == "failed" and record.on_failure == "stop" and not record.stopped:
@@ -453,7 +514,10 @@ class Engine:
     def _skip_dependents(self, state: WorkflowState, task_id: str, now: datetime) -> None:
         for child in state.descendants(task_id):
             task = state.tasks[child]
-            if task.status in ("pending", "retrying"):
+            if task.status in ("pending", "waiting", "retrying"):
+                self.keys.unwait((state.id, child))
+                self._claims.pop((state.id, child), None)
+                task.waiting_for = task.waiting_since = None
                 self._set(state, child, "skipped")
                 task.reason = "dependency_failed"
                 task.error = f"dependency {task_id!r} did not complete"
@@ -469,10 +533,12 @@ class Engine:
         started; with ``kill_running``, ask them to stop what runs too."""
         for task_id in state.record.task_ids:
             task = state.tasks[task_id]
-            if task.status in ("pending", "retrying"):
+            if task.status in ("pending", "waiting", "retrying"):
+                self.keys.unwait((state.id, task_id))
+                self._claims.pop((state.id, task_id), None)
                 self._set(state, task_id, "cancelled")
                 task.error, task.reason, task.finished_at = reason, "cancelled", now
-                task.next_attempt_at = None
+                task.next_attempt_at = task.waiting_for = task.waiting_since = None
                 self._save_task(state, task_id)
                 self._emit(
                     TaskEvent(
@@ -506,6 +572,9 @@ class Engine:
         task.delivery = task.handbacks = task.handback_delivery = 0
         task.queued_at = now
         task.started_at = task.finished_at = None
+        claims = self._claims.get((state.id, task_id), [])
+        task.keys = [claim.key for claim in claims]
+        task.waiting_for = task.waiting_since = None
         task.attempts.append(AttemptRecord(attempt=task.attempt))
         del task.attempts[:-ATTEMPTS_KEPT]
         self._set(state, task_id, "queued")
@@ -551,15 +620,148 @@ class Engine:
         pool = state.tasks[task_id].spec.pool
         if old in BUSY_TASK and status not in BUSY_TASK:
             self.inflight[pool] -= 1
+            self._release(state, task_id)
         elif old not in BUSY_TASK and status in BUSY_TASK:
             self.inflight[pool] += 1
         self._save_workflow(state)  # its counts changed
         self.effects.transitions.append((pool, status))
 
-    def _push_ready(self, state: WorkflowState, task_id: str) -> None:
-        pool = state.tasks[task_id].spec.pool
-        item = (-state.priority(task_id), next(self._seq), state.id, task_id)
-        heapq.heappush(self._ready[pool], item)
+    def _push_ready(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        """Queue a ready task for dispatch: priority first, then how long it has been ready
+        (a task that waited on a key keeps its place: ``waiting_since``)."""
+        task = state.tasks[task_id]
+        since = _ts(task.waiting_since or now)
+        item = (-state.priority(task_id), since, next(self._seq), state.id, task_id)
+        heapq.heappush(self._ready[task.spec.pool], item)
+
+    # -- concurrency keys -------------------------------------------------------------------------
+
+    def _claims_of(
+        self, state: WorkflowState, task_id: str, *, now: datetime | None = None
+    ) -> list[Claim] | None:
+        """The task's keys (kept while it holds or waits for them). None when they cannot be
+        made from its arguments: then, given ``now``, the task is refused (fails)."""
+        ref = (state.id, task_id)
+        if (known := self._claims.get(ref)) is not None:
+            return known
+        task = state.tasks[task_id]
+        try:
+            claims = self.claims_for(task.spec, task.spec.args)
+        except DefinitionError as exc:
+            if now is not None:
+                self._refuse(state, task_id, exc.message, now)
+            return None
+        self._claims[ref] = claims
+        return claims
+
+    def _blocked(self, state: WorkflowState, task_id: str, blocked: Blocked, now: datetime) -> None:
+        """A ready task found a key full (or over its rate): by the key's strategy it waits,
+        is cancelled (``cancel_newest``), or cancels the holders and waits first in line for
+        their slot (``cancel_in_progress``). Rates always make a task wait."""
+        ref = (state.id, task_id)
+        task = state.tasks[task_id]
+        strategy = blocked.claim.strategy if blocked.rate_free_at is None else "queue"
+        if strategy == "cancel_newest":
+            self._claims.pop(ref, None)
+            self._set(state, task_id, "cancelled")
+            task.reason = "cancelled"
+            task.error = f"cancelled (cancel_newest): {blocked.describe()}"
+            task.finished_at = now
+            task.waiting_for = task.waiting_since = None
+            self._save_task(state, task_id)
+            self._emit(
+                TaskEvent(state.id, task_id, "cancelled", now, reason="cancelled", error=task.error)
+            )
+            self._skip_dependents(state, task_id, now)
+            self._finish_if_done(state, now)
+            return
+        if strategy == "cancel_in_progress":
+            for holder in blocked.holders:
+                self._take_over(holder, blocked.claim.key, ref, now)
+        task.waiting_for = blocked.describe()
+        task.waiting_since = task.waiting_since or now
+        self.keys.wait(
+            ref,
+            blocked.claim.key,
+            state.priority(task_id),
+            _ts(task.waiting_since),
+            next(self._seq),
+            first=strategy == "cancel_in_progress",
+        )
+        if task.status != "waiting":
+            self._set(state, task_id, "waiting")
+            self._emit(
+                TaskEvent(
+                    state.id, task_id, "waiting", now, reason="concurrency", detail=task.waiting_for
+                )
+            )
+        self._save_task(state, task_id)
+        if blocked.rate_free_at is not None:
+            self.effects.wakeups.append(datetime.fromtimestamp(blocked.rate_free_at, UTC))
+
+    def _take_over(self, holder: TaskRef, key: str, by: TaskRef, now: datetime) -> None:
+        """Cancel a holder of ``key`` so that ``by`` can take its slot."""
+        state = self.workflows.get(holder[0])
+        if state is None or holder[1] not in state.tasks:
+            return
+        task = state.tasks[holder[1]]
+        if task.status not in BUSY_TASK or task.cancel_requested:
+            return
+        task.cancel_requested = True
+        task.error = f"cancelled (cancel_in_progress): {key} taken over by {by[0]}.{by[1]}"
+        self._set(state, holder[1], "cancelling")
+        self._save_task(state, holder[1])
+        self._emit(
+            TaskEvent(
+                state.id, holder[1], "cancelling", now, attempt=task.attempt, error=task.error
+            )
+        )
+        self._kill(state, holder[1])
+
+    def _release(self, state: WorkflowState, task_id: str) -> None:
+        """The task's attempt ended: its keys are free of it, and their first waiters are ready
+        again (in their place)."""
+        ref = (state.id, task_id)
+        claims = self._claims.pop(ref, None)
+        if not claims:
+            return
+        for key in self.keys.release(ref, claims):
+            for wf_id, waiter in self.keys.next_waiters(key, self.keys.room(key)):
+                self._ready_again(wf_id, waiter)
+
+    def _ready_again(self, wf_id: str, task_id: str) -> None:
+        """A waiting task's key has room: back in line for dispatch, in its place."""
+        state = self.workflows.get(wf_id)
+        if state is None or state.tasks[task_id].status != "waiting":
+            return
+        task = state.tasks[task_id]
+        self._set(state, task_id, "pending")
+        self._save_task(state, task_id)
+        if state.is_ready(task_id) and self._may_start(state):
+            self._push_ready(state, task_id, task.waiting_since or T_ZERO)
+
+    def tick(self, now: datetime) -> None:
+        """A rate window may have opened: the first waiters of rate-limited keys try again."""
+        for key, room in self.keys.rate_room(_ts(now)):
+            for wf_id, task_id in self.keys.next_waiters(key, room):
+                self._ready_again(wf_id, task_id)
+        self.pump(now)
+
+    def _refuse(self, state: WorkflowState, task_id: str, error: str, now: datetime) -> None:
+        """End a task that cannot be dispatched at all (its keys cannot be made)."""
+        task = state.tasks[task_id]
+        self._set(state, task_id, "failed")
+        task.reason, task.error, task.finished_at = "refused", error, now
+        self._save_task(state, task_id)
+        self._emit(TaskEvent(state.id, task_id, "failed", now, reason="refused", error=error))
+        self._skip_dependents(state, task_id, now)
+        if state.record.on_failure == "stop" and not state.record.stopped:
+            state.record.stopped = True
+            self._save_workflow(state)
+            self._stop_unstarted(
+                state, f"stopped: task {task_id!r} failed", now, kill_running=False
+            )
+        self._finish_if_done(state, now)
 
     def _save_task(self, state: WorkflowState, task_id: str) -> None:
         self.effects.tasks[(state.id, task_id)] = state

@@ -18,8 +18,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .errors import ConfigError
+from .keys import parse_rate
 
 __all__ = [
+    "ConcurrencyConfig",
     "Config",
     "ExecutionConfig",
     "ExecutorConfig",
@@ -106,6 +108,11 @@ class NushellConfig(msgspec.Struct, forbid_unknown_fields=True):
     env_vars: dict[str, str]
 
 
+class ConcurrencyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # key -> rate ("20/minute"): how many tasks holding the key may start per window
+    rates: dict[str, str]
+
+
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool
     exporter: Literal["none", "otlp-http", "otlp-grpc", "console"]
@@ -123,6 +130,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     executor: ExecutorConfig
     nushell: NushellConfig
     tracing: TracingConfig
+    concurrency: ConcurrencyConfig
     # where each "section.key" came from; not part of the file format
     sources: dict[str, str] = msgspec.field(default_factory=dict)
     # things worth telling the operator, such as an unknown PROVISIONING_<SECTION>_<KEY>
@@ -244,6 +252,11 @@ def load_config(
         config = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+    for key, text in config.concurrency.rates.items():
+        try:
+            parse_rate(text)
+        except ValueError as exc:
+            raise ConfigError(f"[concurrency] rates: {key!r}: {exc}", key=key) from None
     config.sources = sources
     config.warnings = warnings
     return config

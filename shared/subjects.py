@@ -5,9 +5,12 @@ No other module spells one of these formats: a change of layout is a change of t
 
 from __future__ import annotations
 
+import base64
+
 __all__ = [
     "BUCKET_ACTIVE",
     "BUCKET_EXECUTORS",
+    "BUCKET_KEYS",
     "BUCKET_LEASES",
     "BUCKET_PROGRESS",
     "BUCKET_TASKS",
@@ -25,6 +28,7 @@ __all__ = [
     "cancel_subject",
     "command_filter",
     "command_subject",
+    "concurrency_kv_key",
     "dispatch_filter",
     "dispatch_msg_id",
     "dispatch_subject",
@@ -74,6 +78,7 @@ BUCKET_ACTIVE = "prov_active"  # <workflow_id> -> b"" while the workflow is not 
 BUCKET_PROGRESS = "prov_progress"  # <workflow_id>.<task_id> -> Progress (last reported)
 BUCKET_EXECUTORS = "prov_executors"  # <executor_id> -> ExecutorBeat, expires by TTL
 BUCKET_LEASES = "prov_leases"  # LEASE_SCHEDULER -> SchedulerLease of the active scheduler
+BUCKET_KEYS = "prov_keys"  # concurrency_kv_key(<key>) -> KeyState of a concurrency key in use
 LEASE_SCHEDULER = "scheduler"
 
 
@@ -81,6 +86,12 @@ def task_key(workflow_id: str, task_id: str) -> str:
     """The global id of a task, also its KV key in the task and progress buckets:
     ``<workflow_id>.<task_id>``."""
     return f"{workflow_id}.{task_id}"
+
+
+def concurrency_kv_key(key: str) -> str:
+    """A concurrency key as a KV key: its UTF-8 in base64url (keys such as ``server:x`` hold
+    characters a KV key cannot)."""
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
 def command_subject(kind: str, workflow_id: str) -> str:

@@ -25,6 +25,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core import infra
 from core.registry import Registry
+from engine import ClaimsFor
+from engine.bindings import check_keys, claims_for
 from shared import API_VERSION, __version__, subjects
 from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
@@ -41,6 +43,7 @@ from shared.errors import (
     RequestTimeout,
 )
 from shared.ids import idempotent_workflow_id, is_workflow_id, new_workflow_id, split_task_key
+from shared.keys import parse_rate
 from shared.messages import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
@@ -80,6 +83,7 @@ CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
 STORE = web.AppKey("store", Store)
 STREAMS = web.AppKey("streams", Streams)
+CLAIMS: web.AppKey[ClaimsFor] = web.AppKey("claims")
 # Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
 # Their summaries are answered from here until the scheduler writes the record, rather than by
 # reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
@@ -294,6 +298,7 @@ async def _submit(
     config = app[CONFIG]
     bus = app[BUS]
     validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
+    check_keys(definition, app[CLAIMS])
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _valid_idempotency_key(key):
         raise DefinitionError(
@@ -857,6 +862,33 @@ async def list_executors(request: web.Request) -> web.Response:
     return web.json_response({"executors": executors})
 
 
+async def list_concurrency(request: web.Request) -> web.Response:
+    """Every concurrency key in use: its limit, holders, waiters in order, and rate window."""
+    now = datetime.now(UTC).timestamp()
+    keys = []
+    for state, _ in sorted(await request.app[STORE].key_states(), key=lambda s: s[0].key):
+        entry: dict[str, Any] = {
+            "key": state.key,
+            "limit": state.limit,
+            "holders": state.holders,
+            "waiters": state.waiters,
+            "rate": None,
+        }
+        if state.rate:
+            rate = parse_rate(state.rate)
+            recent = sorted(t for t in state.starts if t > now - rate.window_s)
+            entry["rate"] = {
+                "count": rate.count,
+                "window_seconds": rate.window_s,
+                "started_in_window": len(recent),
+                "next_free_at": datetime.fromtimestamp(recent[0] + rate.window_s, UTC).isoformat()
+                if len(recent) >= rate.count
+                else None,
+            }
+        keys.append(entry)
+    return web.json_response({"keys": keys})
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
@@ -900,6 +932,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app[REGISTRY] = registry
     app[STORE] = Store(the_bus)
     app[STREAMS] = Streams(the_bus)
+    app[CLAIMS] = claims_for(registry, config)
     app[RECENT] = {}
     app.cleanup_ctx.append(_bus_ctx)
     app.router.add_get("/health", health)
@@ -917,5 +950,6 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_get("/tasks/{id}/logs", task_logs)
     app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
+    app.router.add_get("/concurrency", list_concurrency)
     add_console(app)
     return app

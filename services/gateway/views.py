@@ -54,6 +54,9 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "attempts": msgspec.to_builtins(record.attempts),
         "handbacks": record.handbacks,
         "note": record.note,
+        "keys": record.keys,
+        "waiting_for": record.waiting_for,
+        "waiting_since": _iso(record.waiting_since),
     }
 
 

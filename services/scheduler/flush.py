@@ -52,6 +52,7 @@ class Flusher:
         self.store = store
         self.metrics = metrics
         self.revisions: dict[str, int] = {}  # KV key -> revision last read or written
+        self.key_revisions: dict[str, int] = {}  # concurrency key -> revision of its record
 
     def remember(self, state: WorkflowState, revision: int, tasks: dict[str, int]) -> None:
         """The revisions of a workflow's records as loaded from their checkpoints."""
@@ -63,6 +64,7 @@ class Flusher:
         """Drop the revisions of one workflow (all of them with no argument)."""
         if state is None:
             self.revisions.clear()
+            self.key_revisions.clear()
             return
         self.revisions.pop(state.id, None)
         for task_id in state.record.task_ids:
@@ -74,8 +76,10 @@ class Flusher:
             await self.store.mark_active(wf_id)
         await self._write_tasks(effects)
         # what the task checkpoints allow (dispatches, kills) goes out together with the
-        # workflow records: one round trip instead of two on the path of every task
-        await asyncio.gather(self._write_workflows(effects), self._send_work(effects))
+        # workflow records and the keys' records: one round trip, not three, per task
+        await asyncio.gather(
+            self._write_workflows(effects), self._write_keys(effects), self._send_work(effects)
+        )
         # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
         # leader would otherwise be lost (and an SSE stream would wait for its end forever).
         await self.bus.publish_all(
@@ -138,6 +142,17 @@ class Flusher:
         )
         for state, revision in zip(states, revisions, strict=True):
             self.revisions[state.id] = revision
+
+    async def _write_keys(self, effects: Effects) -> None:
+        """The concurrency keys whose state changed: shown by ``GET /concurrency``, and their
+        rate windows kept across a failover."""
+        for key, state in effects.keys.items():
+            last = self.key_revisions.pop(key, None)
+            if state is None:
+                if last is not None:
+                    await self.store.remove_key_state(key, last)
+                continue
+            self.key_revisions[key] = await self.store.write_key_state(state, last)
 
     async def _send_work(self, effects: Effects) -> None:
         """Kill requests and dispatches of the step (their task checkpoints are written)."""

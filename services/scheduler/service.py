@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 
 from core.registry import Registry
 from engine import Engine, Timer, Verdict
-from engine.local import timeout_for
+from engine.bindings import claims_for, timeout_for
 from shared import subjects
 from shared.bus import LEASE_TTL_S, TRANSIENT, Bus
 from shared.config import Config
@@ -87,6 +87,7 @@ class Scheduler:
         self.engine = Engine(
             timeout_for=timeout_for(registry, config),
             headroom=config.scheduler.dispatch_headroom,
+            claims_for=claims_for(registry, config),
         )
         self.metrics = Metrics("scheduler")
         self.flusher = Flusher(bus, self.store, self.metrics)
@@ -272,6 +273,8 @@ class Scheduler:
                 self.engine.retry_due(timer.workflow_id, timer.task_id, timer.attempt, _now())
             elif kind == "capacity":
                 self.engine.set_capacity(item)
+            elif kind == "tick":
+                self.engine.tick(_now())
         except Poison as exc:
             stored = await self.bus.dead_letter("scheduler", item, exc.message)
             with contextlib.suppress(nats.errors.Error):
@@ -310,6 +313,7 @@ class Scheduler:
             effects = self.engine.take()
             acks, self._acks = self._acks, []
             self._arm_timers(effects.timers)
+            self._arm_wakeups(effects.wakeups)
             if effects or acks:
                 try:
                     await self.flusher.flush(effects, acks)
@@ -340,12 +344,23 @@ class Scheduler:
                 old.cancel()
             self._timers[timer] = loop.call_later(delay, self._timer_due, timer)
 
-    def _timer_due(self, timer: Timer) -> None:
-        self._timers.pop(timer, None)
-        # never put_nowait: a full inbox must delay the retry, not lose it
-        waiter = asyncio.get_running_loop().create_task(self._inbox.put(("timer", timer)))
+    def _arm_wakeups(self, wakeups: list[datetime]) -> None:
+        """Rate windows opening: a ``tick`` input then (one per distinct moment)."""
+        loop = asyncio.get_running_loop()
+        now = _now()
+        for at in sorted(set(wakeups)):
+            delay = max(0.0, (at - now).total_seconds())
+            loop.call_later(delay, self._queue_input, ("tick", None))
+
+    def _queue_input(self, item: _Input) -> None:
+        # never put_nowait: a full inbox must delay the input, not lose it
+        waiter = asyncio.get_running_loop().create_task(self._inbox.put(item))
         self._waiters.add(waiter)
         waiter.add_done_callback(self._waiters.discard)
+
+    def _timer_due(self, timer: Timer) -> None:
+        self._timers.pop(timer, None)
+        self._queue_input(("timer", timer))
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -364,6 +379,7 @@ class Scheduler:
             self.engine.pump(_now())
             effects = self.engine.take()
             self._arm_timers(effects.timers)
+            self._arm_wakeups(effects.wakeups)
             await self.flusher.flush(effects, [])
         except Exception as exc:
             if isinstance(exc, ProvisioningError | nats.errors.Error | nats.js.errors.Error):

@@ -5,6 +5,7 @@ from .codec import (
     decode_command,
     decode_dispatch,
     decode_event,
+    decode_key_state,
     decode_lease,
     decode_log,
     decode_progress,
@@ -18,6 +19,7 @@ from .commands import CancelWorkflow, Command, RetryWorkflow, SubmitWorkflow
 from .definition import Backoff, OnFailure, TaskSpec, WorkflowDefinition
 from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
+from .keys import KeyState
 from .leases import SchedulerLease
 from .records import (
     BUSY_TASK,
@@ -51,6 +53,7 @@ __all__ = [
     "Event",
     "ExecutorBeat",
     "FailureReason",
+    "KeyState",
     "LogChunk",
     "OnFailure",
     "Outcome",
@@ -76,6 +79,7 @@ __all__ = [
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_key_state",
     "decode_lease",
     "decode_log",
     "decode_progress",

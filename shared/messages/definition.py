@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ..keys import KeySpec
+
 __all__ = ["Backoff", "OnFailure", "TaskSpec", "WorkflowDefinition"]
 
 OnFailure = Literal["stop", "continue"]
@@ -40,6 +42,8 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     backoff: Backoff = msgspec.field(default_factory=Backoff)
     timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] | None = None
     pool: TaskName = "default"
+    # keys held while an executor has the task, beside its action's defaults (see shared/keys)
+    concurrency: Annotated[list[KeySpec], msgspec.Meta(max_length=16)] | None = None
 
 
 class WorkflowDefinition(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

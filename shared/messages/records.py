@@ -24,6 +24,7 @@ __all__ = [
 WorkflowStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TaskStatus = Literal[
     "pending",
+    "waiting",  # ready, but held back by a concurrency key or rate (see waiting_for)
     "queued",
     "running",
     "cancelling",  # a cancel was asked for while an executor had the task: its fate is not known
@@ -76,6 +77,11 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     # deliveries that are not crashes, so they do not count toward max_deliveries
     handbacks: int = 0
     handback_delivery: int = 0  # the delivery of the last hand-back counted
+    # concurrency: the keys the current attempt holds (set at dispatch); while waiting, for
+    # what (the key and its holders, or the rate) and since when (the order of waiters)
+    keys: list[str] = msgspec.field(default_factory=list)
+    waiting_for: str | None = None
+    waiting_since: datetime | None = None
     v: int = 1
 
 
