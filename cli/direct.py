@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from core.providers import check_providers
 from core.registry import Registry
 from core.runner import Runner, RunResult
 from services.executor.builtins import run_builtin
@@ -77,6 +78,7 @@ async def run_direct(
 ) -> dict[str, dict[str, Any]]:
     """Run every task; return ``{task id: {"status", "output", "error", ...}}``."""
     validate_definition(definition, registry, max_tasks=config.gateway.max_tasks_per_workflow)
+    check_providers(definition, config)
     specs = {t.id: t for t in definition.tasks}
     results: dict[str, dict[str, Any]] = {}
     running: dict[str, asyncio.Task[RunResult]] = {}

@@ -23,6 +23,8 @@ from typing import Any, NoReturn
 import click
 
 from core import infra
+from core.infra import server_delete_args, server_list_args
+from core.providers import Providers
 from core.registry import Registry, load_registry
 from core.runner import Runner, resolve_binary
 from shared import API_VERSION, __version__
@@ -86,6 +88,7 @@ class State:
             extra_env=self.config.nushell.env_vars,
             kill_grace_s=self.config.executor.kill_grace_seconds,
             result_limit_bytes=self.config.executor.result_limit_bytes,
+            providers=Providers.from_config(self.config),
         )
 
 
@@ -399,15 +402,17 @@ def _shortcut_op(
 @output_option
 @click.pass_obj
 def server_list(state: State, infra: str | None, mode: str | None, output: str) -> None:
-    """Servers known to the local provider."""
+    """Servers, as their providers see them (an infra's providers, else those set up here)."""
+    with user_errors():
+        args = server_list_args(infra, state.config, state.config.orchestrator.infra_dir)
     _list_op(
         state,
         "server.list",
-        {"infra": infra} if infra else {},
+        args,
         mode,
         output,
         "servers",
-        ["hostname", "infra", "plan", "zone", "state", "ip"],
+        ["hostname", "infra", "provider", "plan", "zone", "state", "ip", "instance_id"],
     )
 
 
@@ -471,9 +476,7 @@ def server_delete(
 ) -> None:
     """Delete a server."""
     with user_errors():
-        args: dict[str, Any] = {"hostname": hostname}
-        if infra:
-            args["infra"] = infra
+        args = server_delete_args(hostname, infra, state.config.orchestrator.infra_dir)
         definition = WorkflowDefinition(
             name=f"delete server {hostname}",
             tasks=[TaskSpec(id="delete", action="server.delete", args=args)],

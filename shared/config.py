@@ -27,6 +27,7 @@ __all__ = [
     "NatsConfig",
     "NushellConfig",
     "OrchestratorConfig",
+    "ProvidersConfig",
     "SchedulerConfig",
     "TracingConfig",
     "load_config",
@@ -105,6 +106,12 @@ class NushellConfig(msgspec.Struct, forbid_unknown_fields=True):
     env_vars: dict[str, str]
 
 
+class ProvidersConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: list[str]
+    env: dict[str, list[str]]  # provider -> the variables its tasks receive
+    secrets: list[str]  # variables whose values are masked in everything a task reports
+
+
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool
     exporter: Literal["none", "otlp-http", "otlp-grpc", "console"]
@@ -120,6 +127,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     scheduler: SchedulerConfig
     executor: ExecutorConfig
     nushell: NushellConfig
+    providers: ProvidersConfig
     tracing: TracingConfig
     # where each "section.key" came from; not part of the file format
     sources: dict[str, str] = msgspec.field(default_factory=dict)
