@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import msgspec
 import nickel
 import pytest
 
-from core import INFRA_DIR
+from core import INFRA_DIR, NULIB_DIR
 from core.infra import (
     cluster_workflow,
     load_infra,
@@ -444,3 +445,80 @@ async def test_local_status_and_plan_read_without_changing_anything(
     assert gone["change"] == "delete"
     listed = await _call(runner, registry, "server.list", {"infra": "lab"})
     assert [s["hostname"] for s in listed["servers"]] == ["web-1"]  # plan changed nothing
+
+
+# -- the aws provider's waiting, where moto cannot help (its instances run at once) ---------------
+
+_FAKE_AWS = """#!/bin/sh
+# describe by tags: nothing; by id: unknown once (EC2 is eventually consistent), then pending
+# until the RUNNING_AT-th call, then running
+count="$FAKE_DIR/calls"
+case "$2" in
+  run-instances) echo '{"Instances": [{"InstanceId": "i-slow", "State": {"Name": "pending"}}]}' ;;
+  terminate-instances) echo "terminate $4" >> "$FAKE_DIR/terminated"; echo '{}' ;;
+  describe-instances)
+    case "$4" in *InstanceIds*) ;; *) echo '{"Reservations": []}'; exit 0 ;; esac
+    n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
+    if [ $n -eq 1 ]; then
+      echo "An error occurred (InvalidInstanceID.NotFound): no i-slow yet" >&2
+      exit 254
+    fi
+    state=pending; [ $n -ge "$RUNNING_AT" ] && state=running
+    printf '{"Reservations": [{"Instances": [{"InstanceId": "i-slow", %s, %s, %s}]}]}' \\
+      "\\"State\\": {\\"Name\\": \\"$state\\"}" \\
+      '"PrivateIpAddress": "10.0.0.5"' \\
+      '"Placement": {"AvailabilityZone": "eu-west-1b"}'
+    ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("running_at", [4, 1000])
+def test_aws_create_waits_with_progress_and_cleans_up_when_the_wait_is_over(
+    tmp_path: Path, running_at: int
+) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "aws").write_text(_FAKE_AWS)
+    (fake / "aws").chmod(0o755)
+    args = {
+        "infra": "lab",
+        "server": {"hostname": "slow-1", "provider": "aws", "region": "eu-west-1"}
+        | {"image": "ami-12345678"},
+        "poll_seconds": 0.1,
+        "wait_timeout_seconds": 1,
+    }
+    program = (
+        "use servers\nlet args = ($in | from json)\n"
+        "servers create $args | to json --raw | save --force $env.PROVISIONING_RESULT_FILE\n"
+    )
+    done = subprocess.run(
+        [resolve_binary("nu"), "-n", "--no-std-lib", "--stdin", "-c", program],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": f"{fake}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "NU_LIB_DIRS": str(NULIB_DIR),
+            "PROVISIONING_DATA_DIR": str(tmp_path / "data"),
+            "PROVISIONING_RESULT_FILE": str(tmp_path / "result.json"),
+            "FAKE_DIR": str(tmp_path),
+            "RUNNING_AT": str(running_at),
+        },
+    )
+    progress = [line for line in done.stdout.splitlines() if line.startswith("PROGRESS: ")]
+    assert "PROGRESS: 50 instance i-slow launched, pending" in progress
+    waiting = [p for p in progress if "pending, waiting for running" in p]
+    assert waiting, done.stdout
+    if running_at < 1000:
+        assert done.returncode == 0, done.stderr
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["instance_id"] == "i-slow" and result["ip"] == "10.0.0.5"
+        assert result["existed"] is False and progress[-1].startswith("PROGRESS: 100 ")
+        assert not (tmp_path / "terminated").exists()
+    else:
+        assert done.returncode != 0
+        assert "instance i-slow is still pending after 1" in done.stderr
+        assert "i-slow" in (tmp_path / "terminated").read_text()  # not left behind

@@ -88,7 +88,8 @@ export def delete [args: record]: nothing -> record {
 # args: {infra?, providers?: [name, ...], regions?: [...]}
 # The servers of each provider named (default: local), of one infra or all.
 export def list [args: record]: nothing -> record {
-    let providers = ($args.providers? | default ["local"])
+    let named = ($args.providers? | default ["local"])
+    let providers = if ($named | describe) == "string" { [$named] } else { $named }
     let servers = ($providers | reduce --fold [] {|provider, all|
         $all | append (match $provider {
             "local" => { local list $args }
