@@ -17,12 +17,20 @@ from typing import Literal
 
 import msgspec
 
+from shared.config import NushellConfig
 from shared.errors import ActionNotFound, ConfigError
 from shared.ids import ACTION_RE
 
 from . import NULIB_DIR
 
-__all__ = ["BUILTIN_ACTIONS", "COMMAND_ACTION", "Action", "Registry", "load_registry"]
+__all__ = [
+    "BUILTIN_ACTIONS",
+    "COMMAND_ACTION",
+    "Action",
+    "Registry",
+    "load_registry",
+    "registry_for",
+]
 
 BUILTIN_ACTIONS = ("builtin.noop", "builtin.sleep", "builtin.fail")
 COMMAND_ACTION = "command.run"  # plain argv, no shell; off unless an executor allows it
@@ -41,13 +49,14 @@ class Action(msgspec.Struct, frozen=True):
     timeout_seconds: float | None = None
     lib_dir: str = ""
     module_file: bool = False  # the module is ``<module>.nu``, not ``<module>/mod.nu``
+    core_dir: str = ""  # the provisioning library ([nushell] provisioning_lib); "" = packaged
 
     @property
     def lib_dirs(self) -> list[str]:
         """``NU_LIB_DIRS`` for this action: its own library first, then the core library (so a
         user module can ``use lib_provisioning/progress.nu``, and a plain command that runs
         ``nu`` finds it too)."""
-        core = str(NULIB_DIR.resolve())
+        core = self.core_dir or str(NULIB_DIR.resolve())
         return [core] if self.lib_dir in ("", core) else [self.lib_dir, core]
 
     def script(self) -> str:
@@ -98,7 +107,7 @@ class Registry:
         return sorted({a.lib_dir for a in self._actions.values() if a.lib_dir})
 
 
-def _load_file(path: Path, lib_dir: Path) -> list[Action]:
+def _load_file(path: Path, lib_dir: Path, core_dir: Path) -> list[Action]:
     try:
         raw = msgspec.convert(tomllib.loads(path.read_text("utf-8")), _File)
     except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
@@ -143,20 +152,37 @@ def _load_file(path: Path, lib_dir: Path) -> list[Action]:
                 timeout_seconds=entry.timeout_seconds,
                 lib_dir=str(root),
                 module_file=module_file,
+                core_dir=str(core_dir),
             )
         )
     return actions
 
 
-def load_registry(extra: str | Path | None = None, extra_lib: str | Path | None = None) -> Registry:
-    """The packaged registry, plus a user registry whose modules live in ``extra_lib``."""
+def load_registry(
+    extra: str | Path | None = None,
+    extra_lib: str | Path | None = None,
+    *,
+    core_lib: str | Path | None = None,
+) -> Registry:
+    """The packaged registry, its modules in ``core_lib`` (``[nushell] provisioning_lib``; the
+    library shipped in the package when None), plus a user registry whose modules live in
+    ``extra_lib``. Every module must resolve: a wrong path fails here, at start, not in every
+    task."""
+    core = Path(core_lib).expanduser().resolve() if core_lib else NULIB_DIR.resolve()
+    if not core.is_dir():
+        raise ConfigError(
+            f"[nushell] provisioning_lib {core} is not a directory: point it at the provisioning "
+            "library (the directory holding servers/, taskservs/, clusters/, lib_provisioning/), "
+            "or leave it empty for the one shipped in the package",
+            path=str(core),
+        )
     actions = [
         Action(name="builtin.noop", kind="builtin", description="Do nothing; returns {}"),
         Action(name="builtin.sleep", kind="builtin", description='Sleep {"seconds": x}'),
         Action(name="builtin.fail", kind="builtin", description='Fail with {"message": "..."}'),
         Action(name=COMMAND_ACTION, kind="command", description='Run {"argv": [...]}, no shell'),
     ]
-    actions += _load_file(DEFAULT_REGISTRY, NULIB_DIR)
+    actions += _load_file(DEFAULT_REGISTRY, core, core)
     if extra:
         extra_path = Path(extra).expanduser()
         lib = Path(extra_lib).expanduser() if extra_lib else extra_path.parent / "nulib"
@@ -166,8 +192,17 @@ def load_registry(extra: str | Path | None = None, extra_lib: str | Path | None 
                 path=str(extra_path),
             )
         known = {a.name for a in actions}
-        for action in _load_file(extra_path, lib):
+        for action in _load_file(extra_path, lib, core):
             if action.name in known:
                 log.warning("action %s from %s replaces the packaged one", action.name, extra_path)
             actions.append(action)
     return Registry(actions)
+
+
+def registry_for(config: NushellConfig) -> Registry:
+    """The registry a service or the CLI runs with, from the ``[nushell]`` configuration."""
+    return load_registry(
+        config.registry or None,
+        config.registry_lib or None,
+        core_lib=config.provisioning_lib or None,
+    )

@@ -39,7 +39,14 @@ from shared.errors import ProvisioningError
 from .providers import Providers
 from .registry import Action
 
-__all__ = ["LineHandler", "RunResult", "Runner", "parse_progress", "resolve_binary"]
+__all__ = [
+    "LineHandler",
+    "ProgressHandler",
+    "RunResult",
+    "Runner",
+    "parse_progress",
+    "resolve_binary",
+]
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import click
 from aiohttp import web
 
 from core.providers import Providers
-from core.registry import load_registry
+from core.registry import registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
 from shared.bus import Bus
@@ -94,7 +94,7 @@ def _warn(config: Config) -> None:
 
 def _registry(config: Config) -> Any:
     try:
-        return load_registry(config.nushell.registry or None, config.nushell.registry_lib or None)
+        return registry_for(config.nushell)
     except ProvisioningError as exc:
         raise click.ClickException(exc.message) from None
 

@@ -239,6 +239,7 @@ class Stack:
                 await child.start(self.out)
             await self._wait_for_gateway()
             self._say(f"gateway ready at {self.gateway_url}; logs in {self.data_dir / 'logs'}")
+            self._say(f"console: open {self.gateway_url}/ui/ in a browser")
             if demo:
                 await self._demo(stop)
             self._say("serving; press Ctrl-C to stop")
@@ -248,8 +249,8 @@ class Stack:
         return 0
 
     async def _demo(self, stop: asyncio.Event) -> None:
-        from cli.client import ApiClient
-        from cli.monitor import monitor_workflow
+        from shared.api_client import ApiClient
+        from shared.monitor import monitor_workflow
 
         client = ApiClient(self.gateway_url, token=self.config.gateway.auth_token, timeout_s=30)
         self._say(
@@ -262,6 +263,7 @@ class Stack:
         )
         wf_id = accepted["workflow_id"]
         self._say(f"demo: workflow {wf_id} queued; watching it live")
+        self._say(f"demo: live in the console at {self.gateway_url}/ui/#/runs/{wf_id}")
         final = await asyncio.to_thread(monitor_workflow, client, wf_id, self.out, False)
         self._say(f"demo: workflow {wf_id} {final.get('status')}")
         self._say(f"try: curl -s {self.gateway_url}/workflows/{wf_id}")

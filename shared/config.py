@@ -94,6 +94,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
     heartbeat_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=20)]
     shutdown_grace_seconds: float
     log_limit_bytes: int
+    log_attempts_kept: Annotated[int, msgspec.Meta(ge=1, le=100)]
     result_limit_bytes: int
     allow_commands: bool
 
@@ -117,6 +118,7 @@ class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     exporter: Literal["none", "otlp-http", "otlp-grpc", "console"]
     endpoint: str
     jaeger_ui: str
+    ui_url: str = ""
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):

@@ -9,10 +9,12 @@ __all__ = [
     "BusUnavailable",
     "ConfigError",
     "DefinitionError",
+    "MessageError",
     "NotFound",
     "PayloadTooLarge",
     "ProvisioningError",
     "QueueFull",
+    "RequestTimeout",
     "StackError",
 ]
 
@@ -67,6 +69,13 @@ class ActionNotFound(DefinitionError):
         )
 
 
+class MessageError(ProvisioningError):
+    """Raised when a message or record does not decode: malformed, of the wrong shape, or
+    nested too deeply. The one error every consumer catches for input it cannot read."""
+
+    code = "bad_message"
+
+
 class PayloadTooLarge(ProvisioningError):
     """Raised when a body or message exceeds its configured size limit."""
 
@@ -89,6 +98,12 @@ class QueueFull(ProvisioningError):
     """Raised when JetStream refuses a publish because a queue reached its limit."""
 
     code = "queue_full"
+
+
+class RequestTimeout(ProvisioningError):
+    """Raised when a request takes longer than ``[gateway] request_timeout_seconds``."""
+
+    code = "timeout"
 
 
 class StackError(ProvisioningError):

@@ -14,7 +14,6 @@ __all__ = [
     "is_workflow_id",
     "new_workflow_id",
     "split_task_key",
-    "task_key",
 ]
 
 # Task ids, pool names: safe as NATS subject tokens, KV keys, file names and URL segments.
@@ -43,13 +42,9 @@ def is_workflow_id(value: str) -> bool:
     return bool(_WORKFLOW_RE.match(value))
 
 
-def task_key(workflow_id: str, task_id: str) -> str:
-    """The global id of a task, also its KV key: ``<workflow_id>.<task_id>``."""
-    return f"{workflow_id}.{task_id}"
-
-
 def split_task_key(key: str) -> tuple[str, str]:
-    """Split a global task id; raises ValueError when it is not one."""
+    """Split a global task id (``<workflow_id>.<task_id>``, see ``subjects.task_key``);
+    raises ValueError when it is not one."""
     workflow_id, sep, task_id = key.partition(".")
     if not sep or not is_workflow_id(workflow_id) or not NAME_RE.match(task_id):
         raise ValueError(f"not a task id: {key!r}")

@@ -23,8 +23,8 @@ from core.providers import Providers
 from core.registry import Registry, load_registry
 from core.runner import Runner, RunResult, resolve_binary
 from shared.config import load_config
+from testkit.otlp import Receiver
 
-from .otlp import Receiver
 from .support import (
     PROBE_ENV,
     VENV_BIN,

@@ -20,7 +20,6 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from nats.js.api import DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -36,17 +35,18 @@ from shared.config import Config
 from shared.errors import (
     BusUnavailable,
     DefinitionError,
+    MessageError,
     NotFound,
     PayloadTooLarge,
     ProvisioningError,
     QueueFull,
+    RequestTimeout,
 )
 from shared.ids import idempotent_workflow_id, is_workflow_id, new_workflow_id, split_task_key
 from shared.messages import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     CancelWorkflow,
-    DecodeError,
     Progress,
     ProgressEvent,
     RetryWorkflow,
@@ -54,14 +54,12 @@ from shared.messages import (
     WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
-    decode_command,
     decode_event,
-    decode_lease,
-    decode_log,
     encode,
 )
 from shared.nickel_source import evaluate_nickel
 from shared.store import Store
+from shared.streams import Streams
 from shared.tracing import context_from, headers_with_context, message_span, trace_id_hex
 from shared.workflow import (
     format_for_content_type,
@@ -69,6 +67,7 @@ from shared.workflow import (
     validate_definition,
 )
 
+from .console import add_console, is_console_asset
 from .openapi import openapi_document
 from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
 
@@ -82,6 +81,7 @@ CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
 REDACTOR = web.AppKey("redactor", Redactor)
 STORE = web.AppKey("store", Store)
+STREAMS = web.AppKey("streams", Streams)
 # Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
 # Their summaries are answered from here until the scheduler writes the record, rather than by
 # reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
@@ -117,6 +117,7 @@ _STATUS_FOR: dict[type[ProvisioningError], int] = {
     PayloadTooLarge: 413,
     BusUnavailable: 503,
     QueueFull: 503,
+    RequestTimeout: 504,
 }
 
 
@@ -167,7 +168,7 @@ async def _task_token_ok(request: web.Request, secret: str, given: str) -> bool:
 def _auth_middleware(secret: str) -> Any:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/health":
+        if request.path != "/health" and not is_console_asset(request):
             given = bearer_token(request.headers.get("Authorization", ""))
             if given is None or not (
                 tokens_equal(given, secret) or await _task_token_ok(request, secret, given)
@@ -202,9 +203,33 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
 
 
+def _timeout_middleware(seconds: float) -> Any:
+    """Bound every request but the streams (SSE) to ``[gateway] request_timeout_seconds``."""
+
+    @web.middleware
+    async def timeout(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.endswith("/events") or request.query.get("follow"):
+            return await handler(request)
+        try:
+            async with asyncio.timeout(seconds) as deadline:
+                return await handler(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise RequestTimeout(
+                f"the request took longer than {seconds:g}s ([gateway] request_timeout_seconds)"
+            ) from None
+
+    return timeout
+
+
 @web.middleware
 async def bus_ready_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in ("/health", "/openapi.json") and not request.app[BUS].ready:
+    if (
+        request.path not in ("/health", "/openapi.json")
+        and not is_console_asset(request)
+        and not request.app[BUS].ready
+    ):
         return _error(503, "bus_unavailable", "not connected to NATS yet")
     return await handler(request)
 
@@ -250,20 +275,6 @@ async def _json_body(request: web.Request) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):
         raise DefinitionError("malformed JSON body", reason="malformed") from None
-
-
-async def _pending_submission(bus: Bus, wf_id: str) -> SubmitWorkflow | None:
-    try:
-        raw = await bus.js.get_last_msg(
-            subjects.STREAM_COMMANDS, subjects.command_subject("submit", wf_id)
-        )
-    except nats.js.errors.NotFoundError:
-        return None
-    try:
-        command = decode_command(raw.data or b"")
-    except (DecodeError, RecursionError):  # nested too deeply: poison too
-        return None
-    return command if isinstance(command, SubmitWorkflow) else None
 
 
 def _valid_idempotency_key(key: str) -> bool:
@@ -327,7 +338,7 @@ async def _submit(
         ack = await bus.publish(
             subjects.command_subject("submit", wf_id),
             data,
-            msg_id=f"submit.{wf_id}",
+            msg_id=subjects.submit_msg_id(wf_id),
             headers=headers_with_context(),
         )
         trace_id = trace_id_hex()
@@ -367,26 +378,24 @@ async def health(request: web.Request) -> web.Response:
         "version": __version__,
         "api_version": API_VERSION,
         "nats": {"connected": bus.connected, "jetstream": ok, "detail": reason},
-        "scheduler": await _scheduler_health(bus) if ok else {"active": False},
+        "scheduler": await _scheduler_health(request.app[STORE]) if ok else {"active": False},
     }
+    if ui_url := request.app[CONFIG].tracing.ui_url:  # the console links trace ids there
+        body["tracing"] = {"ui_url": ui_url}
     return web.json_response(body, status=200 if ok else 503)
 
 
-async def _scheduler_health(bus: Bus) -> dict[str, Any]:
+async def _scheduler_health(store: Store) -> dict[str, Any]:
     """Whether a scheduler holds the lease (submissions are accepted either way; they wait in
     JetStream until one is active)."""
     try:
-        entry = await bus.kv.leases.get(subjects.LEASE_SCHEDULER)
-    except nats.js.errors.KeyNotFoundError:
-        return {"active": False}
+        lease = await store.lease()
+    except MessageError:
+        return {"active": False, "detail": "unreadable lease"}
     except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
         return {"active": False, "detail": f"cannot read the lease: {exc or type(exc).__name__}"}
-    if not entry.value:
+    if lease is None:
         return {"active": False}
-    try:
-        lease = decode_lease(entry.value)
-    except DecodeError:
-        return {"active": False, "detail": "unreadable lease"}
     return {
         "active": True,
         "holder": lease.holder,
@@ -496,7 +505,7 @@ async def _lookup(
     found = await store.workflow(wf_id)
     if found is not None:
         return found
-    pending = await _pending_submission(request.app[BUS], wf_id)
+    pending = await request.app[STREAMS].pending_submission(wf_id)
     if pending is not None:
         return pending
     return await store.workflow(wf_id)
@@ -508,9 +517,7 @@ async def _recent_pending(request: web.Request, wf_id: str) -> dict[str, Any] | 
     accepted = request.app[RECENT].get(wf_id)
     if accepted is None:
         return None
-    subject = subjects.command_subject("submit", wf_id)
-    info = await request.app[BUS].js.stream_info(subjects.STREAM_COMMANDS, subjects_filter=subject)
-    if not (info.state.subjects or {}).get(subject):
+    if not await request.app[STREAMS].submission_waits(wf_id):
         return None  # taken by the scheduler (or refused): the record, or nothing, says which
     return pending_summary(wf_id, *accepted)
 
@@ -556,23 +563,6 @@ async def _sse_response(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _replay(bus: Bus, subject: str) -> AsyncIterator[tuple[int, int, bytes]]:
-    """Every message on ``subject`` from the start, then live: ``(seq, pending, data)``."""
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=SSE_HEARTBEAT_S)
-            except nats.errors.TimeoutError:
-                yield 0, 0, b""
-                continue
-            meta = msg.metadata
-            yield meta.sequence.stream, meta.num_pending, msg.data
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-
-
 async def workflow_events(request: web.Request) -> web.StreamResponse:
     try:
         return await _workflow_events(request)
@@ -589,7 +579,8 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
     last_id = int(raw_last) if _EVENT_ID_RE.fullmatch(raw_last) else 0
     response = await _sse_response(request)
     terminal_seen = caught_up = False
-    async for seq, pending, data in _replay(request.app[BUS], subjects.event_subject(wf_id)):
+    replay = request.app[STREAMS].replay_events(wf_id, idle_s=SSE_HEARTBEAT_S)
+    async for seq, pending, data in replay:
         if not data:  # quiet for a while: has the workflow ended without its end event?
             if (end := await _recorded_end(request, wf_id)) is not None:
                 await response.write(b"event: workflow\ndata: " + end + b"\n\n")
@@ -598,7 +589,7 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
             continue
         try:
             event = decode_event(data)
-        except (DecodeError, RecursionError):  # nested too deeply: poison too
+        except MessageError:
             continue
         kind = type(event).__name__.removesuffix("Event").lower()
         if kind == "workflow":  # also when skipped: a Last-Event-ID past the end still ends
@@ -664,7 +655,7 @@ async def retry_workflow(request: web.Request) -> web.Response:
     await request.app[BUS].publish(
         subjects.command_subject("retry", wf_id),
         encode(RetryWorkflow(workflow_id=wf_id, runs=record.runs)),
-        msg_id=f"retry.{wf_id}.{record.runs}",
+        msg_id=subjects.retry_msg_id(wf_id, record.runs),
         headers=headers_with_context(),
     )
     return web.json_response(
@@ -681,79 +672,72 @@ async def get_task(request: web.Request) -> web.Response:
     return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
 
 
-def _log_entries(data: bytes) -> list[dict[str, Any]]:
-    try:
-        chunk = decode_log(data)
-    except (DecodeError, RecursionError):  # nested too deeply: poison too
-        return []
-    return [
-        {"attempt": chunk.attempt, "stream": chunk.stream, "line": line, "at": chunk.at.isoformat()}
-        for line in chunk.lines
-    ]
+LOG_PAGE_DEFAULT = 1000
+LOG_PAGE_MAX = 10_000
 
 
-async def _stored_log_lines(bus: Bus, subject: str) -> list[dict[str, Any]]:
-    """Every stored line of one task, oldest first; [] at once when there is none."""
+def _log_query(request: web.Request) -> tuple[int | None, str | None, int]:
+    """``attempt``, ``cursor`` and ``limit`` of a logs request, checked."""
+    query = request.query
     try:
-        last = await bus.js.get_last_msg(subjects.STREAM_LOGS, subject)
-    except nats.js.errors.NotFoundError:
-        return []
-    lines: list[dict[str, Any]] = []
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=10)
-            except nats.errors.TimeoutError:  # aged out meanwhile: return what there is
-                break
-            lines += _log_entries(msg.data)
-            if msg.metadata.sequence.stream >= (last.seq or 0):
-                break
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-    return lines
+        attempt = int(query["attempt"]) if "attempt" in query else None
+        limit = int(query.get("limit", LOG_PAGE_DEFAULT))
+    except ValueError:
+        raise DefinitionError("attempt and limit must be integers", reason="malformed") from None
+    if attempt is not None and not 1 <= attempt <= 1_000_000:
+        raise DefinitionError("attempt must be 1 or more", reason="malformed")
+    if not 1 <= limit <= LOG_PAGE_MAX:
+        raise DefinitionError(f"limit must be within 1..{LOG_PAGE_MAX}", reason="malformed")
+    cursor = query.get("cursor") or None
+    if cursor is not None and not re.fullmatch(r"[0-9]{1,19}\.[0-9]{1,6}", cursor):
+        raise DefinitionError(
+            "cursor must be a next_cursor from a previous page", reason="malformed"
+        )
+    return attempt, cursor, limit
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:
+    """One page of a task's logs (``attempt``, ``cursor``, ``limit``), or with ``follow`` its
+    lines as Server-Sent Events, live, until the task has ended."""
     wf_id, task_id = _task_ids(request)
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
     if found is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
-    bus = request.app[BUS]
-    subject = subjects.log_subject(wf_id, task_id)
+    attempt, cursor, limit = _log_query(request)
+    streams = request.app[STREAMS]
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
-        lines = await _stored_log_lines(bus, subject)
-        return web.json_response({"task_id": f"{wf_id}.{task_id}", "lines": lines})
+        page = await streams.log_page(wf_id, task_id, attempt=attempt, cursor=cursor, limit=limit)
+        body = {
+            "task_id": subjects.task_key(wf_id, task_id),
+            "attempt": attempt,
+            "lines": msgspec.to_builtins(page.lines),
+            "next_cursor": page.next_cursor,
+        }
+        return web.json_response(body)
     # Follow: replay, then live. When caught up, poll briefly and recheck the task: the stream
     # ends about one poll after the task has ended and no more lines came.
     response = await _sse_response(request)
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     loop = asyncio.get_running_loop()
     last_write = loop.time()
     ended = False
-    try:
-        with contextlib.suppress(ConnectionResetError):
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=LOG_FOLLOW_POLL_S)
-                except nats.errors.TimeoutError:
-                    if ended:
-                        break
-                    current = await store.task(wf_id, task_id)
-                    ended = current is None or current[0].status in TERMINAL_TASK
-                    if loop.time() - last_write >= SSE_HEARTBEAT_S:
-                        await response.write(b": waiting\n\n")
-                        last_write = loop.time()
-                    continue
-                await response.write(b"event: log\ndata: " + msg.data + b"\n\n")
-                last_write = loop.time()
-            await response.write_eof()
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+    chunks = streams.follow_logs(wf_id, task_id, attempt=attempt, cursor=cursor)
+    with contextlib.suppress(ConnectionResetError):
+        async for data in chunks:
+            if data is None:  # quiet for a moment
+                if ended:
+                    break
+                current = await store.task(wf_id, task_id)
+                ended = current is None or current[0].status in TERMINAL_TASK
+                if loop.time() - last_write >= SSE_HEARTBEAT_S:
+                    await response.write(b": waiting\n\n")
+                    last_write = loop.time()
+                continue
+            await response.write(b"event: log\ndata: " + data + b"\n\n")
+            last_write = loop.time()
+        await response.write_eof()
+    await chunks.aclose()
     return response
 
 
@@ -787,11 +771,10 @@ async def post_progress(request: web.Request) -> web.Response:
             subjects.event_subject(wf_id),
             encode(ProgressEvent(wf_id, task_id, body.progress, now, message, record.attempt)),
         )
-        await bus.kv.progress.put(
-            f"{wf_id}.{task_id}",
-            encode(
-                Progress(percent=body.progress, at=now, message=message, attempt=record.attempt)
-            ),
+        await request.app[STORE].put_progress(
+            wf_id,
+            task_id,
+            Progress(percent=body.progress, at=now, message=message, attempt=record.attempt),
         )
     return web.json_response(
         {"task_id": f"{wf_id}.{task_id}", "progress": body.progress}, status=202
@@ -851,7 +834,11 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
-    middlewares: list[Any] = [tracing_middleware, error_middleware]
+    middlewares: list[Any] = [
+        tracing_middleware,
+        error_middleware,
+        _timeout_middleware(config.gateway.request_timeout_seconds),
+    ]
     if config.gateway.auth_token:
         middlewares.append(_auth_middleware(config.gateway.auth_token))
     middlewares.append(bus_ready_middleware)
@@ -862,6 +849,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app[REGISTRY] = registry
     app[REDACTOR] = Providers.from_config(config).redactor  # secrets as of start (core/redact.py)
     app[STORE] = Store(the_bus)
+    app[STREAMS] = Streams(the_bus)
     app[RECENT] = {}
     app.cleanup_ctx.append(_bus_ctx)
     app.router.add_get("/health", health)
@@ -879,4 +867,5 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_get("/tasks/{id}/logs", task_logs)
     app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
+    add_console(app)
     return app

@@ -94,6 +94,11 @@ _SCHEMAS: dict[str, Any] = {
                     "detail": {"type": "string"},
                 },
             },
+            "tracing": {
+                "type": "object",
+                "description": "Present when `[tracing] ui_url` is set: where trace ids open.",
+                "properties": {"ui_url": {"type": "string"}},
+            },
         },
     },
     "WorkflowSummary": {
@@ -148,6 +153,7 @@ _SCHEMAS: dict[str, Any] = {
             "exit_code": _nullable("integer"),
             "reason": _nullable("string"),
             "error": _nullable("string"),
+            "args": {"description": "The task's arguments, as submitted"},
             "output": {},
             "depends_on": {"type": "array", "items": {"type": "string"}},
             "priority": _nullable("integer"),

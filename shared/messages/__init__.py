@@ -1,7 +1,6 @@
 """Messages and records as tagged msgspec Structs, one module per concern."""
 
 from .codec import (
-    DecodeError,
     decode_beat,
     decode_command,
     decode_dispatch,
@@ -11,6 +10,7 @@ from .codec import (
     decode_progress,
     decode_report,
     decode_task,
+    decode_task_ids,
     decode_workflow,
     encode,
 )
@@ -20,6 +20,7 @@ from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
 from .leases import SchedulerLease
 from .records import (
+    BUSY_TASK,
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
@@ -29,16 +30,24 @@ from .records import (
     WorkflowRecord,
     WorkflowStatus,
 )
-from .tasks import FailureReason, Outcome, Report, TaskDispatch, TaskFinished, TaskStarted
+from .tasks import (
+    FailureReason,
+    Outcome,
+    Report,
+    TaskDispatch,
+    TaskFinished,
+    TaskHandedBack,
+    TaskStarted,
+)
 
 __all__ = [
+    "BUSY_TASK",
     "TERMINAL_TASK",
     "TERMINAL_WORKFLOW",
     "AttemptRecord",
     "Backoff",
     "CancelWorkflow",
     "Command",
-    "DecodeError",
     "Event",
     "ExecutorBeat",
     "FailureReason",
@@ -54,6 +63,7 @@ __all__ = [
     "TaskDispatch",
     "TaskEvent",
     "TaskFinished",
+    "TaskHandedBack",
     "TaskRecord",
     "TaskSpec",
     "TaskStarted",
@@ -71,6 +81,7 @@ __all__ = [
     "decode_progress",
     "decode_report",
     "decode_task",
+    "decode_task_ids",
     "decode_workflow",
     "encode",
 ]

@@ -10,6 +10,7 @@ import msgspec
 from .definition import TaskSpec
 
 __all__ = [
+    "BUSY_TASK",
     "TERMINAL_TASK",
     "TERMINAL_WORKFLOW",
     "AttemptRecord",
@@ -22,10 +23,20 @@ __all__ = [
 
 WorkflowStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TaskStatus = Literal[
-    "pending", "queued", "running", "retrying", "completed", "failed", "cancelled", "skipped"
+    "pending",
+    "queued",
+    "running",
+    "cancelling",  # a cancel was asked for while an executor had the task: its fate is not known
+    "retrying",
+    "completed",
+    "failed",
+    "cancelled",
+    "skipped",
 ]
 TERMINAL_WORKFLOW: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 TERMINAL_TASK: frozenset[str] = frozenset({"completed", "failed", "cancelled", "skipped"})
+# The current attempt is out with an executor: dispatched, and not yet reported finished.
+BUSY_TASK: frozenset[str] = frozenset({"queued", "running", "cancelling"})
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
@@ -59,6 +70,12 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     # attempts made in earlier runs of the workflow: each run (POST /retry) has the task's
     # whole retry budget again
     attempts_before_run: int = 0
+    # set when the task finished although its workflow was cancelled or stopped meanwhile
+    note: str | None = None
+    # graceful hand-backs of the current attempt (an executor shutting down gave it back):
+    # deliveries that are not crashes, so they do not count toward max_deliveries
+    handbacks: int = 0
+    handback_delivery: int = 0  # the delivery of the last hand-back counted
     v: int = 1
 
 
@@ -80,6 +97,8 @@ class WorkflowRecord(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     runs: int = 1
     cancel_requested: bool = False
+    # on_failure = "stop" took effect: no new attempt starts in this run
+    stopped: bool = False
     # Tasks per status, written by the scheduler with each step that changes one: a summary
     # of the workflow costs one read, not one per task. None in records of older versions.
     counts: dict[str, int] | None = None

@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["FailureReason", "Outcome", "Report", "TaskDispatch", "TaskFinished", "TaskStarted"]
+__all__ = [
+    "FailureReason",
+    "Outcome",
+    "Report",
+    "TaskDispatch",
+    "TaskFinished",
+    "TaskHandedBack",
+    "TaskStarted",
+]
 
 Outcome = Literal["completed", "failed", "cancelled"]
 FailureReason = Literal[
@@ -62,4 +70,17 @@ class TaskFinished(msgspec.Struct, tag="finished", forbid_unknown_fields=True):
     v: int = 1
 
 
-Report = TaskStarted | TaskFinished
+class TaskHandedBack(msgspec.Struct, tag="handed_back", forbid_unknown_fields=True):
+    """An executor shutting down gracefully stopped the attempt and gave its message back for
+    redelivery: not a crash, so the delivery does not count toward ``max_deliveries``."""
+
+    workflow_id: str
+    task_id: str
+    attempt: int
+    delivery: int
+    executor_id: str
+    at: datetime
+    v: int = 1
+
+
+Report = TaskStarted | TaskFinished | TaskHandedBack

@@ -1,0 +1,114 @@
+"""Running one attempt of an action: the built-ins in process, Nushell functions and plain
+commands in a fresh subprocess (:mod:`core.runner`).
+
+Shared by the executor service and direct mode, so both refuse, run and report an action the
+same way: an unknown action and a plain command where commands are not allowed are refused
+(``reason: refused``, never retried); the task's environment names the task, its workflow and
+attempt, the gateway, the trace and (with auth on) the task's own capability token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from typing import Any
+
+from shared.errors import ActionNotFound
+
+from .registry import Registry
+from .runner import LineHandler, ProgressHandler, Runner, RunResult
+
+__all__ = ["run_action", "run_builtin", "task_environment"]
+
+
+def task_environment(
+    workflow_id: str,
+    task_id: str,
+    attempt: int,
+    *,
+    gateway_url: str,
+    traceparent: str | None = None,
+    task_token: str | None = None,
+) -> dict[str, str]:
+    """The variables that tell a task subprocess who it is (see docs/executors.md)."""
+    env = {
+        "PROVISIONING_TASK_ID": f"{workflow_id}.{task_id}",
+        "PROVISIONING_WORKFLOW_ID": workflow_id,
+        "PROVISIONING_ATTEMPT": str(attempt),
+        "PROVISIONING_GATEWAY_URL": gateway_url,
+    }
+    if traceparent:
+        env["TRACEPARENT"] = traceparent
+    if task_token:  # a capability for this task's progress, never the gateway's secret
+        env["PROVISIONING_TASK_TOKEN"] = task_token
+    return env
+
+
+async def run_action(
+    registry: Registry,
+    runner: Runner,
+    name: str,
+    args: dict[str, Any],
+    *,
+    allow_commands: bool,
+    task_env: dict[str, str],
+    timeout_s: float,
+    cancel: asyncio.Event,
+    on_line: LineHandler,
+    on_progress: ProgressHandler,
+) -> RunResult:
+    """Run the action ``name`` once with ``args``; never raises for the action's own failures."""
+    try:
+        action = registry.get(name)
+    except ActionNotFound:
+        return RunResult("failed", reason="refused", error=f"unknown action {name!r}")
+    if action.kind == "builtin":
+        return await run_builtin(action.name, args, timeout_s=timeout_s, cancel=cancel)
+    if action.kind == "command" and not allow_commands:
+        return RunResult(
+            "failed",
+            reason="refused",
+            error="plain-command tasks are disabled here ([executor] allow_commands)",
+        )
+    return await runner.run(
+        action,
+        args,
+        task_env=task_env,
+        timeout_s=timeout_s,
+        on_line=on_line,
+        on_progress=on_progress,
+        cancel=cancel,
+    )
+
+
+async def run_builtin(
+    action: str, args: dict[str, Any], *, timeout_s: float, cancel: asyncio.Event
+) -> RunResult:
+    """``builtin.noop``, ``builtin.sleep`` (``{"seconds": x}``), ``builtin.fail``
+    (``{"message": ...}``): for tests, demos and benchmarks, with no subprocess."""
+    if action == "builtin.noop":
+        return RunResult("completed", exit_code=0, output={})
+    if action == "builtin.fail":
+        message = args.get("message", "failed on purpose")
+        return RunResult("failed", exit_code=1, reason="error", error=str(message)[:2000])
+    if action == "builtin.sleep":
+        seconds = args.get("seconds", 1)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            return RunResult(
+                "failed", reason="refused", error='builtin.sleep needs {"seconds": number}'
+            )
+        if not math.isfinite(seconds) or not 0 <= seconds <= 86400:
+            return RunResult("failed", reason="refused", error="seconds must be within 0..86400")
+        if seconds > timeout_s:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancel.wait(), timeout_s)
+            if cancel.is_set():
+                return RunResult("cancelled", reason="cancelled", error="cancelled")
+            return RunResult("failed", reason="timeout", error=f"timed out after {timeout_s:g}s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cancel.wait(), seconds)
+        if cancel.is_set():
+            return RunResult("cancelled", reason="cancelled", error="cancelled")
+        return RunResult("completed", exit_code=0, output={"slept": seconds})
+    return RunResult("failed", reason="refused", error=f"unknown builtin {action!r}")

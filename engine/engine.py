@@ -1,0 +1,578 @@
+"""The workflow state machine: inputs in, effects out, no I/O.
+
+Inputs are method calls: a submission accepted (:meth:`Engine.accept`), a cancel
+(:meth:`Engine.cancel`), a retry of a finished run (:meth:`Engine.retry`), an executor's report
+(:meth:`Engine.report`: started, finished, handed back), a retry timer that fell due
+(:meth:`Engine.retry_due`), executor capacity (:meth:`Engine.set_capacity`) and the end of a
+step (:meth:`Engine.pump`, which dispatches ready tasks into free capacity, highest priority
+first). Workflows rebuilt from checkpoints come back with :meth:`Engine.adopt`. Every input adds
+to the pending :class:`~engine.effects.Effects`, which the driver takes with :meth:`Engine.take`.
+
+The rules, in one place:
+
+- A task is ready when all its dependencies completed; ready tasks wait in a priority heap per
+  pool and are dispatched only while the pool has capacity (executor slots plus headroom).
+- Reports are fenced: one for another attempt than the task's current one, for a delivery older
+  than the one the task is at, or repeated, changes nothing (:class:`Verdict` says why).
+- A failed attempt is retried after its backoff while the task has retries left in this run of
+  the workflow, unless the failure was a refusal or a cancellation, or the workflow is being
+  cancelled or was stopped. A task that ends failed, cancelled or skipped skips the tasks that
+  depend on it.
+- ``on_failure = "stop"``: the first task that fails for good stops the run: tasks not yet
+  dispatched are cancelled; tasks dispatched but not started are asked not to start
+  (``cancelling``); running ones finish. ``continue``: the rest of the graph goes on.
+- Cancel: tasks not dispatched end ``cancelled`` at once; tasks out with an executor become
+  ``cancelling`` and the executors are asked to stop them. Their report decides how they end: a
+  task that finished anyway ends ``completed`` with its result and a note, so what the API says
+  ran is what ran, and a retry of the workflow never runs it again.
+- A graceful hand-back (an executor shutting down) puts the attempt back in the queue without
+  counting as a crash.
+- The workflow ends when every task has: ``completed`` if all completed, ``cancelled`` if a
+  cancel was asked for, otherwise ``failed``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from shared.messages import (
+    BUSY_TASK,
+    TERMINAL_WORKFLOW,
+    AttemptRecord,
+    Report,
+    SubmitWorkflow,
+    TaskDispatch,
+    TaskEvent,
+    TaskFinished,
+    TaskHandedBack,
+    TaskRecord,
+    TaskSpec,
+    TaskStarted,
+    WorkflowEvent,
+    WorkflowRecord,
+)
+
+from .effects import Dispatch, Effects, Timer
+from .state import WorkflowState
+
+__all__ = ["ATTEMPTS_KEPT", "Engine", "Verdict"]
+
+ATTEMPTS_KEPT = 20  # attempt records kept per task (the newest)
+CANCELLED_NOTE = "finished after its workflow was cancelled"
+STOPPED_NOTE = "finished after its workflow was stopped (on_failure = stop)"
+
+
+class Verdict(StrEnum):
+    """What became of a report."""
+
+    APPLIED = "applied"
+    UNKNOWN = "unknown"  # no such active workflow or task
+    STALE = "stale"  # another attempt, or already applied (a redelivered report)
+    FENCED = "fenced"  # an older delivery of the current attempt: another executor took over
+
+
+class Engine:
+    """Every active workflow, the ready heaps and the in-flight counts of each pool.
+
+    ``timeout_for`` gives a task's timeout in seconds (its own, else its action's, else the
+    default); ``headroom`` is how far beyond the executors' slots a pool may be dispatched, as a
+    fraction of them (dispatches then wait in the queue, ready for the next free slot).
+    """
+
+    def __init__(self, *, timeout_for: Callable[[TaskSpec], float], headroom: float = 0.0) -> None:
+        self.timeout_for = timeout_for
+        self.headroom = headroom
+        self.workflows: dict[str, WorkflowState] = {}
+        self.inflight: dict[str, int] = defaultdict(int)
+        self.slots: dict[str, int] = {}
+        self._ready: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
+        self._seq = itertools.count()
+        self.effects = Effects()
+
+    # -- the driver's side ------------------------------------------------------------------------
+
+    def take(self) -> Effects:
+        """The effects of every input since the last call, workflow counts brought up to date."""
+        effects, self.effects = self.effects, Effects()
+        for state in (*effects.workflows.values(), *effects.created.values()):
+            state.record.counts = state.count_snapshot()
+        return effects
+
+    def get(self, workflow_id: str) -> WorkflowState | None:
+        """An active workflow, or one that ended since the last :meth:`take`."""
+        return self.workflows.get(workflow_id) or self.effects.ended.get(workflow_id)
+
+    def forget(self) -> None:
+        """Drop everything (the driver rebuilds from checkpoints with :meth:`adopt`)."""
+        self.workflows.clear()
+        self.inflight.clear()
+        self._ready.clear()
+        self.effects = Effects()
+
+    def set_capacity(self, slots: Mapping[str, int]) -> None:
+        """Task slots of the live executors, per pool."""
+        self.slots = dict(slots)
+
+    def capacity(self, pool: str) -> int:
+        return int(self.slots.get(pool, 0) * (1 + self.headroom))
+
+    def ready_count(self, pool: str) -> int:
+        return len(self._ready.get(pool, ()))
+
+    def pools(self) -> set[str]:
+        return set(self._ready) | set(self.inflight)
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    def accept(
+        self,
+        command: SubmitWorkflow,
+        now: datetime,
+        *,
+        trace_id: str | None = None,
+        traceparent: str | None = None,
+        cancelled: str | None = None,
+    ) -> WorkflowState:
+        """Take a new workflow. ``cancelled``: a cancel for it is already waiting (its reason):
+        then nothing of it is dispatched."""
+        wf_id = command.workflow_id
+        if (known := self.get(wf_id)) is not None:
+            return known
+        definition = command.definition
+        tasks = {t.id: TaskRecord(workflow_id=wf_id, spec=t) for t in definition.tasks}
+        record = WorkflowRecord(
+            id=wf_id,
+            name=definition.name,
+            status="queued",
+            created_at=command.submitted_at,
+            task_ids=[t.id for t in definition.tasks],
+            priority=definition.priority,
+            on_failure=definition.on_failure,
+            description=definition.description,
+            source=command.source,
+            idempotency_key=command.idempotency_key,
+            trace_id=trace_id,
+            traceparent=traceparent,
+            counts={"pending": len(tasks)},
+        )
+        state = WorkflowState(record, tasks)
+        self.workflows[wf_id] = state
+        self.effects.created[wf_id] = state
+        self._emit(WorkflowEvent(wf_id, "queued", now, f"{len(tasks)} tasks"))
+        if cancelled is not None:
+            self.cancel(wf_id, cancelled, now)
+        else:
+            for task_id in state.ready():
+                self._push_ready(state, task_id)
+        return state
+
+    def adopt(
+        self, record: WorkflowRecord, tasks: dict[str, TaskRecord], now: datetime
+    ) -> list[str]:
+        """Bring a workflow rebuilt from its checkpoints back into motion. Returns the tasks
+        whose attempt is out with an executor: the driver checks that each one's dispatch (or
+        its report) is still in JetStream, and calls :meth:`redispatch` for those that are not."""
+        if record.status in TERMINAL_WORKFLOW or record.id in self.workflows:
+            return []
+        state = WorkflowState(record, tasks)
+        self.workflows[record.id] = state
+        busy: list[str] = []
+        for task_id in record.task_ids:
+            task = state.tasks[task_id]
+            if task.status in BUSY_TASK:
+                self.inflight[task.spec.pool] += 1
+                busy.append(task_id)
+                if task.cancel_requested and record.cancel_requested:
+                    self._kill(state, task_id)
+            elif task.status == "retrying":
+                self._timer(state, task_id, task.next_attempt_at or now)
+            elif state.is_ready(task_id) and self._may_start(state):
+                self._push_ready(state, task_id)
+        self._finish_if_done(state, now)
+        return busy
+
+    def redispatch(self, workflow_id: str, task_id: str, now: datetime) -> None:
+        """Send a task's current attempt again (its dispatch was lost before it was stored)."""
+        state = self.workflows[workflow_id]
+        self._send(state, task_id, now)
+
+    def cancel(self, workflow_id: str, reason: str, now: datetime) -> bool:
+        """Cancel a workflow; False when it is not active or a cancel is already under way."""
+        state = self.workflows.get(workflow_id)
+        if state is None or state.record.cancel_requested:
+            return False
+        state.record.cancel_requested = True
+        self._save_workflow(state)
+        self._stop_unstarted(state, reason, now, kill_running=True)
+        self._finish_if_done(state, now)
+        return True
+
+    def retry(
+        self,
+        workflow_id: str,
+        runs: int,
+        now: datetime,
+        *,
+        loaded: tuple[WorkflowRecord, dict[str, TaskRecord]] | None = None,
+    ) -> bool:
+        """Start another run of a failed or cancelled workflow (``runs``: the run it follows,
+        so a repeated retry is not applied twice): its failed, cancelled and skipped tasks run
+        again, each with its whole retry budget; completed tasks stay completed. ``loaded``:
+        the workflow's checkpoints, when it is no longer in memory."""
+        state = self.get(workflow_id)
+        if state is None:
+            if loaded is None:
+                return False
+            state = WorkflowState(*loaded)
+        record = state.record
+        if record.runs != runs or record.status not in ("failed", "cancelled"):
+            return False
+        for task_id in record.task_ids:
+            task = state.tasks[task_id]
+            if task.status in ("failed", "cancelled", "skipped"):
+                self._set(state, task_id, "pending")
+                task.attempts_before_run = task.attempt  # a fresh retry budget in this run
+                task.cancel_requested = False
+                task.error = task.reason = task.note = None
+                task.exit_code = None
+                task.finished_at = None
+                self._save_task(state, task_id)
+        record.runs += 1
+        record.status = "queued"
+        record.cancel_requested = record.stopped = False
+        record.error = None
+        record.finished_at = None
+        self.workflows[workflow_id] = state
+        self.effects.ended.pop(workflow_id, None)
+        self.effects.reopened.add(workflow_id)
+        self._save_workflow(state)
+        self._emit(WorkflowEvent(workflow_id, "queued", now, f"retry (run {record.runs})"))
+        for task_id in state.ready():
+            self._push_ready(state, task_id)
+        return True
+
+    def report(self, report: Report, now: datetime) -> Verdict:
+        """Apply an executor's report, fenced by attempt and delivery."""
+        state = self.workflows.get(report.workflow_id)
+        if state is None or report.task_id not in state.tasks:
+            return Verdict.UNKNOWN
+        task = state.tasks[report.task_id]
+        if report.attempt != task.attempt or task.status not in BUSY_TASK:
+            return Verdict.STALE
+        match report:
+            case TaskStarted():
+                if report.delivery <= task.delivery:
+                    return Verdict.STALE if report.delivery == task.delivery else Verdict.FENCED
+                self._started(state, report, now)
+            case TaskFinished():
+                if report.delivery < task.delivery:
+                    return Verdict.FENCED
+                self._finished(state, report, now)
+            case TaskHandedBack():
+                if report.delivery < task.delivery or report.delivery <= task.handback_delivery:
+                    return Verdict.STALE
+                self._handed_back(state, report, now)
+        return Verdict.APPLIED
+
+    def retry_due(self, workflow_id: str, task_id: str, attempt: int, now: datetime) -> None:
+        """A retry timer fell due: the task is pending again (and ready if it may start)."""
+        state = self.workflows.get(workflow_id)
+        if state is None:
+            return
+        task = state.tasks[task_id]
+        if task.status != "retrying" or task.attempt != attempt:
+            return
+        self._set(state, task_id, "pending")
+        task.next_attempt_at = None
+        self._save_task(state, task_id)
+        if state.is_ready(task_id) and self._may_start(state):
+            self._push_ready(state, task_id)
+
+    def pump(self, now: datetime) -> None:
+        """Dispatch ready tasks into free capacity, highest priority first, per pool."""
+        for pool, heap in self._ready.items():
+            capacity = self.capacity(pool)
+            while heap and self.inflight[pool] < capacity:
+                _, _, wf_id, task_id = heapq.heappop(heap)
+                state = self.workflows.get(wf_id)
+                if state is None or not self._may_start(state) or not state.is_ready(task_id):
+                    continue
+                self._dispatch(state, task_id, now)
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    def _started(self, state: WorkflowState, rep: TaskStarted, now: datetime) -> None:
+        task = state.tasks[rep.task_id]
+        if task.queued_at is not None:
+            latency = max(0.0, (rep.started_at - task.queued_at).total_seconds())
+            self.effects.start_latencies.append((task.spec.pool, latency))
+        task.delivery = rep.delivery
+        task.executor_id = rep.executor_id
+        task.started_at = rep.started_at
+        if task.attempts:
+            task.attempts[-1].executor_id = rep.executor_id
+            task.attempts[-1].started_at = rep.started_at
+        if task.status == "cancelling" and not state.record.cancel_requested:
+            # asked not to start by on_failure = "stop", but it had started: a stop lets
+            # running tasks finish
+            task.cancel_requested = False
+            self._set(state, rep.task_id, "running")
+        elif task.status == "queued":
+            self._set(state, rep.task_id, "running")
+        self._save_task(state, rep.task_id)
+        if task.status == "running":
+            self._emit(
+                TaskEvent(
+                    state.id,
+                    rep.task_id,
+                    "running",
+                    now,
+                    attempt=rep.attempt,
+                    executor_id=rep.executor_id,
+                )
+            )
+        else:  # cancelling: the kill may have reached the executor before the task did
+            self._kill(state, rep.task_id)
+        if state.record.status == "queued":
+            state.record.status = "running"
+            state.record.started_at = state.record.started_at or now
+            self._save_workflow(state)
+            self._emit(WorkflowEvent(state.id, "running", now))
+
+    def _finished(self, state: WorkflowState, rep: TaskFinished, now: datetime) -> None:
+        task_id = rep.task_id
+        task = state.tasks[task_id]
+        record = state.record
+        task.delivery = rep.delivery
+        task.executor_id = rep.executor_id
+        task.started_at = task.started_at or rep.started_at
+        task.finished_at = rep.finished_at
+        task.exit_code = rep.exit_code
+        task.output = rep.output
+        task.error = rep.error
+        task.reason = rep.reason
+        task.next_attempt_at = None
+        if task.attempts:
+            a = task.attempts[-1]
+            a.executor_id, a.started_at, a.finished_at = (
+                rep.executor_id,
+                rep.started_at,
+                rep.finished_at,
+            )
+            a.outcome, a.exit_code, a.reason, a.error = (
+                rep.outcome,
+                rep.exit_code,
+                rep.reason,
+                rep.error,
+            )
+        if rep.outcome == "completed":
+            status = "completed"
+            if record.cancel_requested or task.cancel_requested:
+                task.note = CANCELLED_NOTE
+            elif record.stopped:
+                task.note = STOPPED_NOTE
+        elif rep.outcome == "failed" and self._may_retry(state, task, rep):
+            status = "retrying"
+        else:
+            status = "cancelled" if rep.outcome == "cancelled" else "failed"
+        task.cancel_requested = False
+        self._set(state, task_id, status)
+        event = TaskEvent(
+            state.id,
+            task_id,
+            status,
+            now,
+            attempt=rep.attempt,
+            executor_id=rep.executor_id,
+            error=rep.error,
+            reason=rep.reason,
+        )
+        if status == "retrying":
+            delay = task.spec.backoff.delay(task.attempt - task.attempts_before_run)
+            task.next_attempt_at = now + timedelta(seconds=delay)
+            self._save_task(state, task_id)
+            self._emit(event)
+            self._timer(state, task_id, task.next_attempt_at)
+            return
+        self._save_task(state, task_id)
+        self._emit(event)
+        if status == "completed":
+            if self._may_start(state):
+                for child in state.dependents.get(task_id, ()):
+                    if state.is_ready(child):
+                        self._push_ready(state, child)
+        else:
+            self._skip_dependents(state, task_id, now)
+            if status == "failed" and record.on_failure == "stop" and not record.stopped:
+                record.stopped = True
+                self._save_workflow(state)
+                self._stop_unstarted(
+                    state, f"stopped: task {task_id!r} failed", now, kill_running=False
+                )
+        self._finish_if_done(state, now)
+
+    def _handed_back(self, state: WorkflowState, rep: TaskHandedBack, now: datetime) -> None:
+        task = state.tasks[rep.task_id]
+        task.handbacks += 1
+        task.handback_delivery = rep.delivery
+        task.delivery = rep.delivery
+        if task.status == "running":
+            self._set(state, rep.task_id, "queued")
+        self._save_task(state, rep.task_id)
+        self._emit(
+            TaskEvent(
+                state.id,
+                rep.task_id,
+                task.status,
+                now,
+                attempt=rep.attempt,
+                executor_id=rep.executor_id,
+                reason="handed_back",
+            )
+        )
+
+    def _may_retry(self, state: WorkflowState, task: TaskRecord, rep: TaskFinished) -> bool:
+        return (
+            rep.retryable
+            and rep.reason not in ("cancelled", "refused")
+            and task.attempt - task.attempts_before_run <= task.spec.retries
+            and not task.cancel_requested
+            and self._may_start(state)
+        )
+
+    @staticmethod
+    def _may_start(state: WorkflowState) -> bool:
+        """Whether new attempts may start in this workflow's run."""
+        return not (state.record.cancel_requested or state.record.stopped)
+
+    def _skip_dependents(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        for child in state.descendants(task_id):
+            task = state.tasks[child]
+            if task.status in ("pending", "retrying"):
+                self._set(state, child, "skipped")
+                task.reason = "dependency_failed"
+                task.error = f"dependency {task_id!r} did not complete"
+                task.finished_at = now
+                task.next_attempt_at = None
+                self._save_task(state, child)
+                self._emit(TaskEvent(state.id, child, "skipped", now, reason="dependency_failed"))
+
+    def _stop_unstarted(
+        self, state: WorkflowState, reason: str, now: datetime, *, kill_running: bool
+    ) -> None:
+        """Cancel what was not dispatched; ask executors not to start what they have not
+        started; with ``kill_running``, ask them to stop what runs too."""
+        for task_id in state.record.task_ids:
+            task = state.tasks[task_id]
+            if task.status in ("pending", "retrying"):
+                self._set(state, task_id, "cancelled")
+                task.error, task.reason, task.finished_at = reason, "cancelled", now
+                task.next_attempt_at = None
+                self._save_task(state, task_id)
+                self._emit(
+                    TaskEvent(
+                        state.id,
+                        task_id,
+                        "cancelled",
+                        now,
+                        attempt=task.attempt,
+                        reason="cancelled",
+                    )
+                )
+            elif task.status == "queued" or (
+                kill_running and task.status in ("running", "cancelling")
+            ):
+                if task.status == "cancelling" and task.cancel_requested:
+                    continue
+                task.cancel_requested = True
+                self._set(state, task_id, "cancelling")
+                self._save_task(state, task_id)
+                self._emit(
+                    TaskEvent(
+                        state.id, task_id, "cancelling", now, attempt=task.attempt, error=reason
+                    )
+                )
+                if kill_running:
+                    self._kill(state, task_id)
+
+    def _dispatch(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        task = state.tasks[task_id]
+        task.attempt += 1
+        task.delivery = task.handbacks = task.handback_delivery = 0
+        task.queued_at = now
+        task.started_at = task.finished_at = None
+        task.attempts.append(AttemptRecord(attempt=task.attempt))
+        del task.attempts[:-ATTEMPTS_KEPT]
+        self._set(state, task_id, "queued")
+        self._save_task(state, task_id)
+        self._send(state, task_id, now)
+        self._emit(TaskEvent(state.id, task_id, "queued", now, attempt=task.attempt))
+
+    def _send(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        task = state.tasks[task_id]
+        message = TaskDispatch(
+            workflow_id=state.id,
+            task_id=task_id,
+            attempt=task.attempt,
+            action=task.spec.action,
+            args=task.spec.args,
+            timeout_seconds=self.timeout_for(task.spec),
+            pool=task.spec.pool,
+            dispatched_at=now,
+        )
+        self.effects.dispatches.append(Dispatch(message, state.record.traceparent))
+
+    def _finish_if_done(self, state: WorkflowState, now: datetime) -> None:
+        """End the workflow when every task has; it leaves memory with this step's effects."""
+        record = state.record
+        if not state.all_terminal() or record.status in TERMINAL_WORKFLOW:
+            return
+        status = state.final_status()
+        record.status = status  # type: ignore[assignment]
+        record.finished_at = now
+        failed = [t for t in record.task_ids if state.tasks[t].status == "failed"]
+        record.error = f"failed tasks: {', '.join(failed[:10])}" if failed else None
+        self._save_workflow(state)
+        self._emit(WorkflowEvent(record.id, status, now, record.error or ""))
+        self.effects.ended[record.id] = state
+        self.workflows.pop(record.id, None)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _set(self, state: WorkflowState, task_id: str, status: str) -> None:
+        old = state.set_status(task_id, status)
+        if old == status:
+            return
+        pool = state.tasks[task_id].spec.pool
+        if old in BUSY_TASK and status not in BUSY_TASK:
+            self.inflight[pool] -= 1
+        elif old not in BUSY_TASK and status in BUSY_TASK:
+            self.inflight[pool] += 1
+        self._save_workflow(state)  # its counts changed
+        self.effects.transitions.append((pool, status))
+
+    def _push_ready(self, state: WorkflowState, task_id: str) -> None:
+        pool = state.tasks[task_id].spec.pool
+        item = (-state.priority(task_id), next(self._seq), state.id, task_id)
+        heapq.heappush(self._ready[pool], item)
+
+    def _save_task(self, state: WorkflowState, task_id: str) -> None:
+        self.effects.tasks[(state.id, task_id)] = state
+
+    def _save_workflow(self, state: WorkflowState) -> None:
+        self.effects.workflows[state.id] = state
+
+    def _emit(self, event: WorkflowEvent | TaskEvent) -> None:
+        self.effects.events.append(event)
+
+    def _kill(self, state: WorkflowState, task_id: str) -> None:
+        self.effects.kills[state.id].append(task_id)
+
+    def _timer(self, state: WorkflowState, task_id: str, at: datetime) -> None:
+        attempt = state.tasks[task_id].attempt
+        self.effects.timers.append(Timer(state.id, task_id, attempt, at))
