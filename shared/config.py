@@ -167,8 +167,8 @@ def _parse_env(var: str, text: str, default: Any) -> Any:
             if lowered in {"0", "false", "no", "off", ""}:
                 return False
             raise ValueError(f"expected a boolean, got {text!r}")
-        if isinstance(default, int):
-            return int(text)
+        if isinstance(default, int):  # a float where the key takes one: checked by its type
+            return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
         if isinstance(default, float):
             return float(text)
         if isinstance(default, list):

@@ -51,6 +51,7 @@ from shared.messages import (
     ProgressEvent,
     RetryWorkflow,
     SubmitWorkflow,
+    TaskRecord,
     WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
@@ -467,19 +468,32 @@ async def list_workflows(request: web.Request) -> web.Response:
     except ValueError:
         raise DefinitionError("limit and offset must be integers", reason="malformed") from None
     name = request.query.get("name")
-    ids = await _newest_first(store, await store.workflow_ids())
+    recorded = await store.workflow_ids()
+    known = set(recorded)
+    # accepted (202) but not yet taken by the scheduler: listed too, as queued
+    waiting = [i for i in await request.app[STREAMS].pending_submission_ids() if i not in known]
+    ids = await _newest_first(store, recorded + waiting)
     matched: list[dict[str, Any]] = []
     skipped = 0
     for start in range(0, len(ids), 100):
-        for record in await store.workflows(ids[start : start + 100]):
-            if statuses and record.status not in statuses:
+        chunk = ids[start : start + 100]
+        records = {r.id: r for r in await store.workflows([i for i in chunk if i in known])}
+        for wf_id in chunk:
+            summary: dict[str, Any] | None
+            if wf_id in records:
+                summary = workflow_summary(records[wf_id])
+            else:
+                summary = await _summary_of_waiting(request, wf_id)
+            if summary is None:
                 continue
-            if name and name not in record.name:
+            if statuses and summary["status"] not in statuses:
+                continue
+            if name and name not in summary["name"]:
                 continue
             if skipped < offset:
                 skipped += 1
                 continue
-            matched.append(workflow_summary(record))
+            matched.append(summary)
         if len(matched) > limit:
             break
     has_more = len(matched) > limit
@@ -491,6 +505,21 @@ async def list_workflows(request: web.Request) -> web.Response:
             "next_offset": offset + limit if has_more else None,
         }
     )
+
+
+async def _summary_of_waiting(request: web.Request, wf_id: str) -> dict[str, Any] | None:
+    """The summary of a submission that waited for the scheduler when the listing began: from
+    this gateway's memory, else from the submission, else (taken since) from its record."""
+    if (accepted := request.app[RECENT].get(wf_id)) is not None:
+        return pending_summary(wf_id, *accepted)
+    submission = await request.app[STREAMS].pending_submission(wf_id)
+    if submission is not None:
+        definition = submission.definition
+        return pending_summary(
+            wf_id, definition.name, len(definition.tasks), submission.submitted_at
+        )
+    found = await request.app[STORE].workflow(wf_id)
+    return workflow_summary(found[0]) if found is not None else None
 
 
 async def _lookup(
@@ -620,11 +649,15 @@ async def _recorded_end(request: web.Request, wf_id: str) -> bytes | None:
 
 async def cancel_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
+    # A retry accepted (202) but not yet applied makes an ended workflow run again: a cancel
+    # behind it wins. Asked before the record is read: the scheduler writes the record of the
+    # new run before it removes the retry from the queue, so one of the two looks sees it.
+    retry_waits = await request.app[STREAMS].pending_command("retry", wf_id) is not None
     looked_up = await _lookup(request, wf_id)
     if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     found = None if isinstance(looked_up, SubmitWorkflow) else looked_up
-    if found is not None and found[0].status in TERMINAL_WORKFLOW:
+    if found is not None and found[0].status in TERMINAL_WORKFLOW and not retry_waits:
         return _error(
             409,
             "conflict",
@@ -641,10 +674,17 @@ async def cancel_workflow(request: web.Request) -> web.Response:
 
 async def retry_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
-    found = await request.app[STORE].workflow(wf_id)
-    if found is None:
+    looked_up = await _lookup(request, wf_id)
+    if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
-    record = found[0]
+    if isinstance(looked_up, SubmitWorkflow):
+        return _error(
+            409,
+            "conflict",
+            f"workflow {wf_id} has not run yet (it waits for the scheduler); nothing to retry",
+            workflow_status="queued",
+        )
+    record = looked_up[0]
     if record.status not in ("failed", "cancelled"):
         return _error(
             409,
@@ -668,8 +708,23 @@ async def get_task(request: web.Request) -> web.Response:
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
     if found is None:
-        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        waiting = await _waiting_task(request, wf_id, task_id)
+        if waiting is None:
+            raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        return web.json_response(task_view(waiting, None))
     return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
+
+
+async def _waiting_task(request: web.Request, wf_id: str, task_id: str) -> TaskRecord | None:
+    """A task of a submission still waiting for the scheduler, as the record it will get."""
+    submission = await request.app[STREAMS].pending_submission(wf_id)
+    if submission is None:
+        found = await request.app[STORE].task(wf_id, task_id)  # taken meanwhile
+        return found[0] if found is not None else None
+    for spec in submission.definition.tasks:
+        if spec.id == task_id:
+            return TaskRecord(workflow_id=wf_id, spec=spec)
+    return None
 
 
 LOG_PAGE_DEFAULT = 1000
@@ -702,7 +757,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     wf_id, task_id = _task_ids(request)
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
-    if found is None:
+    if found is None and await _waiting_task(request, wf_id, task_id) is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
     attempt, cursor, limit = _log_query(request)
     streams = request.app[STREAMS]

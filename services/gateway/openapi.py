@@ -21,6 +21,7 @@ _TASK_STATUS = [
     "pending",
     "queued",
     "running",
+    "cancelling",
     "retrying",
     "completed",
     "failed",
@@ -164,6 +165,8 @@ _SCHEMAS: dict[str, Any] = {
             "next_attempt_at": _TIME,
             "duration_seconds": _nullable("number"),
             "attempts": {"type": "array", "items": {"type": "object"}},
+            "handbacks": {"type": "integer", "minimum": 0},
+            "note": _nullable("string"),
         },
     },
     "Workflow": {

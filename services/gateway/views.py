@@ -52,6 +52,8 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "next_attempt_at": _iso(record.next_attempt_at),
         "duration_seconds": _duration(record.started_at, record.finished_at),
         "attempts": msgspec.to_builtins(record.attempts),
+        "handbacks": record.handbacks,
+        "note": record.note,
     }
 
 

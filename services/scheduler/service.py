@@ -32,6 +32,7 @@ from shared.bus import LEASE_TTL_S, TRANSIENT, Bus
 from shared.config import Config
 from shared.errors import ProvisioningError
 from shared.messages import (
+    TERMINAL_WORKFLOW,
     CancelWorkflow,
     Command,
     Report,
@@ -420,9 +421,13 @@ class Scheduler:
     async def _on_cancel(self, cmd: CancelWorkflow) -> None:
         wf_id = cmd.workflow_id
         state = self.engine.get(wf_id) or await self.recovery.load(wf_id)
-        if state is None:
+        if state is None or state.record.status in TERMINAL_WORKFLOW:
+            # arrived ahead of what it cancels (a submission or retry handed back for a
+            # moment): apply it after that, not never
             if await self.streams.submission_waits(wf_id):
                 raise Later(f"cancel of {wf_id} arrived before its submission")
+            if await self.streams.pending_command("retry", wf_id) is not None:
+                raise Later(f"cancel of {wf_id} arrived before its retry")
             return
         if self.engine.cancel(wf_id, cmd.reason, _now()):
             log.info("cancelling workflow %s: %s", wf_id, cmd.reason)
