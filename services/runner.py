@@ -13,6 +13,7 @@ from typing import Any
 import click
 from aiohttp import web
 
+from core.providers import Providers
 from core.registry import registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
@@ -198,6 +199,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
         extra_env=config.nushell.env_vars,
         kill_grace_s=config.executor.kill_grace_seconds,
         result_limit_bytes=config.executor.result_limit_bytes,
+        providers=Providers.from_config(config),  # the environment is captured now, once
     )
 
     async def body(bus: Bus, stop: asyncio.Event) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "NatsConfig",
     "NushellConfig",
     "OrchestratorConfig",
+    "ProvidersConfig",
     "SchedulerConfig",
     "TracingConfig",
     "load_config",
@@ -113,6 +114,12 @@ class ConcurrencyConfig(msgspec.Struct, forbid_unknown_fields=True):
     rates: dict[str, str]
 
 
+class ProvidersConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: list[str]
+    env: dict[str, list[str]]  # provider -> the variables its tasks receive
+    secrets: list[str]  # variables whose values are masked in everything a task reports
+
+
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool
     exporter: Literal["none", "otlp-http", "otlp-grpc", "console"]
@@ -129,6 +136,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     scheduler: SchedulerConfig
     executor: ExecutorConfig
     nushell: NushellConfig
+    providers: ProvidersConfig
     tracing: TracingConfig
     concurrency: ConcurrencyConfig
     # where each "section.key" came from; not part of the file format

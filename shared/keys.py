@@ -40,11 +40,12 @@ _UNITS["d"] = 86400
 
 class KeySpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One key a task holds: a key or template, how many may hold it at once (default 1, or
-    no limit when the key only has a ``rate``), what a task that finds it full does, and how
-    many may start per window."""
+    no limit when the key has a ``rate``; ``0`` is no limit: the key only counts starts for a
+    rate, its own or a configured one), what a task that finds it full does, and how many may
+    start per window."""
 
     key: Annotated[str, msgspec.Meta(max_length=1024)]
-    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
     strategy: Strategy = "queue"
     rate: Annotated[str, msgspec.Meta(max_length=40)] | None = None  # "20/minute", "5/10s"
 
@@ -170,6 +171,9 @@ def claims(
                 reason="bad_key",
                 key=key,
             ) from None
-        limit = spec.limit if spec.limit is not None else (None if spec.rate else 1)
+        if spec.limit is None:
+            limit: int | None = None if spec.rate else 1
+        else:
+            limit = spec.limit or None  # 0: no limit
         found[key] = Claim(key, limit, spec.strategy, rate)
     return list(found.values())

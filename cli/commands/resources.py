@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from core import infra
+from core.infra import server_delete_args, server_list_args
 from shared.messages import TaskSpec, WorkflowDefinition
 
 from ..context import (
@@ -115,15 +116,17 @@ def server_create(state: State, /, **kw: Any) -> None:
 @output_option
 @click.pass_obj
 def server_list(state: State, infra: str | None, mode: str | None, output: str) -> None:
-    """Servers known to the local provider."""
+    """Servers, as their providers see them (an infra's providers, else those set up here)."""
+    with user_errors():
+        args = server_list_args(infra, state.config, state.config.orchestrator.infra_dir)
     _list_op(
         state,
         "server.list",
-        {"infra": infra} if infra else {},
+        args,
         mode,
         output,
         "servers",
-        ["hostname", "infra", "plan", "zone", "state", "ip"],
+        ["hostname", "infra", "provider", "plan", "zone", "state", "ip", "instance_id"],
     )
 
 
@@ -139,9 +142,7 @@ def server_delete(
 ) -> None:
     """Delete a server."""
     with user_errors():
-        args: dict[str, Any] = {"hostname": hostname}
-        if infra:
-            args["infra"] = infra
+        args = server_delete_args(hostname, infra, state.config.orchestrator.infra_dir)
         definition = WorkflowDefinition(
             name=f"delete server {hostname}",
             tasks=[TaskSpec(id="delete", action="server.delete", args=args)],

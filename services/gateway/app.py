@@ -24,6 +24,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core import infra
+from core.providers import Providers, check_providers
+from core.redact import Redactor
 from core.registry import Registry
 from engine import ClaimsFor
 from engine.bindings import check_keys, claims_for
@@ -81,6 +83,7 @@ tracer = trace.get_tracer("provisioning.gateway")
 BUS = web.AppKey("bus", Bus)
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
+REDACTOR = web.AppKey("redactor", Redactor)
 STORE = web.AppKey("store", Store)
 STREAMS = web.AppKey("streams", Streams)
 CLAIMS: web.AppKey[ClaimsFor] = web.AppKey("claims")
@@ -299,6 +302,7 @@ async def _submit(
     bus = app[BUS]
     validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
     check_keys(definition, app[CLAIMS])
+    check_providers(definition, config)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _valid_idempotency_key(key):
         raise DefinitionError(
@@ -818,7 +822,7 @@ async def post_progress(request: web.Request) -> web.Response:
         return _error(409, "conflict", f"task {wf_id}.{task_id} is already {record.status}")
     bus = request.app[BUS]
     now = datetime.now(UTC)
-    message = body.message[:500]
+    message = request.app[REDACTOR].text(body.message[:500])  # a task's own post: mask secrets
     with tracer.start_as_current_span(
         "gateway.progress", attributes={"workflow.id": wf_id, "task.id": task_id}
     ) as span:
@@ -930,6 +934,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app[BUS] = the_bus
     app[CONFIG] = config
     app[REGISTRY] = registry
+    app[REDACTOR] = Providers.from_config(config).redactor  # secrets as of start (core/redact.py)
     app[STORE] = Store(the_bus)
     app[STREAMS] = Streams(the_bus)
     app[CLAIMS] = claims_for(registry, config)
