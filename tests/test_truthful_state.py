@@ -149,7 +149,7 @@ def test_a_cancel_sent_before_the_scheduler_took_the_submission_dispatches_nothi
 
 @pytest.mark.stack(
     env={
-        "PROVISIONING_EXECUTOR_SHUTDOWN_GRACE_SECONDS": "0.5",
+        "PROVISIONING_EXECUTOR_SHUTDOWN_GRACE_SECONDS": "1",
         "PROVISIONING_EXECUTOR_MAX_DELIVERIES": "3",
     }
 )

@@ -70,7 +70,9 @@ class Flusher:
         for task_id in state.record.task_ids:
             self.revisions.pop(subjects.task_key(state.id, task_id), None)
 
-    async def flush(self, effects: Effects, acks: list[Msg]) -> None:
+    async def flush(self, effects: Effects, acks: list[Msg], *, active: int = 0) -> None:
+        """Apply one step's effects, then ack its inputs. ``active``: workflows still in memory
+        (for the log line of each one that ended)."""
         await self._create(effects)
         for wf_id in effects.reopened:
             await self.store.mark_active(wf_id)
@@ -90,11 +92,12 @@ class Flusher:
             self.forget(state)
             record = state.record
             log.info(
-                "workflow %s %s: %d tasks in %.3fs",
+                "workflow %s %s: %d tasks in %.3fs; %d workflows active",
                 record.id,
                 record.status,
                 len(record.task_ids),
                 ((record.finished_at or record.created_at) - record.created_at).total_seconds(),
+                active,
             )
         for msg in acks:
             with contextlib.suppress(nats.errors.Error):

@@ -316,7 +316,7 @@ class Scheduler:
             self._arm_wakeups(effects.wakeups)
             if effects or acks:
                 try:
-                    await self.flusher.flush(effects, acks)
+                    await self.flusher.flush(effects, acks, active=len(self.engine.workflows))
                 except BaseException:
                     self._acks = acks  # handed back by the abort
                     raise
@@ -380,7 +380,7 @@ class Scheduler:
             effects = self.engine.take()
             self._arm_timers(effects.timers)
             self._arm_wakeups(effects.wakeups)
-            await self.flusher.flush(effects, [])
+            await self.flusher.flush(effects, [], active=len(self.engine.workflows))
         except Exception as exc:
             if isinstance(exc, ProvisioningError | nats.errors.Error | nats.js.errors.Error):
                 log.warning("reload from checkpoints failed (%r); retrying at the next input", exc)
