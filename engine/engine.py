@@ -415,7 +415,9 @@ class Engine:
         task.finished_at = rep.finished_at
         task.exit_code = rep.exit_code
         task.output = rep.output
-        task.error = rep.error
+        # a stop the engine asked for with a reason (a key taken over) keeps that reason
+        if not (rep.outcome == "cancelled" and task.cancel_requested and task.error):
+            task.error = rep.error
         task.reason = rep.reason
         task.next_attempt_at = None
         if task.attempts:
