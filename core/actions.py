@@ -85,10 +85,13 @@ async def run_action(
 async def run_builtin(
     action: str, args: dict[str, Any], *, timeout_s: float, cancel: asyncio.Event
 ) -> RunResult:
-    """``builtin.noop``, ``builtin.sleep`` (``{"seconds": x}``), ``builtin.fail``
-    (``{"message": ...}``): for tests, demos and benchmarks, with no subprocess."""
+    """``builtin.noop``, ``builtin.echo`` (its arguments are its result), ``builtin.sleep``
+    (``{"seconds": x}``), ``builtin.fail`` (``{"message": ...}``): for tests, demos and
+    benchmarks, with no subprocess."""
     if action == "builtin.noop":
         return RunResult("completed", exit_code=0, output={})
+    if action == "builtin.echo":
+        return RunResult("completed", exit_code=0, output=args)
     if action == "builtin.fail":
         message = args.get("message", "failed on purpose")
         return RunResult("failed", exit_code=1, reason="error", error=str(message)[:2000])

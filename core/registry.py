@@ -33,7 +33,7 @@ __all__ = [
     "registry_for",
 ]
 
-BUILTIN_ACTIONS = ("builtin.noop", "builtin.sleep", "builtin.fail")
+BUILTIN_ACTIONS = ("builtin.noop", "builtin.echo", "builtin.sleep", "builtin.fail")
 COMMAND_ACTION = "command.run"  # plain argv, no shell; off unless an executor allows it
 _MODULE_RE = re.compile(r"^[a-z][a-z0-9_-]*(/[a-z][a-z0-9_-]*)*$")
 _FUNCTION_RE = re.compile(r"^[a-z][a-z0-9-]*( [a-z][a-z0-9-]*)?$")
@@ -187,6 +187,7 @@ def load_registry(
         )
     actions = [
         Action(name="builtin.noop", kind="builtin", description="Do nothing; returns {}"),
+        Action(name="builtin.echo", kind="builtin", description="Return its arguments"),
         Action(name="builtin.sleep", kind="builtin", description='Sleep {"seconds": x}'),
         Action(name="builtin.fail", kind="builtin", description='Fail with {"message": "..."}'),
         Action(name=COMMAND_ACTION, kind="command", description='Run {"argv": [...]}, no shell'),

@@ -41,6 +41,7 @@ class Dispatch(msgspec.Struct, frozen=True):
 class Effects:
     def __init__(self) -> None:
         self.created: dict[str, WorkflowState] = {}  # accepted workflows: every record is new
+        self.new_tasks: list[tuple[WorkflowState, str]] = []  # fan-out children: records new
         self.reopened: set[str] = set()  # retried workflows: active again
         self.tasks: dict[tuple[str, str], WorkflowState] = {}  # (workflow, task) to checkpoint
         self.workflows: dict[str, WorkflowState] = {}  # workflow records to checkpoint
@@ -60,6 +61,7 @@ class Effects:
     def __bool__(self) -> bool:
         return bool(
             self.created
+            or self.new_tasks
             or self.reopened
             or self.tasks
             or self.workflows

@@ -41,10 +41,14 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import msgspec
+
 from shared.errors import DefinitionError
+from shared.ids import child_id
 from shared.keys import Claim
 from shared.messages import (
     BUSY_TASK,
+    TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
     KeyState,
@@ -60,6 +64,7 @@ from shared.messages import (
     WorkflowEvent,
     WorkflowRecord,
 )
+from shared.refs import MissingPath, resolve
 
 from .effects import Dispatch, Effects, Timer
 from .keys import Blocked, KeyBook
@@ -110,10 +115,12 @@ class Engine:
         timeout_for: Callable[[TaskSpec], float],
         headroom: float = 0.0,
         claims_for: ClaimsFor = _no_claims,
+        max_fanout: int = 10_000,
     ) -> None:
         self.timeout_for = timeout_for
         self.headroom = headroom
         self.claims_for = claims_for
+        self.max_fanout = max_fanout
         self.workflows: dict[str, WorkflowState] = {}
         self.inflight: dict[str, int] = defaultdict(int)
         self.slots: dict[str, int] = {}
@@ -122,6 +129,8 @@ class Engine:
         self._seq = itertools.count()
         self.keys = KeyBook()
         self._claims: dict[TaskRef, list[Claim]] = {}  # of tasks holding or waiting for keys
+        self._queued: set[TaskRef] = set()  # in a ready heap
+        self._unsettled: set[TaskRef] = set()  # fan-outs whose children changed
         self.effects = Effects()
 
     # -- the driver's side ------------------------------------------------------------------------
@@ -146,6 +155,8 @@ class Engine:
         self._ready.clear()
         self.keys.clear()
         self._claims.clear()
+        self._queued.clear()
+        self._unsettled.clear()
         self.effects = Effects()
 
     def set_capacity(self, slots: Mapping[str, int]) -> None:
@@ -220,9 +231,12 @@ class Engine:
         state = WorkflowState(record, tasks)
         self.workflows[record.id] = state
         busy: list[str] = []
-        for task_id in record.task_ids:
+        for task_id in state.order:
             task = state.tasks[task_id]
-            if task.status in BUSY_TASK:
+            if task.children is not None:  # an expanded fan-out: its children are the work
+                if task.status == "running":
+                    self._unsettled.add((state.id, task_id))
+            elif task.status in BUSY_TASK:
                 self.inflight[task.spec.pool] += 1
                 busy.append(task_id)
                 if task.keys:  # the keys it holds, as its dispatch took them
@@ -281,12 +295,16 @@ class Engine:
         record = state.record
         if record.runs != runs or record.status not in ("failed", "cancelled"):
             return False
-        for task_id in record.task_ids:
+        for task_id in state.order:
             task = state.tasks[task_id]
             if task.status in ("failed", "cancelled", "skipped"):
-                self._set(state, task_id, "pending")
+                expanded = task.children is not None
+                self._set(state, task_id, "running" if expanded else "pending")
+                if expanded:  # its children that did not complete run again
+                    self._unsettled.add((state.id, task_id))
                 task.attempts_before_run = task.attempt  # a fresh retry budget in this run
                 task.cancel_requested = False
+                task.args = None  # resolved again: what it refers to may run again too
                 task.error = task.reason = task.note = None
                 task.exit_code = None
                 task.finished_at = None
@@ -346,10 +364,14 @@ class Engine:
         """Dispatch ready tasks into free capacity, highest priority first, per pool; a task
         whose concurrency key is full or over its rate waits on it instead (or, by its key's
         strategy, is cancelled or cancels the holder)."""
+        for wf_id in sorted({wf for wf, _ in self._unsettled}):
+            if (unsettled := self.workflows.get(wf_id)) is not None:
+                self._settle_fanouts(unsettled, now)
         for pool, heap in self._ready.items():
             capacity = self.capacity(pool)
             while heap and self.inflight[pool] < capacity:
                 _, _, _, wf_id, task_id = heapq.heappop(heap)
+                self._queued.discard((wf_id, task_id))
                 state = self.workflows.get(wf_id)
                 if state is None or not self._may_start(state) or not state.is_ready(task_id):
                     continue
@@ -464,6 +486,13 @@ class Engine:
             return
         self._save_task(state, task_id)
         self._emit(event)
+        self._ended(state, task_id, now)
+
+    def _ended(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        """What a task's end means for the rest: its dependents become ready (completed), or
+        are skipped and, under ``on_failure = "stop"``, the run stops (failed)."""
+        status = state.tasks[task_id].status
+        record = state.record
         if status == "completed":
             if self._may_start(state):
                 for child in state.dependents.get(task_id, ()):
@@ -533,8 +562,10 @@ class Engine:
     ) -> None:
         """Cancel what was not dispatched; ask executors not to start what they have not
         started; with ``kill_running``, ask them to stop what runs too."""
-        for task_id in state.record.task_ids:
+        for task_id in state.order:
             task = state.tasks[task_id]
+            if task.children is not None:
+                continue  # a fan-out ends with its children
             if task.status in ("pending", "waiting", "retrying"):
                 self.keys.unwait((state.id, task_id))
                 self._claims.pop((state.id, task_id), None)
@@ -591,7 +622,7 @@ class Engine:
             task_id=task_id,
             attempt=task.attempt,
             action=task.spec.action,
-            args=task.spec.args,
+            args=task.args if task.args is not None else task.spec.args,
             timeout_seconds=self.timeout_for(task.spec),
             pool=task.spec.pool,
             dispatched_at=now,
@@ -600,13 +631,14 @@ class Engine:
 
     def _finish_if_done(self, state: WorkflowState, now: datetime) -> None:
         """End the workflow when every task has; it leaves memory with this step's effects."""
+        self._settle_fanouts(state, now)
         record = state.record
         if not state.all_terminal() or record.status in TERMINAL_WORKFLOW:
             return
         status = state.final_status()
         record.status = status  # type: ignore[assignment]
         record.finished_at = now
-        failed = [t for t in record.task_ids if state.tasks[t].status == "failed"]
+        failed = [t for t in state.order if state.tasks[t].status == "failed"]
         record.error = f"failed tasks: {', '.join(failed[:10])}" if failed else None
         self._save_workflow(state)
         self._emit(WorkflowEvent(record.id, status, now, record.error or ""))
@@ -619,12 +651,17 @@ class Engine:
         old = state.set_status(task_id, status)
         if old == status:
             return
-        pool = state.tasks[task_id].spec.pool
-        if old in BUSY_TASK and status not in BUSY_TASK:
+        task = state.tasks[task_id]
+        pool = task.spec.pool
+        if task.children is not None:
+            pass  # an expanded fan-out is never out with an executor: its children are
+        elif old in BUSY_TASK and status not in BUSY_TASK:
             self.inflight[pool] -= 1
             self._release(state, task_id)
         elif old not in BUSY_TASK and status in BUSY_TASK:
             self.inflight[pool] += 1
+        if task.parent is not None:
+            self._unsettled.add((state.id, task.parent))
         self._save_workflow(state)  # its counts changed
         self.effects.transitions.append((pool, status))
 
@@ -632,9 +669,138 @@ class Engine:
         """Queue a ready task for dispatch: priority first, then how long it has been ready
         (a task that waited on a key keeps its place: ``waiting_since``)."""
         task = state.tasks[task_id]
+        if task.spec.for_each is not None and task.children is None:
+            self._expand(state, task_id, now)
+            return
+        if task.parent is not None and state.tasks[task.parent].spec.parallelism is not None:
+            self._unsettled.add((state.id, task.parent))  # its parent feeds it in turn
+            return
+        self._enqueue(state, task_id, now)
+
+    def _enqueue(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        task = state.tasks[task_id]
+        if (state.id, task_id) in self._queued:
+            return
         since = _ts(task.waiting_since or now)
         item = (-state.priority(task_id), since, next(self._seq), state.id, task_id)
         heapq.heappush(self._ready[task.spec.pool], item)
+        self._queued.add((state.id, task_id))
+
+    # -- fan-out ---------------------------------------------------------------------------------
+
+    def _expand(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        """A ready ``for_each`` task becomes one child per item of the list it refers to:
+        ``<task>[<index>]``, each with the item for ``${item}``; it then runs as long as they
+        do. An empty list completes it at once; a list over the bound fails it."""
+        task = state.tasks[task_id]
+        spec = task.spec
+        assert spec.for_each is not None
+        try:
+            items = self._resolve(state, task_id, spec.for_each)
+        except MissingPath as exc:
+            self._refuse(state, task_id, exc.message, now, reason="bad_reference")
+            return
+        if not isinstance(items, list):
+            kind = type(items).__name__ if items is not None else "null"
+            self._refuse(
+                state,
+                task_id,
+                f"for_each {spec.for_each}: not a list ({kind})",
+                now,
+                reason="bad_reference",
+            )
+            return
+        if len(items) > self.max_fanout:
+            self._refuse(
+                state,
+                task_id,
+                f"for_each {spec.for_each}: {len(items)} items, over the bound of "
+                f"{self.max_fanout} ([scheduler] max_fanout)",
+                now,
+                reason="too_many_items",
+            )
+            return
+        children = [
+            TaskRecord(
+                workflow_id=state.id,
+                spec=msgspec.structs.replace(
+                    spec,
+                    id=child_id(task_id, index),
+                    for_each=None,
+                    parallelism=None,
+                    depends_on=[],
+                ),
+                parent=task_id,
+                item=item,
+            )
+            for index, item in enumerate(items)
+        ]
+        task.children = len(children)
+        task.started_at = now
+        state.add_children(task_id, children)
+        self._save_workflow(state)  # its counts changed
+        self._set(state, task_id, "running")
+        self._save_task(state, task_id)
+        self.effects.new_tasks.extend((state, child.spec.id) for child in children)
+        self._emit(
+            TaskEvent(state.id, task_id, "running", now, detail=f"fan-out of {len(children)}")
+        )
+        for child in children:
+            self._emit(TaskEvent(state.id, child.spec.id, "pending", now, detail="fan-out"))
+        self._unsettled.add((state.id, task_id))
+
+    def _settle_fanouts(self, state: WorkflowState, now: datetime) -> None:
+        """Fan-outs of this workflow whose children changed: feed them more children (up to
+        ``parallelism``), or end them once every child has ended."""
+        mine = sorted(ref for ref in self._unsettled if ref[0] == state.id)
+        for ref in mine:
+            self._unsettled.discard(ref)
+            self._settle(state, ref[1], now)
+
+    def _settle(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        task = state.tasks[task_id]
+        if task.children is None or task.status != "running":
+            return
+        children = state.children(task_id)
+        statuses = [state.tasks[c].status for c in children]
+        if all(status in TERMINAL_TASK for status in statuses):
+            if all(status == "completed" for status in statuses):
+                status = "completed"
+                task.output = [state.tasks[c].output for c in children]
+                task.error = task.reason = None
+            else:
+                failed = [c for c in children if state.tasks[c].status == "failed"]
+                status = "failed" if failed else "cancelled"
+                task.reason = "children_failed" if failed else "cancelled"
+                task.error = (
+                    f"{len(failed)} of {len(children)} children failed: {', '.join(failed[:5])}"
+                    if failed
+                    else "cancelled"
+                )
+            task.finished_at = now
+            self._set(state, task_id, status)
+            self._save_task(state, task_id)
+            self._emit(
+                TaskEvent(state.id, task_id, status, now, error=task.error, reason=task.reason)
+            )
+            self._ended(state, task_id, now)
+            return
+        if not self._may_start(state):
+            return
+        limit = task.spec.parallelism
+        active = sum(
+            1
+            for c in children
+            if state.tasks[c].status in BUSY_TASK
+            or state.tasks[c].status == "waiting"
+            or (state.id, c) in self._queued
+        )
+        for child in children:
+            if limit is not None and active >= limit:
+                break
+            if state.is_ready(child) and (state.id, child) not in self._queued:
+                self._enqueue(state, child, now)
+                active += 1
 
     # -- concurrency keys -------------------------------------------------------------------------
 
@@ -647,14 +813,31 @@ class Engine:
         if (known := self._claims.get(ref)) is not None:
             return known
         task = state.tasks[task_id]
+        if task.args is None:
+            try:
+                task.args = self._resolve(state, task_id, task.spec.args)
+            except MissingPath as exc:
+                if now is not None:
+                    self._refuse(state, task_id, exc.message, now, reason="bad_reference")
+                return None
         try:
-            claims = self.claims_for(task.spec, task.spec.args)
+            claims = self.claims_for(task.spec, task.args)
         except DefinitionError as exc:
             if now is not None:
                 self._refuse(state, task_id, exc.message, now)
             return None
         self._claims[ref] = claims
         return claims
+
+    def _resolve(self, state: WorkflowState, task_id: str, value: Any) -> Any:
+        """``value`` with the references to other tasks' results (and, in a fan-out child, to
+        its item) replaced (``shared.refs``)."""
+        task = state.tasks[task_id]
+
+        def result_of(other: str) -> Any:
+            return state.tasks[other].output if other in state.tasks else None
+
+        return resolve(value, result_of, item=task.item, has_item=task.parent is not None)
 
     def _blocked(self, state: WorkflowState, task_id: str, blocked: Blocked, now: datetime) -> None:
         """A ready task found a key full (or over its rate): by the key's strategy it waits,
@@ -749,21 +932,23 @@ class Engine:
                 self._ready_again(wf_id, task_id)
         self.pump(now)
 
-    def _refuse(self, state: WorkflowState, task_id: str, error: str, now: datetime) -> None:
-        """End a task that cannot be dispatched at all (its keys cannot be made)."""
+    def _refuse(
+        self,
+        state: WorkflowState,
+        task_id: str,
+        error: str,
+        now: datetime,
+        *,
+        reason: str = "refused",
+    ) -> None:
+        """End a task that cannot be dispatched at all: its keys cannot be made, or a
+        reference in its arguments points to nothing (``reason: bad_reference``)."""
         task = state.tasks[task_id]
         self._set(state, task_id, "failed")
-        task.reason, task.error, task.finished_at = "refused", error, now
+        task.reason, task.error, task.finished_at = reason, error, now
         self._save_task(state, task_id)
-        self._emit(TaskEvent(state.id, task_id, "failed", now, reason="refused", error=error))
-        self._skip_dependents(state, task_id, now)
-        if state.record.on_failure == "stop" and not state.record.stopped:
-            state.record.stopped = True
-            self._save_workflow(state)
-            self._stop_unstarted(
-                state, f"stopped: task {task_id!r} failed", now, kill_running=False
-            )
-        self._finish_if_done(state, now)
+        self._emit(TaskEvent(state.id, task_id, "failed", now, reason=reason, error=error))
+        self._ended(state, task_id, now)
 
     def _save_task(self, state: WorkflowState, task_id: str) -> None:
         self.effects.tasks[(state.id, task_id)] = state

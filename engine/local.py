@@ -76,7 +76,9 @@ class LocalRun:
         self.config = config
         self.report = report
         self.engine = Engine(
-            timeout_for=timeout_for(registry, config), claims_for=claims_for(registry, config)
+            timeout_for=timeout_for(registry, config),
+            claims_for=claims_for(registry, config),
+            max_fanout=config.scheduler.max_fanout,
         )
         slots = config.executor.max_concurrent_tasks
         self.engine.set_capacity({t.pool: slots for t in definition.tasks})

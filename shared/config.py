@@ -83,6 +83,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True):
     dispatch_headroom: float
     recovery_batch: int
     report_batch: int
+    max_fanout: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 
 
 class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -148,9 +148,11 @@ class Store:
         found = await read_bucket(self.bus.js, subjects.BUCKET_TASKS, f"{workflow_id}.*")
         for key, value, rev in found:
             try:
-                out[key.partition(".")[2]] = (decode_task(value), rev)
+                record = decode_task(value)
             except MessageError:
                 log.error("undecodable task record %s", key)
+                continue
+            out[record.spec.id] = (record, rev)
         return out
 
     async def put_task(self, record: TaskRecord) -> int:
@@ -181,7 +183,7 @@ class Store:
         found = await read_bucket(self.bus.js, subjects.BUCKET_PROGRESS, f"{workflow_id}.*")
         for key, value, _ in found:
             try:
-                out[key.partition(".")[2]] = decode_progress(value)
+                out[subjects.task_of_token(key.partition(".")[2])] = decode_progress(value)
             except MessageError:
                 log.error("undecodable progress record %s", key)
         return out

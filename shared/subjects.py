@@ -45,6 +45,8 @@ __all__ = [
     "retry_msg_id",
     "submit_msg_id",
     "task_key",
+    "task_of_token",
+    "task_token",
     "workflow_of_command",
 ]
 
@@ -82,10 +84,22 @@ BUCKET_KEYS = "prov_keys"  # concurrency_kv_key(<key>) -> KeyState of a concurre
 LEASE_SCHEDULER = "scheduler"
 
 
+def task_token(task_id: str) -> str:
+    """A task id as one token of a subject or KV key: a fan-out child ``install[3]`` becomes
+    ``install=3`` (brackets are not allowed in KV keys; ``=`` is not allowed in task names)."""
+    return task_id.replace("[", "=").rstrip("]")
+
+
+def task_of_token(token: str) -> str:
+    """The task id a :func:`task_token` stands for."""
+    parent, sep, index = token.partition("=")
+    return f"{parent}[{index}]" if sep else token
+
+
 def task_key(workflow_id: str, task_id: str) -> str:
-    """The global id of a task, also its KV key in the task and progress buckets:
-    ``<workflow_id>.<task_id>``."""
-    return f"{workflow_id}.{task_id}"
+    """A task's KV key in the task and progress buckets, ``<workflow_id>.<task token>``; also
+    how services name the task in their logs (the API's global id is ``<workflow>.<task>``)."""
+    return f"{workflow_id}.{task_token(task_id)}"
 
 
 def concurrency_kv_key(key: str) -> str:
@@ -120,20 +134,20 @@ def retry_msg_id(workflow_id: str, runs: int) -> str:
 
 def dispatch_msg_id(workflow_id: str, task_id: str, attempt: int) -> str:
     """One dispatch per task attempt: a re-published one (recovery) is not stored twice."""
-    return f"{workflow_id}.{task_id}.{attempt}"
+    return f"{task_key(workflow_id, task_id)}.{attempt}"
 
 
 def finished_msg_id(workflow_id: str, task_id: str, attempt: int, delivery: int) -> str:
     """One result per delivery of an attempt."""
-    return f"{workflow_id}.{task_id}.{attempt}.{delivery}.done"
+    return f"{task_key(workflow_id, task_id)}.{attempt}.{delivery}.done"
 
 
 def handback_msg_id(workflow_id: str, task_id: str, attempt: int, delivery: int) -> str:
-    return f"{workflow_id}.{task_id}.{attempt}.{delivery}.back"
+    return f"{task_key(workflow_id, task_id)}.{attempt}.{delivery}.back"
 
 
 def dispatch_subject(pool: str, workflow_id: str, task_id: str) -> str:
-    return f"{PREFIX}.dispatch.{pool}.{workflow_id}.{task_id}"
+    return f"{PREFIX}.dispatch.{pool}.{workflow_id}.{task_token(task_id)}"
 
 
 def dispatch_filter(pool: str) -> str:
@@ -145,7 +159,7 @@ def executor_consumer(pool: str) -> str:
 
 
 def report_subject(workflow_id: str, task_id: str) -> str:
-    return f"{PREFIX}.report.{workflow_id}.{task_id}"
+    return f"{PREFIX}.report.{workflow_id}.{task_token(task_id)}"
 
 
 def event_subject(workflow_id: str) -> str:
@@ -154,12 +168,12 @@ def event_subject(workflow_id: str) -> str:
 
 def log_subject(workflow_id: str, task_id: str, attempt: int) -> str:
     """One subject per task attempt: an attempt's lines are read, paged and purged alone."""
-    return f"{PREFIX}.log.{workflow_id}.{task_id}.{attempt}"
+    return f"{PREFIX}.log.{workflow_id}.{task_token(task_id)}.{attempt}"
 
 
 def log_filter(workflow_id: str, task_id: str) -> str:
     """Every attempt's lines of a task."""
-    return f"{PREFIX}.log.{workflow_id}.{task_id}.*"
+    return f"{PREFIX}.log.{workflow_id}.{task_token(task_id)}.*"
 
 
 def cancel_subject(workflow_id: str) -> str:

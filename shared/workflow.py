@@ -20,7 +20,9 @@ import networkx as nx
 import yaml
 
 from .errors import ActionNotFound, DefinitionError
+from .ids import NAME_RE
 from .messages import WorkflowDefinition
+from .refs import check_refs, find_refs, parse_ref
 
 __all__ = [
     "CONTENT_TYPES",
@@ -211,6 +213,13 @@ def validate_definition(
     _check_values(definition)
     seen: set[str] = set()
     for task in tasks:
+        if not NAME_RE.match(task.id):
+            raise DefinitionError(
+                f"task id {task.id!r} is not a name ({task.id} is how a fan-out names its "
+                "children)",
+                task=task.id,
+                reason="wrong_field",
+            )
         if task.id in seen:
             raise DefinitionError(
                 f"duplicate task id {task.id!r}", task=task.id, reason="duplicate_id"
@@ -246,9 +255,68 @@ def validate_definition(
     try:
         edges = nx.find_cycle(graph)
     except nx.NetworkXNoCycle:
+        _check_references(definition)
         return graph
     cycle = [u for u, _ in edges] + [edges[0][0]]
     shown = " -> ".join(cycle)
     if len(cycle) > 21:  # the whole cycle is in details.cycle
         shown = f"{' -> '.join(cycle[:20])} -> ... -> {cycle[-1]} (a cycle of {len(edges)} tasks)"
     raise DefinitionError(f"dependency cycle: {shown}", task=cycle[0], reason="cycle", cycle=cycle)
+
+
+REFERENCE_WALK_BUDGET = 200_000  # dependency edges followed to check references, in all
+
+
+def _check_references(definition: WorkflowDefinition) -> None:
+    """References to other tasks' results point to tasks each one depends on, directly or
+    not (checked by walking its dependencies, within a budget: references far up a huge graph
+    are refused rather than checked for ever)."""
+    deps = {t.id: t.depends_on for t in definition.tasks}
+    budget = [REFERENCE_WALK_BUDGET]
+
+    def depends_on(task_id: str, wanted: set[str]) -> set[str]:
+        """Which of ``wanted`` are ancestors of ``task_id``."""
+        found: set[str] = set()
+        seen = {task_id}
+        stack = list(deps[task_id])
+        while stack and found != wanted:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise DefinitionError(
+                    f"task {task_id!r}: its references reach too far up a large graph to be "
+                    "checked; refer to a direct dependency",
+                    task=task_id,
+                    reason="bad_reference",
+                )
+            if node in wanted:
+                found.add(node)
+            stack.extend(deps[node])
+        return found
+
+    for task in definition.tasks:
+        if task.for_each is None and "${" not in msgspec.json.encode(task.args).decode():
+            if task.parallelism is not None:
+                raise DefinitionError(
+                    f"task {task.id!r}: parallelism is only for a for_each task",
+                    task=task.id,
+                    reason="bad_reference",
+                )
+            continue
+        named = {ref.task for ref, _ in _refs_of(task) if ref.task is not None}
+        direct = set(task.depends_on)
+        ancestors = (named & direct) | depends_on(task.id, named - direct)
+        check_refs(task.id, task.args, task.for_each, ancestors)
+
+
+def _refs_of(task: Any) -> list[Any]:
+    try:
+        found = find_refs(task.args)
+        if task.for_each is not None and (each := parse_ref(task.for_each)) is not None:
+            found.append((each, "for_each"))
+    except ValueError:
+        return []  # check_refs names the malformed one
+    return found

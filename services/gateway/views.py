@@ -8,7 +8,13 @@ from typing import Any
 
 import msgspec
 
-from shared.messages import Progress, TaskRecord, WorkflowDefinition, WorkflowRecord
+from shared.messages import (
+    Progress,
+    TaskRecord,
+    WorkflowDefinition,
+    WorkflowRecord,
+    display_order,
+)
 
 __all__ = ["pending_summary", "pending_view", "task_view", "workflow_summary", "workflow_view"]
 
@@ -32,7 +38,7 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "task_id": f"{record.workflow_id}.{spec.id}",
         "workflow_id": record.workflow_id,
         "action": spec.action,
-        "args": spec.args,
+        "args": record.args if record.args is not None else spec.args,
         "status": record.status,
         "attempt": record.attempt,
         "max_attempts": spec.retries + 1,
@@ -55,6 +61,8 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "handbacks": record.handbacks,
         "note": record.note,
         "keys": record.keys,
+        "parent": record.parent,
+        "children": record.children,
         "waiting_for": record.waiting_for,
         "waiting_since": _iso(record.waiting_since),
     }
@@ -103,7 +111,7 @@ def workflow_view(
     )
     if tasks is not None:
         view["tasks"] = [
-            task_view(tasks[t], progress.get(t)) for t in record.task_ids if t in tasks
+            task_view(tasks[t], progress.get(t)) for t in display_order(record.task_ids, tasks)
         ]
     view["progress"] = round(100 * counts.get("completed", 0) / max(1, len(record.task_ids)))
     return view

@@ -67,7 +67,7 @@ class Flusher:
             self.key_revisions.clear()
             return
         self.revisions.pop(state.id, None)
-        for task_id in state.record.task_ids:
+        for task_id in state.order:
             self.revisions.pop(subjects.task_key(state.id, task_id), None)
 
     async def flush(self, effects: Effects, acks: list[Msg], *, active: int = 0) -> None:
@@ -122,10 +122,19 @@ class Flusher:
             )
 
     async def _write_tasks(self, effects: Effects) -> None:
+        # fan-out children first: new records, then every change (parents say how many
+        # children they have only once the children exist)
+        new = {(state.id, task_id) for state, task_id in effects.new_tasks}
+        children = list(effects.new_tasks)
+        for start in range(0, len(children), WRITE_CHUNK):
+            chunk = children[start : start + WRITE_CHUNK]
+            revs = await asyncio.gather(*(self.store.put_task(s.tasks[t]) for s, t in chunk))
+            for (state, task_id), rev in zip(chunk, revs, strict=True):
+                self.revisions[subjects.task_key(state.id, task_id)] = rev
         writes = [
             (state, task_id)
             for (wf_id, task_id), state in effects.tasks.items()
-            if wf_id not in effects.created  # written whole just now
+            if wf_id not in effects.created and (wf_id, task_id) not in new  # written whole
         ]
         for start in range(0, len(writes), WRITE_CHUNK):
             chunk = writes[start : start + WRITE_CHUNK]

@@ -88,6 +88,7 @@ class Scheduler:
             timeout_for=timeout_for(registry, config),
             headroom=config.scheduler.dispatch_headroom,
             claims_for=claims_for(registry, config),
+            max_fanout=config.scheduler.max_fanout,
         )
         self.metrics = Metrics("scheduler")
         self.flusher = Flusher(bus, self.store, self.metrics)

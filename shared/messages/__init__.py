@@ -31,6 +31,7 @@ from .records import (
     TaskStatus,
     WorkflowRecord,
     WorkflowStatus,
+    display_order,
 )
 from .tasks import (
     FailureReason,
@@ -87,5 +88,6 @@ __all__ = [
     "decode_task",
     "decode_task_ids",
     "decode_workflow",
+    "display_order",
     "encode",
 ]

@@ -13,6 +13,11 @@ __all__ = ["Backoff", "OnFailure", "TaskSpec", "WorkflowDefinition"]
 OnFailure = Literal["stop", "continue"]
 
 TaskName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+# a task's id: a name, or (made by the engine, never written in a definition) a fan-out
+# child's ``<name>[<index>]``
+TaskId = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(\[(0|[1-9][0-9]{0,4})\])?$")
+]
 ActionName = Annotated[
     str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$", max_length=128)
 ]
@@ -33,7 +38,7 @@ class Backoff(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One task of a workflow. ``priority``: higher runs first when executors are saturated."""
 
-    id: TaskName
+    id: TaskId
     action: ActionName
     args: dict[str, Any] = msgspec.field(default_factory=dict)
     depends_on: list[TaskName] = msgspec.field(default_factory=list)
@@ -44,6 +49,10 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     pool: TaskName = "default"
     # keys held while an executor has the task, beside its action's defaults (see shared/keys)
     concurrency: Annotated[list[KeySpec], msgspec.Meta(max_length=16)] | None = None
+    # fan-out: one child per item of a dependency's result (see shared/refs), at most
+    # `parallelism` of them at once
+    for_each: Annotated[str, msgspec.Meta(max_length=600)] | None = None
+    parallelism: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
 
 
 class WorkflowDefinition(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -19,6 +19,7 @@ __all__ = [
     "TaskStatus",
     "WorkflowRecord",
     "WorkflowStatus",
+    "display_order",
 ]
 
 WorkflowStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -82,6 +83,12 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     keys: list[str] = msgspec.field(default_factory=list)
     waiting_for: str | None = None
     waiting_since: datetime | None = None
+    # the arguments the current attempt was dispatched with, references resolved
+    args: dict[str, Any] | None = None
+    # fan-out: a parent's number of children once expanded; a child's parent and its item
+    children: int | None = None
+    parent: str | None = None
+    item: Any = None
     v: int = 1
 
 
@@ -117,3 +124,15 @@ class Progress(msgspec.Struct, omit_defaults=True):
     message: str = ""
     attempt: int = 0
     v: int = 1
+
+
+def display_order(task_ids: list[str], tasks: dict[str, TaskRecord]) -> list[str]:
+    """Every task of a workflow in the order of its definition, each fan-out's children (in
+    index order) right after it."""
+    order: list[str] = []
+    for task_id in task_ids:
+        order.append(task_id)
+        record = tasks.get(task_id)
+        if record is not None and record.children:
+            order += [f"{task_id}[{i}]" for i in range(record.children)]
+    return [t for t in order if t in tasks]
