@@ -102,7 +102,7 @@ def direct_reporter(quiet: bool) -> Callable[[str, str, dict[str, Any]], None]:
 def direct_result(state: WorkflowState) -> dict[str, Any]:
     """A direct run's end, as ``--output json`` prints it."""
     tasks: dict[str, dict[str, Any]] = {}
-    for task_id in state.record.task_ids:
+    for task_id in state.order:
         task = state.tasks[task_id]
         duration = (
             round((task.finished_at - task.started_at).total_seconds(), 3)

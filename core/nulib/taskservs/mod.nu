@@ -15,7 +15,8 @@ const DEFAULT_VERSIONS = {
     cilium: "1.16.5"
 }
 
-# args: {infra, taskserv, server, version?, delay_seconds?, fail?, fail_at?}
+# args: {infra, taskserv, server, version?, address?, delay_seconds?, fail?, fail_at?}
+# `address`, when given, must be the server's (e.g. passed on from its creation's result).
 # The server must exist. Installing an installed taskserv returns it with existed: true.
 export def create [args: record]: nothing -> record {
     let infra = (check-name $args.infra? "infra")
@@ -27,6 +28,11 @@ export def create [args: record]: nothing -> record {
     if $server == null { error make {msg: $"server ($hostname) does not exist"} }
     if $server.infra != $infra {
         error make {msg: $"server ($hostname) belongs to infra ($server.infra), not ($infra)"}
+    }
+    # the address to install against, e.g. passed on from the server step's result
+    let address = ($args.address? | default $server.ip?)
+    if $address != $server.ip? {
+        error make {msg: $"address ($address) is not the address of server ($hostname) \(($server.ip?)\)"}
     }
     let key = $"($hostname)--($name)"
     let existing = (local load taskservs $key)
@@ -46,6 +52,7 @@ export def create [args: record]: nothing -> record {
     let record = {
         taskserv: $name
         server: $hostname
+        address: $address
         infra: $infra
         version: $version
         state: "installed"
