@@ -15,6 +15,7 @@ CLI's ``server list`` and ``server delete``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from .providers import DEVELOPMENT_PROVIDER, Providers, effective_provider
 __all__ = [
     "KNOBS",
     "cluster_workflow",
+    "infra_hashes",
     "load_infra",
     "server_delete_args",
     "server_list_args",
@@ -267,3 +269,20 @@ def server_delete_args(hostname: str, name: str | None, infra_dir: str = "") -> 
     else:
         args["provider"] = default
     return args
+
+
+def infra_hashes(definition: WorkflowDefinition, infra_dir: str = "") -> dict[str, str]:
+    """sha256 of the settings file of every infra the definition's tasks name (``args.infra``),
+    by infra name: what a plan was made from, compared again when it is applied."""
+    names = sorted(
+        {
+            t.args["infra"]
+            for t in definition.tasks
+            if isinstance(t.args.get("infra"), str) and NAME_RE.match(t.args["infra"])
+        }
+    )
+    out = {}
+    for name in names:
+        path = infra_root(infra_dir) / name / "settings.ncl"
+        out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
+    return out

@@ -275,7 +275,9 @@ class Runner:
         on_line: LineHandler,
         on_progress: ProgressHandler,
         cancel: asyncio.Event | None = None,
+        plan: bool = False,
     ) -> RunResult:
+        """Run the action (its read-only plan function with ``plan``) in a fresh process."""
         if action.kind == "nushell":
             argv = [
                 resolve_binary(self.nu_binary),
@@ -283,7 +285,7 @@ class Runner:
                 "--no-std-lib",
                 "--stdin",
                 "-c",
-                action.script(),
+                action.script(plan=plan),
             ]
             stdin = json.dumps(args).encode()
         elif action.kind == "command":

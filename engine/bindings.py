@@ -9,11 +9,11 @@ from typing import Any
 from core.registry import Registry
 from shared.config import Config
 from shared.keys import Claim, claims, parse_rate
-from shared.messages import TaskSpec, WorkflowDefinition
+from shared.messages import Compensation, TaskSpec, WorkflowDefinition
 
-from .engine import ClaimsFor
+from .engine import ClaimsFor, CompensationFor
 
-__all__ = ["check_keys", "claims_for", "timeout_for"]
+__all__ = ["check_keys", "claims_for", "compensation_for", "timeout_for"]
 
 
 def timeout_for(registry: Registry, config: Config) -> Callable[[TaskSpec], float]:
@@ -50,3 +50,15 @@ def check_keys(definition: WorkflowDefinition, claims_of: ClaimsFor) -> None:
     argument at fault."""
     for spec in definition.tasks:
         claims_of(spec, spec.args)
+
+
+def compensation_for(registry: Registry) -> CompensationFor:
+    """How to undo a task: its own ``compensate``, else its action's default
+    (``compensate`` in the registry: ``server.create`` -> ``server.delete`` of that host...)."""
+
+    def undo(spec: TaskSpec) -> Compensation | None:
+        if spec.compensate is not None:
+            return spec.compensate
+        return registry.compensation(spec.action)
+
+    return undo

@@ -23,12 +23,15 @@ __all__ = ["Dispatch", "Effects", "Timer"]
 
 
 class Timer(msgspec.Struct, frozen=True):
-    """Feed :meth:`engine.Engine.retry_due` with these arguments at ``at``."""
+    """Feed :meth:`engine.Engine.timer_due` with this at ``at``: a retry's backoff elapsed
+    (``retry``), or an approval gate's deadline passed (``approval``; ``task_id`` "" for the
+    workflow's own gate)."""
 
     workflow_id: str
     task_id: str
     attempt: int
     at: datetime
+    kind: str = "retry"
 
 
 class Dispatch(msgspec.Struct, frozen=True):

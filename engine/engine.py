@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,8 @@ from shared.messages import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
+    Compensation,
+    Decision,
     KeyState,
     Report,
     SubmitWorkflow,
@@ -70,7 +73,7 @@ from .effects import Dispatch, Effects, Timer
 from .keys import Blocked, KeyBook
 from .state import WorkflowState
 
-__all__ = ["ATTEMPTS_KEPT", "ClaimsFor", "Engine", "Verdict"]
+__all__ = ["ATTEMPTS_KEPT", "ClaimsFor", "CompensationFor", "Engine", "Verdict"]
 
 ATTEMPTS_KEPT = 20  # attempt records kept per task (the newest)
 CANCELLED_NOTE = "finished after its workflow was cancelled"
@@ -80,8 +83,41 @@ ClaimsFor = Callable[[TaskSpec, dict[str, Any]], list[Claim]]
 TaskRef = tuple[str, str]
 
 
+# How to undo a task's work: its own ``compensate``, else its action's default, else None.
+CompensationFor = Callable[[TaskSpec], Compensation | None]
+_UNDO_VALUE = re.compile(r"^\{(args|result)((?:\.[^{}.]+)*)\}$")
+
+
 def _no_claims(spec: TaskSpec, args: dict[str, Any]) -> list[Claim]:
     return []
+
+
+def _no_compensation(spec: TaskSpec) -> Compensation | None:
+    return spec.compensate
+
+
+def _undo_args(template: Any, args: Any, result: Any) -> Any:
+    """A compensation's arguments: each string that is exactly ``{args.<path>}`` or
+    ``{result.<path>}`` becomes that value of the task's arguments or result (None when
+    missing); nothing else is substituted."""
+
+    def lookup(root: Any, path: str) -> Any:
+        for part in [p for p in path.split(".") if p]:
+            if isinstance(root, dict) and part in root:
+                root = root[part]
+            elif isinstance(root, list) and part.isdigit() and int(part) < len(root):
+                root = root[int(part)]
+            else:
+                return None
+        return root
+
+    if isinstance(template, str) and (m := _UNDO_VALUE.match(template)) is not None:
+        return lookup(args if m.group(1) == "args" else result, m.group(2))
+    if isinstance(template, dict):
+        return {k: _undo_args(v, args, result) for k, v in template.items()}
+    if isinstance(template, list):
+        return [_undo_args(v, args, result) for v in template]
+    return template
 
 
 def _ts(moment: datetime) -> float:
@@ -116,11 +152,13 @@ class Engine:
         headroom: float = 0.0,
         claims_for: ClaimsFor = _no_claims,
         max_fanout: int = 10_000,
+        compensation_for: CompensationFor = _no_compensation,
     ) -> None:
         self.timeout_for = timeout_for
         self.headroom = headroom
         self.claims_for = claims_for
         self.max_fanout = max_fanout
+        self.compensation_for = compensation_for
         self.workflows: dict[str, WorkflowState] = {}
         self.inflight: dict[str, int] = defaultdict(int)
         self.slots: dict[str, int] = {}
@@ -208,6 +246,12 @@ class Engine:
             trace_id=trace_id,
             traceparent=traceparent,
             counts={"pending": len(tasks)},
+            mode=command.mode,
+            submitted_by=command.submitted_by,
+            definition_hash=command.definition_hash,
+            infra_hashes=command.infra_hashes,
+            plan_id=command.plan_id,
+            expect=command.expect,
         )
         state = WorkflowState(record, tasks)
         self.workflows[wf_id] = state
@@ -215,9 +259,18 @@ class Engine:
         self._emit(WorkflowEvent(wf_id, "queued", now, f"{len(tasks)} tasks"))
         if cancelled is not None:
             self.cancel(wf_id, cancelled, now)
-        else:
-            for task_id in state.ready():
-                self._push_ready(state, task_id, now)
+            return state
+        record.approval = definition.approval
+        if definition.approval is not None and command.mode != "plan":
+            # the workflow's own gate: nothing runs until it is approved
+            record.approval_deadline = now + timedelta(seconds=definition.approval.timeout_seconds)
+            self.effects.timers.append(
+                Timer(wf_id, "", 0, record.approval_deadline, kind="approval")
+            )
+            self._refresh_status(state, now)
+            return state
+        for task_id in state.ready():
+            self._push_ready(state, task_id, now)
         return state
 
     def adopt(
@@ -230,6 +283,9 @@ class Engine:
             return []
         state = WorkflowState(record, tasks)
         self.workflows[record.id] = state
+        if record.approval_deadline is not None:  # the workflow's gate still waits
+            timer = Timer(record.id, "", 0, record.approval_deadline, kind="approval")
+            self.effects.timers.append(timer)
         busy: list[str] = []
         for task_id in state.order:
             task = state.tasks[task_id]
@@ -248,6 +304,9 @@ class Engine:
                     self._kill(state, task_id)
             elif task.status == "retrying":
                 self._timer(state, task_id, task.next_attempt_at or now)
+            elif task.status == "awaiting_approval":
+                at = task.approval_deadline or now
+                self.effects.timers.append(Timer(state.id, task_id, 0, at, kind="approval"))
             elif task.status == "waiting":
                 # back in line, in its place (priority, then how long it has waited)
                 state.set_status(task_id, "pending")
@@ -270,6 +329,7 @@ class Engine:
         if state is None or state.record.cancel_requested:
             return False
         state.record.cancel_requested = True
+        state.record.approval_deadline = None
         self._save_workflow(state)
         self._stop_unstarted(state, reason, now, kill_running=True)
         self._finish_if_done(state, now)
@@ -295,6 +355,8 @@ class Engine:
         record = state.record
         if record.runs != runs or record.status not in ("failed", "cancelled"):
             return False
+        if any(t.compensates is not None for t in state.tasks.values()):
+            return False  # its work was undone: a retry would redo half of it
         for task_id in state.order:
             task = state.tasks[task_id]
             if task.status in ("failed", "cancelled", "skipped"):
@@ -345,6 +407,90 @@ class Engine:
                     return Verdict.STALE
                 self._handed_back(state, report, now)
         return Verdict.APPLIED
+
+    def timer_due(self, timer: Timer, now: datetime) -> None:
+        """A timer the engine asked for fell due (see :class:`~engine.effects.Timer`)."""
+        if timer.kind == "approval":
+            self.approval_due(timer.workflow_id, timer.task_id, timer.at, now)
+        else:
+            self.retry_due(timer.workflow_id, timer.task_id, timer.attempt, now)
+
+    def approve(
+        self, workflow_id: str, by: str, task_id: str | None, comment: str, now: datetime
+    ) -> bool:
+        """Open a gate: the workflow's own (``task_id`` None while it has one), else the named
+        task's, else every task gate that waits. False when no such gate waits."""
+        state = self.workflows.get(workflow_id)
+        if state is None:
+            return False
+        record = state.record
+        if record.approval_deadline is not None and task_id is None:
+            record.approval_deadline = None
+            record.approvals.append(Decision("approved", by, now, comment=comment))
+            self._save_workflow(state)
+            self._emit(WorkflowEvent(state.id, "approved", now, f"by {by}"))
+            self._refresh_status(state, now)
+            for ready in state.ready():
+                self._push_ready(state, ready, now)
+            return True
+        gated = [
+            t
+            for t in state.order
+            if state.tasks[t].status == "awaiting_approval" and task_id in (None, t)
+        ]
+        for gate in gated:
+            task = state.tasks[gate]
+            task.approved_by = by
+            task.approval_deadline = None
+            record.approvals.append(Decision("approved", by, now, task_id=gate, comment=comment))
+            self._set(state, gate, "pending")
+            self._save_task(state, gate)
+            self._emit(TaskEvent(state.id, gate, "pending", now, detail=f"approved by {by}"))
+            if state.is_ready(gate) and self._may_start(state):
+                self._push_ready(state, gate, now)
+        if gated:
+            self._save_workflow(state)
+            self._refresh_status(state, now)
+        return bool(gated)
+
+    def reject(
+        self, workflow_id: str, by: str, reason: str, task_id: str | None, now: datetime
+    ) -> bool:
+        """Refuse a gate: the run ends cancelled, the refusal and its reason recorded."""
+        state = self.workflows.get(workflow_id)
+        if state is None:
+            return False
+        record = state.record
+        waits = record.approval_deadline is not None or any(
+            state.tasks[t].status == "awaiting_approval" and task_id in (None, t)
+            for t in state.order
+        )
+        if not waits:
+            return False
+        record.approvals.append(Decision("rejected", by, now, task_id=task_id, comment=reason))
+        self._emit(WorkflowEvent(state.id, "rejected", now, f"by {by}: {reason}"))
+        return self.cancel(workflow_id, f"rejected by {by}: {reason}", now)
+
+    def approval_due(self, workflow_id: str, task_id: str, at: datetime, now: datetime) -> None:
+        """A gate's deadline passed: if it still waits, the run ends cancelled."""
+        state = self.workflows.get(workflow_id)
+        if state is None:
+            return
+        record = state.record
+        if task_id == "":
+            if record.approval_deadline is None or record.approval_deadline > now:
+                return
+        else:
+            task = state.tasks.get(task_id)
+            if (
+                task is None
+                or task.status != "awaiting_approval"
+                or (task.approval_deadline is not None and task.approval_deadline > now)
+            ):
+                return
+        record.approvals.append(Decision("timed_out", "orchestrator", now, task_id=task_id or None))
+        self._emit(WorkflowEvent(state.id, "approval_timed_out", now, task_id or "workflow"))
+        self.cancel(workflow_id, "approval timed out", now)
 
     def retry_due(self, workflow_id: str, task_id: str, attempt: int, now: datetime) -> None:
         """A retry timer fell due: the task is pending again (and ready if it may start)."""
@@ -421,11 +567,10 @@ class Engine:
             )
         else:  # cancelling: the kill may have reached the executor before the task did
             self._kill(state, rep.task_id)
-        if state.record.status == "queued":
-            state.record.status = "running"
-            state.record.started_at = state.record.started_at or now
+        if state.record.started_at is None:
+            state.record.started_at = now
             self._save_workflow(state)
-            self._emit(WorkflowEvent(state.id, "running", now))
+        self._refresh_status(state, now)
 
     def _finished(self, state: WorkflowState, rep: TaskFinished, now: datetime) -> None:
         task_id = rep.task_id
@@ -500,7 +645,11 @@ class Engine:
                         self._push_ready(state, child, now)
         else:
             self._skip_dependents(state, task_id, now)
-            if status == "failed" and record.on_failure == "stop" and not record.stopped:
+            if (
+                status == "failed"
+                and record.on_failure in ("stop", "compensate")
+                and not record.stopped
+            ):
                 record.stopped = True
                 self._save_workflow(state)
                 self._stop_unstarted(
@@ -531,7 +680,7 @@ class Engine:
     def _may_retry(self, state: WorkflowState, task: TaskRecord, rep: TaskFinished) -> bool:
         return (
             rep.retryable
-            and rep.reason not in ("cancelled", "refused")
+            and rep.reason not in ("cancelled", "refused", "plan_changed")
             and task.attempt - task.attempts_before_run <= task.spec.retries
             and not task.cancel_requested
             and self._may_start(state)
@@ -539,14 +688,20 @@ class Engine:
 
     @staticmethod
     def _may_start(state: WorkflowState) -> bool:
-        """Whether new attempts may start in this workflow's run."""
-        return not (state.record.cancel_requested or state.record.stopped)
+        """Whether new attempts may start in this workflow's run: not once a cancel was
+        asked for, nor while its own approval gate waits, nor after a stop (but for the
+        compensation of a failed run)."""
+        record = state.record
+        if record.cancel_requested or record.approval_deadline is not None:
+            return False
+        return not record.stopped or record.status == "compensating"
 
     def _skip_dependents(self, state: WorkflowState, task_id: str, now: datetime) -> None:
         for child in state.descendants(task_id):
             task = state.tasks[child]
-            if task.status in ("pending", "waiting", "retrying"):
+            if task.status in ("pending", "waiting", "retrying", "awaiting_approval"):
                 self.keys.unwait((state.id, child))
+                task.approval_deadline = None
                 self._claims.pop((state.id, child), None)
                 task.waiting_for = task.waiting_since = None
                 self._set(state, child, "skipped")
@@ -566,9 +721,10 @@ class Engine:
             task = state.tasks[task_id]
             if task.children is not None:
                 continue  # a fan-out ends with its children
-            if task.status in ("pending", "waiting", "retrying"):
+            if task.status in ("pending", "waiting", "retrying", "awaiting_approval"):
                 self.keys.unwait((state.id, task_id))
                 self._claims.pop((state.id, task_id), None)
+                task.approval_deadline = None
                 self._set(state, task_id, "cancelled")
                 task.error, task.reason, task.finished_at = reason, "cancelled", now
                 task.next_attempt_at = task.waiting_for = task.waiting_since = None
@@ -626,6 +782,10 @@ class Engine:
             timeout_seconds=self.timeout_for(task.spec),
             pool=task.spec.pool,
             dispatched_at=now,
+            mode="plan" if state.record.mode == "plan" else "run",
+            expect_change=(state.record.expect or {}).get(task_id)
+            if state.record.mode == "apply"
+            else None,
         )
         self.effects.dispatches.append(Dispatch(message, state.record.traceparent))
 
@@ -635,11 +795,34 @@ class Engine:
         record = state.record
         if not state.all_terminal() or record.status in TERMINAL_WORKFLOW:
             return
+        compensated = [t for t in state.order if state.tasks[t].compensates is not None]
+        if (
+            record.on_failure == "compensate"
+            and not compensated
+            and not record.cancel_requested
+            and state.counts.get("failed", 0)
+            and self._compensate(state, now)
+        ):
+            return
         status = state.final_status()
+        if compensated:
+            undone = [state.tasks[t] for t in compensated]
+            held = [u.compensates for u in undone if u.status != "completed" and u.compensates]
+            status = "compensation_failed" if held else "failed"
         record.status = status  # type: ignore[assignment]
         record.finished_at = now
-        failed = [t for t in state.order if state.tasks[t].status == "failed"]
+        failed = [
+            t
+            for t in state.order
+            if state.tasks[t].status == "failed" and state.tasks[t].compensates is None
+        ]
         record.error = f"failed tasks: {', '.join(failed[:10])}" if failed else None
+        if status == "compensation_failed":
+            record.error = f"{record.error}; compensation failed: still held by " + ", ".join(
+                held[:10]
+            )
+        elif compensated:
+            record.error = f"{record.error}; compensated: {len(compensated)} tasks undone"
         self._save_workflow(state)
         self._emit(WorkflowEvent(record.id, status, now, record.error or ""))
         self.effects.ended[record.id] = state
@@ -669,8 +852,15 @@ class Engine:
         """Queue a ready task for dispatch: priority first, then how long it has been ready
         (a task that waited on a key keeps its place: ``waiting_since``)."""
         task = state.tasks[task_id]
+        mode = state.record.mode
+        if task.spec.approval is not None and task.approved_by is None and mode != "plan":
+            self._gate(state, task_id, now)
+            return
         if task.spec.for_each is not None and task.children is None:
-            self._expand(state, task_id, now)
+            if mode == "plan":  # its items are only known when it runs
+                self._complete_unplanned(state, task_id, now)
+            else:
+                self._expand(state, task_id, now)
             return
         if task.parent is not None and state.tasks[task.parent].spec.parallelism is not None:
             self._unsettled.add((state.id, task.parent))  # its parent feeds it in turn
@@ -685,6 +875,92 @@ class Engine:
         item = (-state.priority(task_id), since, next(self._seq), state.id, task_id)
         heapq.heappush(self._ready[task.spec.pool], item)
         self._queued.add((state.id, task_id))
+
+    # -- approval gates and plans -----------------------------------------------------------------
+
+    def _gate(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        """A ready task with an approval gate stops before it until it is decided."""
+        task = state.tasks[task_id]
+        assert task.spec.approval is not None
+        task.approval_deadline = now + timedelta(seconds=task.spec.approval.timeout_seconds)
+        self._set(state, task_id, "awaiting_approval")
+        self._save_task(state, task_id)
+        approvers = ", ".join(task.spec.approval.approvers) or "any authenticated caller"
+        self._emit(
+            TaskEvent(
+                state.id, task_id, "awaiting_approval", now, detail=f"approval by {approvers}"
+            )
+        )
+        self.effects.timers.append(
+            Timer(state.id, task_id, 0, task.approval_deadline, kind="approval")
+        )
+        self._refresh_status(state, now)
+
+    def _complete_unplanned(self, state: WorkflowState, task_id: str, now: datetime) -> None:
+        """In a plan, a fan-out's children are not known before it runs: it is planned as
+        ``unknown``, without a dispatch."""
+        task = state.tasks[task_id]
+        task.output = {
+            "change": "unknown",
+            "detail": f"one task per item of {task.spec.for_each}, known when it runs",
+        }
+        task.finished_at = now
+        self._set(state, task_id, "completed")
+        self._save_task(state, task_id)
+        self._emit(TaskEvent(state.id, task_id, "completed", now, detail="planned: unknown"))
+        self._ended(state, task_id, now)
+
+    # -- compensation ------------------------------------------------------------------------------
+
+    def _compensate(self, state: WorkflowState, now: datetime) -> bool:
+        """A failed run under ``on_failure = "compensate"``: one undo task per completed task
+        that has a compensation, ``<task>[undo]``, each after the undos of what depended on
+        its task (reverse dependency order). Returns whether there is anything to undo."""
+        done = [
+            t
+            for t in state.order
+            if state.tasks[t].status == "completed"
+            and state.tasks[t].children is None
+            and state.tasks[t].compensates is None
+        ]
+        undo: dict[str, TaskRecord] = {}
+        for task_id in done:
+            task = state.tasks[task_id]
+            how = self.compensation_for(task.spec)
+            if how is None:
+                continue
+            args = task.args if task.args is not None else task.spec.args
+            spec = TaskSpec(
+                id=f"{task_id}[undo]",
+                action=how.action,
+                args=_undo_args(how.args, args, task.output),
+                retries=how.retries,
+                pool=task.spec.pool,
+                priority=task.spec.priority,
+                timeout_seconds=task.spec.timeout_seconds,
+            )
+            undo[task_id] = TaskRecord(workflow_id=state.id, spec=spec, compensates=task_id)
+        if not undo:
+            return False
+        for task_id, record in undo.items():
+            source = state.tasks[task_id].parent or task_id
+            after = [
+                f"{d}[undo]"
+                for d in [*state.descendants(source), *state.children(source)]
+                if d in undo and d != task_id
+            ]
+            record.spec.depends_on = sorted(set(after))
+        records = [undo[t] for t in done if t in undo]
+        state.add_tasks(records)
+        self.effects.new_tasks.extend((state, r.spec.id) for r in records)
+        state.record.status = "compensating"
+        self._save_workflow(state)
+        self._emit(WorkflowEvent(state.id, "compensating", now, f"undoing {len(records)} tasks"))
+        for record in records:
+            self._emit(TaskEvent(state.id, record.spec.id, "pending", now, detail="compensation"))
+        for ready in state.ready():
+            self._push_ready(state, ready, now)
+        return True
 
     # -- fan-out ---------------------------------------------------------------------------------
 
@@ -813,6 +1089,9 @@ class Engine:
         if (known := self._claims.get(ref)) is not None:
             return known
         task = state.tasks[task_id]
+        if state.record.mode == "plan":  # read-only: no keys; references are not results yet
+            self._claims[ref] = []
+            return []
         if task.args is None:
             try:
                 task.args = self._resolve(state, task_id, task.spec.args)
@@ -965,3 +1244,21 @@ class Engine:
     def _timer(self, state: WorkflowState, task_id: str, at: datetime) -> None:
         attempt = state.tasks[task_id].attempt
         self.effects.timers.append(Timer(state.id, task_id, attempt, at))
+
+    def _refresh_status(self, state: WorkflowState, now: datetime) -> None:
+        """The status of a workflow that has not ended: ``awaiting_approval`` while a gate of
+        it waits, ``compensating`` while it undoes a failed run, else ``running`` once a task
+        has started, else ``queued``."""
+        record = state.record
+        if record.status in TERMINAL_WORKFLOW or record.status == "compensating":
+            return
+        gated = record.approval_deadline is not None or state.counts.get("awaiting_approval", 0)
+        status = (
+            "awaiting_approval"
+            if gated
+            else ("running" if record.started_at is not None else "queued")
+        )
+        if status != record.status:
+            record.status = status  # type: ignore[assignment]
+            self._save_workflow(state)
+            self._emit(WorkflowEvent(state.id, status, now))

@@ -32,7 +32,7 @@ from shared.messages import (
     WorkflowDefinition,
 )
 
-from .bindings import claims_for, timeout_for
+from .bindings import claims_for, compensation_for, timeout_for
 from .effects import Effects, Timer
 from .engine import Engine
 from .state import WorkflowState
@@ -79,6 +79,7 @@ class LocalRun:
             timeout_for=timeout_for(registry, config),
             claims_for=claims_for(registry, config),
             max_fanout=config.scheduler.max_fanout,
+            compensation_for=compensation_for(registry),
         )
         slots = config.executor.max_concurrent_tasks
         self.engine.set_capacity({t.pool: slots for t in definition.tasks})
@@ -127,7 +128,7 @@ class LocalRun:
         if isinstance(item, _Tick):
             self.engine.tick(_now())
         elif isinstance(item, Timer):
-            self.engine.retry_due(item.workflow_id, item.task_id, item.attempt, _now())
+            self.engine.timer_due(item, _now())
         elif isinstance(item, _Cancel):
             self.engine.cancel(self.workflow_id, item.reason, _now())
         else:
@@ -189,6 +190,8 @@ class LocalRun:
                 cancel=cancel,
                 on_line=on_line,
                 on_progress=on_progress,
+                mode=dispatch.mode,
+                expect_change=dispatch.expect_change,
             )
         except ProvisioningError as exc:  # the action could not be started at all
             result = RunResult("failed", reason="error", error=exc.message)

@@ -23,7 +23,7 @@ class WorkflowState:
     def __init__(self, record: WorkflowRecord, tasks: dict[str, TaskRecord]) -> None:
         self.record = record
         self.tasks = tasks
-        self.order = display_order(record.task_ids, tasks)  # fan-out children included
+        self.order = display_order(record.task_ids, tasks)  # fan-out children, undos included
         self.dependents: dict[str, list[str]] = defaultdict(list)
         self.waiting: dict[str, int] = {}  # dependencies not completed yet, per task
         self.terminal = 0  # tasks in an end state
@@ -79,6 +79,21 @@ class WorkflowState:
     def children(self, parent: str) -> list[str]:
         count = self.tasks[parent].children or 0
         return [f"{parent}[{i}]" for i in range(count)]
+
+    def add_tasks(self, records: list[TaskRecord]) -> None:
+        """Tasks made while the workflow runs (compensations), at the end, their
+        dependencies among themselves wired."""
+        for record in records:
+            task_id = record.spec.id
+            self.tasks[task_id] = record
+            self.counts[record.status] += 1
+            self.waiting[task_id] = 0
+            self.order.append(task_id)
+        for record in records:
+            for dep in record.spec.depends_on:
+                self.dependents[dep].append(record.spec.id)
+                if self.tasks[dep].status != "completed":
+                    self.waiting[record.spec.id] += 1
 
     def add_children(self, parent: str, records: list[TaskRecord]) -> None:
         """A fan-out's children, placed right after it."""

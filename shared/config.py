@@ -29,6 +29,7 @@ __all__ = [
     "NatsConfig",
     "NushellConfig",
     "OrchestratorConfig",
+    "PlansConfig",
     "ProvidersConfig",
     "SchedulerConfig",
     "TracingConfig",
@@ -77,6 +78,14 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int
     max_tasks_per_workflow: int
     request_timeout_seconds: float
+    # name -> bearer token of each person who may call the API (approvers among them)
+    users: dict[str, str]
+    allow_self_approval: bool
+
+
+class PlansConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_age_seconds: float  # an older plan is refused at apply
+    check_timeout_seconds: float  # how long an apply waits for the plan to be checked again
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -140,6 +149,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     providers: ProvidersConfig
     tracing: TracingConfig
     concurrency: ConcurrencyConfig
+    plans: PlansConfig
     # where each "section.key" came from; not part of the file format
     sources: dict[str, str] = msgspec.field(default_factory=dict)
     # things worth telling the operator, such as an unknown PROVISIONING_<SECTION>_<KEY>
@@ -261,6 +271,11 @@ def load_config(
         config = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+    if config.gateway.users and not config.gateway.auth_token:
+        raise ConfigError(
+            "[gateway] users needs [gateway] auth_token too (the operators' token, and the "
+            "secret that tasks' own tokens are made from)"
+        )
     for key, text in config.concurrency.rates.items():
         try:
             parse_rate(text)

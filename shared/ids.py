@@ -23,8 +23,9 @@ __all__ = [
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Action names: dotted lowercase words, e.g. "server.create", "builtin.sleep".
 ACTION_RE = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$")
-# A fan-out child: its parent's id and its index, ``install[3]``.
-CHILD_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]{0,63})\[(0|[1-9][0-9]{0,4})\]$")
+# A task made by the engine: a fan-out child ``install[3]``, a compensation ``install[undo]``
+# (``install[3][undo]`` for a child's).
+CHILD_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]{0,63})(\[(0|[1-9][0-9]{0,4})\])?(\[undo\])?$")
 _WORKFLOW_RE = re.compile(r"^[0-9a-f]{32}$")
 _IDEMPOTENCY_NS = uuid.UUID("6f1d3c8e-2b7a-4d5e-9a41-0c7b2f9e8d13")
 
@@ -52,8 +53,8 @@ def child_id(parent: str, index: int) -> str:
 
 
 def is_task_id(value: str) -> bool:
-    """A task's id: a name, or a fan-out child's ``<name>[<index>]``."""
-    return bool(NAME_RE.match(value) or CHILD_RE.match(value))
+    """A task's id: a name, a fan-out child's ``<name>[<index>]``, a compensation's."""
+    return bool(CHILD_RE.match(value))
 
 
 def split_task_key(key: str) -> tuple[str, str]:

@@ -85,15 +85,16 @@ LEASE_SCHEDULER = "scheduler"
 
 
 def task_token(task_id: str) -> str:
-    """A task id as one token of a subject or KV key: a fan-out child ``install[3]`` becomes
-    ``install=3`` (brackets are not allowed in KV keys; ``=`` is not allowed in task names)."""
-    return task_id.replace("[", "=").rstrip("]")
+    """A task id as one token of a subject or KV key: ``install[3]`` becomes ``install=3`` and
+    ``install[3][undo]`` ``install=3=undo`` (brackets are not allowed in KV keys; ``=`` is not
+    allowed in task names)."""
+    return task_id.replace("]", "").replace("[", "=")
 
 
 def task_of_token(token: str) -> str:
     """The task id a :func:`task_token` stands for."""
-    parent, sep, index = token.partition("=")
-    return f"{parent}[{index}]" if sep else token
+    name, *parts = token.split("=")
+    return name + "".join(f"[{part}]" for part in parts)
 
 
 def task_key(workflow_id: str, task_id: str) -> str:

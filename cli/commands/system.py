@@ -51,6 +51,8 @@ def env(state: State, output: str) -> None:
     rows = []
     for key, value in state.config.flat().items():
         shown = "********" if key.endswith(secret) and value else value
+        if key == "gateway.users":  # names are not secret; their tokens are
+            shown = dict.fromkeys(value, "********")
         if key.endswith("url") and isinstance(value, str):
             shown = redact_url(value)  # nats://user:password@host
         rows.append(

@@ -682,6 +682,8 @@ class Executor:
                 cancel=running.cancel,
                 on_line=sink.add,
                 on_progress=on_progress,
+                mode=dispatch.mode,
+                expect_change=dispatch.expect_change,
             )
             await sink.close()
             sub_span.set_attribute(

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import nats.errors
@@ -24,11 +23,9 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core import infra
-from core.providers import Providers, check_providers
-from core.redact import Redactor
+from core.providers import Providers
 from core.registry import Registry
-from engine import ClaimsFor
-from engine.bindings import check_keys, claims_for
+from engine.bindings import claims_for
 from shared import API_VERSION, __version__, subjects
 from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
@@ -36,7 +33,9 @@ from shared.cancellation import cancel_and_wait
 from shared.config import Config
 from shared.errors import (
     BusUnavailable,
+    Conflict,
     DefinitionError,
+    Forbidden,
     MessageError,
     NotFound,
     PayloadTooLarge,
@@ -44,35 +43,52 @@ from shared.errors import (
     QueueFull,
     RequestTimeout,
 )
-from shared.ids import idempotent_workflow_id, is_workflow_id, new_workflow_id, split_task_key
+from shared.ids import split_task_key
 from shared.keys import parse_rate
 from shared.messages import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     CancelWorkflow,
+    Mode,
     Progress,
     ProgressEvent,
     RetryWorkflow,
     SubmitWorkflow,
     TaskRecord,
-    WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
+    WorkflowStatus,
     decode_event,
     encode,
 )
 from shared.nickel_source import evaluate_nickel
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import context_from, headers_with_context, message_span, trace_id_hex
+from shared.tracing import context_from, headers_with_context
 from shared.workflow import (
     format_for_content_type,
     parse_definition,
-    validate_definition,
 )
 
+from . import approvals, plans
+from .common import (
+    BUS,
+    CALLER,
+    CLAIMS,
+    CONFIG,
+    RECENT,
+    REDACTOR,
+    REGISTRY,
+    STORE,
+    STREAMS,
+)
+from .common import error_response as _error
+from .common import json_body as _json_body
+from .common import task_ids as _task_ids
+from .common import workflow_id as _workflow_id
 from .console import add_console, is_console_asset
 from .openapi import openapi_document
+from .submission import submit as _submit
 from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
 
 __all__ = ["BUS", "create_app"]
@@ -80,18 +96,6 @@ __all__ = ["BUS", "create_app"]
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.gateway")
 
-BUS = web.AppKey("bus", Bus)
-CONFIG = web.AppKey("config", Config)
-REGISTRY = web.AppKey("registry", Registry)
-REDACTOR = web.AppKey("redactor", Redactor)
-STORE = web.AppKey("store", Store)
-STREAMS = web.AppKey("streams", Streams)
-CLAIMS: web.AppKey[ClaimsFor] = web.AppKey("claims")
-# Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
-# Their summaries are answered from here until the scheduler writes the record, rather than by
-# reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
-RECENT = web.AppKey("recent", dict[str, tuple[str, int, datetime]])
-RECENT_LIMIT = 1024
 SSE_HEARTBEAT_S = 15.0
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -110,19 +114,14 @@ class _ShortcutBody(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return web.json_response({"error": body}, status=status)
-
-
 _STATUS_FOR: dict[type[ProvisioningError], int] = {
     NotFound: 404,
     PayloadTooLarge: 413,
     BusUnavailable: 503,
     QueueFull: 503,
     RequestTimeout: 504,
+    Conflict: 409,
+    Forbidden: 403,
 }
 
 
@@ -170,17 +169,27 @@ async def _task_token_ok(request: web.Request, secret: str, given: str) -> bool:
     return tokens_equal(given, task_token(secret, wf_id, task_id, found[0].attempt))
 
 
-def _auth_middleware(secret: str) -> Any:
+def _auth_middleware(config: Config) -> Any:
+    """Every route but ``/health`` (and the console's static files) needs a bearer token: the
+    operators' ``[gateway] auth_token``, a user's (``[gateway] users``: the caller is then that
+    user, e.g. for approvals), or a task's own capability token for its progress."""
+    secret = config.gateway.auth_token
+    names = {"operator": secret, **config.gateway.users}
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/health" and not is_console_asset(request):
             given = bearer_token(request.headers.get("Authorization", ""))
-            if given is None or not (
-                tokens_equal(given, secret) or await _task_token_ok(request, secret, given)
-            ):
+            who = None
+            if given is not None:
+                who = next((n for n, token in names.items() if tokens_equal(given, token)), None)
+                if who is None and await _task_token_ok(request, secret, given):
+                    who = "task"
+            if who is None:
                 response = _error(401, "unauthorized", "missing or invalid bearer token")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="provisioning"'
                 return response
+            request[CALLER] = who
         return await handler(request)
 
     return auth
@@ -260,117 +269,6 @@ _MALFORMED_REQUESTS = _MalformedRequestFilter()
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _workflow_id(request: web.Request) -> str:
-    wf_id = request.match_info["id"]
-    if not is_workflow_id(wf_id):
-        raise NotFound(f"no workflow {wf_id!r}", workflow_id=wf_id[:100])
-    return wf_id
-
-
-def _task_ids(request: web.Request) -> tuple[str, str]:
-    try:
-        return split_task_key(request.match_info["id"])
-    except ValueError:
-        raise NotFound(f"no task {request.match_info['id'][:100]!r}") from None
-
-
-async def _json_body(request: web.Request) -> Any:
-    body = await request.read()
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise DefinitionError("malformed JSON body", reason="malformed") from None
-
-
-def _valid_idempotency_key(key: str) -> bool:
-    """1 to 200 printable characters that are valid UTF-8 (aiohttp hands invalid bytes over
-    as lone surrogates, which cannot be hashed into a workflow id)."""
-    if not (0 < len(key) <= 200 and key.isprintable()):
-        return False
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-async def _submit(
-    request: web.Request, definition: WorkflowDefinition, source: str
-) -> web.Response:
-    app = request.app
-    config = app[CONFIG]
-    bus = app[BUS]
-    validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
-    check_keys(definition, app[CLAIMS])
-    check_providers(definition, config)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _valid_idempotency_key(key):
-        raise DefinitionError(
-            "Idempotency-Key must be 1 to 200 printable UTF-8 characters", reason="malformed"
-        )
-    wf_id = idempotent_workflow_id(key) if key else new_workflow_id()
-    if key:
-        found = await app[STORE].workflow(wf_id)
-        if found is not None:
-            return web.json_response(
-                {"workflow_id": wf_id, "status": found[0].status, "idempotent_replay": True},
-                status=202,
-                headers={"Idempotent-Replayed": "true"},
-            )
-    with message_span(
-        tracer,
-        "gateway.submit",
-        subjects.command_subject("submit", wf_id),
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "workflow.id": wf_id,
-            "workflow.name": definition.name,
-            "workflow.tasks": len(definition.tasks),
-        },
-    ):
-        command = SubmitWorkflow(
-            workflow_id=wf_id,
-            definition=definition,
-            submitted_at=datetime.now(UTC),
-            source=source,
-            idempotency_key=key,
-        )
-        data = encode(command)
-        limit = bus.nc.max_payload - 4096
-        if len(data) > limit:
-            raise PayloadTooLarge(
-                f"the workflow encodes to {len(data)} bytes; NATS accepts {limit}", limit=limit
-            )
-        ack = await bus.publish(
-            subjects.command_subject("submit", wf_id),
-            data,
-            msg_id=subjects.submit_msg_id(wf_id),
-            headers=headers_with_context(),
-        )
-        trace_id = trace_id_hex()
-    recent = app[RECENT]
-    recent[wf_id] = (definition.name, len(definition.tasks), command.submitted_at)
-    while len(recent) > RECENT_LIMIT:
-        del recent[next(iter(recent))]
-    log.info(
-        "accepted workflow %s %r (%d tasks, %s)",
-        wf_id,
-        definition.name,
-        len(definition.tasks),
-        source,
-    )
-    body = {
-        "workflow_id": wf_id,
-        "status": "queued",
-        "name": definition.name,
-        "tasks": len(definition.tasks),
-        "trace_id": trace_id,
-    }
-    if ack.duplicate:
-        body["idempotent_replay"] = True
-    return web.json_response(body, status=202, headers={"Location": f"/workflows/{wf_id}"})
-
-
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -422,7 +320,12 @@ async def submit_workflow(request: web.Request) -> web.Response:
         definition = parse_definition(await evaluate_nickel(body), "json")
     else:
         definition = parse_definition(body, fmt)
-    return await _submit(request, definition, f"api:{fmt}")
+    return await _submit(request, definition, f"api:{fmt}", mode=_mode(request))
+
+
+def _mode(request: web.Request) -> Mode:
+    """``?plan=true`` plans the workflow instead of running it."""
+    return "plan" if request.query.get("plan", "").lower() in ("1", "true", "yes") else "run"
 
 
 def _shortcut(kind: str) -> Handler:
@@ -442,7 +345,7 @@ def _shortcut(kind: str) -> Handler:
         definition = await asyncio.to_thread(
             build, body.infra, body.params, config.orchestrator.infra_dir
         )
-        return await _submit(request, definition, f"{kind}/create")
+        return await _submit(request, definition, f"{kind}/create", mode=_mode(request))
 
     return handler
 
@@ -463,7 +366,7 @@ async def _newest_first(store: Store, ids: list[str]) -> list[str]:
 async def list_workflows(request: web.Request) -> web.Response:
     store = request.app[STORE]
     status = request.query.get("status")
-    allowed = {"queued", "running", "completed", "failed", "cancelled"}
+    allowed = set(get_args(WorkflowStatus))
     statuses = set(status.split(",")) if status else None
     if statuses and not statuses <= allowed:
         raise DefinitionError(f"status must be among {sorted(allowed)}", reason="malformed")
@@ -927,7 +830,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
         _timeout_middleware(config.gateway.request_timeout_seconds),
     ]
     if config.gateway.auth_token:
-        middlewares.append(_auth_middleware(config.gateway.auth_token))
+        middlewares.append(_auth_middleware(config))
     middlewares.append(bus_ready_middleware)
     app = web.Application(client_max_size=config.gateway.max_body_bytes, middlewares=middlewares)
     the_bus = bus or Bus(config.nats, name="gateway")
@@ -956,5 +859,9 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
     app.router.add_get("/concurrency", list_concurrency)
+    app.router.add_post("/workflows/{id}/approve", approvals.approve)
+    app.router.add_post("/workflows/{id}/reject", approvals.reject)
+    app.router.add_get("/plans/{id}", plans.get_plan)
+    app.router.add_post("/plans/{id}/apply", plans.apply_plan)
     add_console(app)
     return app

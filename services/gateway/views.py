@@ -65,6 +65,9 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "children": record.children,
         "waiting_for": record.waiting_for,
         "waiting_since": _iso(record.waiting_since),
+        "approved_by": record.approved_by,
+        "approval_deadline": _iso(record.approval_deadline),
+        "compensates": record.compensates,
     }
 
 
@@ -82,7 +85,10 @@ def workflow_summary(record: WorkflowRecord) -> dict[str, Any]:
         "runs": record.runs,
         "trace_id": record.trace_id,
         "error": record.error,
+        "mode": record.mode,
     }
+    if record.plan_id:
+        summary["plan_id"] = record.plan_id
     if record.counts is not None:  # written by the scheduler since it took the workflow
         summary["counts"] = dict(record.counts)
         done = record.counts.get("completed", 0)
@@ -108,6 +114,10 @@ def workflow_view(
         description=record.description,
         cancel_requested=record.cancel_requested,
         counts=counts,
+        submitted_by=record.submitted_by,
+        approval=msgspec.to_builtins(record.approval) if record.approval else None,
+        approval_deadline=_iso(record.approval_deadline),
+        approvals=msgspec.to_builtins(record.approvals),
     )
     if tasks is not None:
         view["tasks"] = [

@@ -25,8 +25,10 @@ from shared.config import Config
 from shared.errors import DefinitionError, MessageError, ProvisioningError
 from shared.ids import is_task_id, is_workflow_id
 from shared.messages import (
+    ApproveWorkflow,
     CancelWorkflow,
     Command,
+    RejectWorkflow,
     Report,
     RetryWorkflow,
     SubmitWorkflow,
@@ -91,6 +93,8 @@ _KINDS: dict[type, str] = {
     SubmitWorkflow: "submit",
     CancelWorkflow: "cancel",
     RetryWorkflow: "retry",
+    ApproveWorkflow: "approve",
+    RejectWorkflow: "reject",
 }
 
 

@@ -26,15 +26,17 @@ from opentelemetry.trace import SpanKind
 
 from core.registry import Registry
 from engine import Engine, Timer, Verdict
-from engine.bindings import claims_for, timeout_for
+from engine.bindings import claims_for, compensation_for, timeout_for
 from shared import subjects
 from shared.bus import LEASE_TTL_S, TRANSIENT, Bus
 from shared.config import Config
 from shared.errors import ProvisioningError
 from shared.messages import (
     TERMINAL_WORKFLOW,
+    ApproveWorkflow,
     CancelWorkflow,
     Command,
+    RejectWorkflow,
     Report,
     RetryWorkflow,
     SubmitWorkflow,
@@ -89,6 +91,7 @@ class Scheduler:
             headroom=config.scheduler.dispatch_headroom,
             claims_for=claims_for(registry, config),
             max_fanout=config.scheduler.max_fanout,
+            compensation_for=compensation_for(registry),
         )
         self.metrics = Metrics("scheduler")
         self.flusher = Flusher(bus, self.store, self.metrics)
@@ -270,8 +273,7 @@ class Scheduler:
             elif kind == "report":
                 await self._on_report(item)
             elif kind == "timer":
-                timer: Timer = item
-                self.engine.retry_due(timer.workflow_id, timer.task_id, timer.attempt, _now())
+                self.engine.timer_due(item, _now())
             elif kind == "capacity":
                 self.engine.set_capacity(item)
             elif kind == "tick":
@@ -289,7 +291,7 @@ class Scheduler:
         except Exception as exc:
             msg = item if isinstance(item, Msg) else None
             poison = msg is not None and poisonous(exc, msg.metadata.num_delivered or 1)
-            if isinstance(exc, TRANSIENT | ProvisioningError):  # NATS away: no traceback
+            if isinstance(exc, (*TRANSIENT, ProvisioningError)):  # NATS away: no traceback
                 log.warning("cannot process a %s now (%r); will retry", kind, exc)
             else:
                 log.exception("scheduler failed to process a %s", kind)
@@ -411,6 +413,20 @@ class Scheduler:
                 await self._on_cancel(command)
             case RetryWorkflow():
                 await self._on_retry(command)
+            case ApproveWorkflow():
+                if self.engine.get(command.workflow_id) is None:
+                    await self.recovery.load(command.workflow_id)
+                if self.engine.approve(
+                    command.workflow_id, command.by, command.task_id, command.comment, _now()
+                ):
+                    log.info("workflow %s approved by %s", command.workflow_id, command.by)
+            case RejectWorkflow():
+                if self.engine.get(command.workflow_id) is None:
+                    await self.recovery.load(command.workflow_id)
+                if self.engine.reject(
+                    command.workflow_id, command.by, command.reason, command.task_id, _now()
+                ):
+                    log.info("workflow %s rejected by %s", command.workflow_id, command.by)
 
     async def _on_submit(self, cmd: SubmitWorkflow, headers: dict[str, str]) -> None:
         wf_id = cmd.workflow_id

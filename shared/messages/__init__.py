@@ -15,8 +15,15 @@ from .codec import (
     decode_workflow,
     encode,
 )
-from .commands import CancelWorkflow, Command, RetryWorkflow, SubmitWorkflow
-from .definition import Backoff, OnFailure, TaskSpec, WorkflowDefinition
+from .commands import (
+    ApproveWorkflow,
+    CancelWorkflow,
+    Command,
+    RejectWorkflow,
+    RetryWorkflow,
+    SubmitWorkflow,
+)
+from .definition import Approval, Backoff, Compensation, OnFailure, TaskSpec, WorkflowDefinition
 from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
 from .keys import KeyState
@@ -26,6 +33,8 @@ from .records import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
+    Decision,
+    Mode,
     Progress,
     TaskRecord,
     TaskStatus,
@@ -47,19 +56,25 @@ __all__ = [
     "BUSY_TASK",
     "TERMINAL_TASK",
     "TERMINAL_WORKFLOW",
+    "Approval",
+    "ApproveWorkflow",
     "AttemptRecord",
     "Backoff",
     "CancelWorkflow",
     "Command",
+    "Compensation",
+    "Decision",
     "Event",
     "ExecutorBeat",
     "FailureReason",
     "KeyState",
     "LogChunk",
+    "Mode",
     "OnFailure",
     "Outcome",
     "Progress",
     "ProgressEvent",
+    "RejectWorkflow",
     "Report",
     "RetryWorkflow",
     "SchedulerLease",

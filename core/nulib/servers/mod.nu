@@ -124,3 +124,15 @@ export def plan [args: record]: nothing -> record {
         _ => { unknown $provider }
     }
 }
+
+# args: {hostname, provider?, region?, infra?}. Read-only: what server.delete would change.
+# -> {change: delete | none, detail}
+export def plan-delete [args: record]: nothing -> record {
+    let hostname = (check-name $args.hostname? "hostname")
+    let current = (status $args)
+    if ($current.state? | default "absent") in ["absent" "terminated"] {
+        {change: "none", detail: $"server ($hostname) does not exist"}
+    } else {
+        {change: "delete", detail: $current}
+    }
+}

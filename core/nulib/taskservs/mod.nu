@@ -95,3 +95,31 @@ export def list [args: record]: nothing -> record {
         | where {|ts| $infra == null or $ts.infra == $infra })
     {taskservs: $taskservs}
 }
+
+# args: as create. Read-only: what taskserv.create would change.
+# -> {change: create | update | none, detail}
+export def plan-create [args: record]: nothing -> record {
+    let name = (check-name $args.taskserv? "taskserv")
+    let hostname = (check-name $args.server? "server")
+    let version = (check-string $args.version? "version" ($DEFAULT_VERSIONS | get --optional $name | default "latest"))
+    let existing = (local load taskservs $"($hostname)--($name)")
+    if $existing == null {
+        let server = if (local load servers $hostname) == null { "not there yet" } else { "exists" }
+        return {change: "create", detail: {taskserv: $name, server: $hostname, version: $version, server_state: $server}}
+    }
+    if $existing.version != $version {
+        return {change: "update", detail: {taskserv: $name, server: $hostname, current: $existing.version, wanted: $version}}
+    }
+    {change: "none", detail: $"($name) ($version) is installed on ($hostname)"}
+}
+
+# args: as delete. Read-only: what taskserv.delete would change.
+export def plan-delete [args: record]: nothing -> record {
+    let name = (check-name $args.taskserv? "taskserv")
+    let hostname = (check-name $args.server? "server")
+    if (local load taskservs $"($hostname)--($name)") == null {
+        {change: "none", detail: $"($name) is not installed on ($hostname)"}
+    } else {
+        {change: "delete", detail: {taskserv: $name, server: $hostname}}
+    }
+}
