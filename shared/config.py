@@ -81,6 +81,13 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     # name -> bearer token of each person who may call the API (approvers among them)
     users: dict[str, str]
     allow_self_approval: bool
+    # Definitions other than small JSON are parsed in worker processes, bounded in size per
+    # format (at most max_body_bytes: that one bounds JSON) and in time (shared/parsing.py).
+    max_yaml_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    max_toml_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    max_nickel_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    parse_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)]
+    parse_workers: Annotated[int, msgspec.Meta(ge=1, le=64)]
 
 
 class PlansConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -30,7 +30,7 @@ from shared import API_VERSION, __version__, subjects
 from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
 from shared.cancellation import cancel_and_wait
-from shared.config import Config
+from shared.config import Config, GatewayConfig
 from shared.errors import (
     BusUnavailable,
     Conflict,
@@ -55,6 +55,7 @@ from shared.messages import (
     RetryWorkflow,
     SubmitWorkflow,
     TaskRecord,
+    WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
     WorkflowStatus,
@@ -62,12 +63,14 @@ from shared.messages import (
     encode,
 )
 from shared.nickel_source import evaluate_nickel
+from shared.parsing import DefinitionParser
 from shared.store import Store
 from shared.streams import Streams
 from shared.tracing import context_from, headers_with_context
 from shared.workflow import (
     format_for_content_type,
     parse_definition,
+    validate_definition,
 )
 
 from . import approvals, plans
@@ -76,6 +79,7 @@ from .common import (
     CALLER,
     CLAIMS,
     CONFIG,
+    PARSER,
     RECENT,
     REDACTOR,
     REGISTRY,
@@ -97,6 +101,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.gateway")
 
 SSE_HEARTBEAT_S = 15.0
+INLINE_JSON_MAX_BYTES = 16 * 1024  # JSON definitions up to this size are parsed on the loop
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROGRESS_ROUTE = "/tasks/{id}/progress"
@@ -315,12 +320,59 @@ async def submit_workflow(request: web.Request) -> web.Response:
         raise web.HTTPUnsupportedMediaType(
             text=f"unsupported Content-Type {content_type!r}: use JSON, TOML, YAML or Nickel"
         )
-    body = await request.read()
+    gateway = request.app[CONFIG].gateway
+    body = await _read_definition(request, fmt)
     if fmt == "nickel":
-        definition = parse_definition(await evaluate_nickel(body), "json")
+        json_text = await evaluate_nickel(
+            body, timeout_s=gateway.parse_timeout_seconds, max_output_bytes=gateway.max_body_bytes
+        )
+        definition = await _parse_definition(request, json_text, "json")
     else:
+        definition = await _parse_definition(request, body, fmt)
+    return await _submit(request, definition, f"api:{fmt}", mode=_mode(request), validated=True)
+
+
+def _body_limit(gateway: GatewayConfig, fmt: str) -> tuple[int, str]:
+    """The size bound of a definition in ``fmt`` and the key that sets it. YAML, TOML and
+    Nickel expand (into more values, or by evaluation) and cost more per byte than JSON."""
+    match fmt:
+        case "yaml":
+            limit, name = gateway.max_yaml_bytes, "max_yaml_bytes"
+        case "toml":
+            limit, name = gateway.max_toml_bytes, "max_toml_bytes"
+        case "nickel":
+            limit, name = gateway.max_nickel_bytes, "max_nickel_bytes"
+        case _:
+            return gateway.max_body_bytes, "max_body_bytes"
+    if limit >= gateway.max_body_bytes:  # no body is ever read past max_body_bytes
+        return gateway.max_body_bytes, "max_body_bytes"
+    return limit, name
+
+
+async def _read_definition(request: web.Request, fmt: str) -> bytes:
+    """The request body, within the size bound of its format (413 past it)."""
+    limit, name = _body_limit(request.app[CONFIG].gateway, fmt)
+    body = await request.read()  # at most max_body_bytes (aiohttp answers 413 past it)
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"a {fmt.upper()} definition may have at most {limit} bytes; this one has "
+            f"{len(body)} ([gateway] {name})",
+            limit=limit,
+            format=fmt,
+        )
+    return body
+
+
+async def _parse_definition(request: web.Request, body: bytes, fmt: str) -> WorkflowDefinition:
+    """Parse and validate a definition: small JSON here, anything else in a parser process,
+    bounded in time ([gateway] parse_timeout_seconds), so that the loop never waits for it."""
+    app = request.app
+    max_tasks = app[CONFIG].gateway.max_tasks_per_workflow
+    if fmt == "json" and len(body) <= INLINE_JSON_MAX_BYTES:
         definition = parse_definition(body, fmt)
-    return await _submit(request, definition, f"api:{fmt}", mode=_mode(request))
+        validate_definition(definition, app[REGISTRY], max_tasks=max_tasks)
+        return definition
+    return await app[PARSER].parse(body, fmt, actions=app[REGISTRY].names(), max_tasks=max_tasks)
 
 
 def _mode(request: web.Request) -> Mode:
@@ -342,10 +394,20 @@ def _shortcut(kind: str) -> Handler:
         except msgspec.ValidationError as exc:
             raise DefinitionError(f"{exc}", reason="wrong_field") from None
         config = request.app[CONFIG]
-        definition = await asyncio.to_thread(
-            build, body.infra, body.params, config.orchestrator.infra_dir
+
+        def build_and_validate() -> WorkflowDefinition:
+            # In a thread: the walk over the arguments is Python and yields the GIL to the
+            # loop every few milliseconds (bounded by shared.workflow.MAX_VALUES).
+            definition = build(body.infra, body.params, config.orchestrator.infra_dir)
+            validate_definition(
+                definition, request.app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow
+            )
+            return definition
+
+        definition = await asyncio.to_thread(build_and_validate)
+        return await _submit(
+            request, definition, f"{kind}/create", mode=_mode(request), validated=True
         )
-        return await _submit(request, definition, f"{kind}/create", mode=_mode(request))
 
     return handler
 
@@ -822,6 +884,11 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
     await bus.drain()
 
 
+async def _parser_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[PARSER].close()
+
+
 def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
     middlewares: list[Any] = [
@@ -842,7 +909,11 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app[STREAMS] = Streams(the_bus)
     app[CLAIMS] = claims_for(registry, config)
     app[RECENT] = {}
+    app[PARSER] = DefinitionParser(
+        workers=config.gateway.parse_workers, timeout_s=config.gateway.parse_timeout_seconds
+    )
     app.cleanup_ctx.append(_bus_ctx)
+    app.cleanup_ctx.append(_parser_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", get_openapi)
     app.router.add_post("/workflows", submit_workflow)

@@ -16,6 +16,7 @@ from shared.bus import Bus
 from shared.config import Config
 from shared.errors import DefinitionError, NotFound
 from shared.ids import is_workflow_id, split_task_key
+from shared.parsing import DefinitionParser
 from shared.store import Store
 from shared.streams import Streams
 
@@ -25,6 +26,7 @@ __all__ = [
     "CALLER",
     "CLAIMS",
     "CONFIG",
+    "PARSER",
     "RECENT",
     "RECENT_LIMIT",
     "REDACTOR",
@@ -45,6 +47,7 @@ REDACTOR = web.AppKey("redactor", Redactor)
 STORE = web.AppKey("store", Store)
 STREAMS = web.AppKey("streams", Streams)
 CLAIMS: web.AppKey[ClaimsFor] = web.AppKey("claims")
+PARSER = web.AppKey("parser", DefinitionParser)
 # Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
 # Their summaries are answered from here until the scheduler writes the record, rather than by
 # reading the submission back from JetStream (a 10,000-task definition is about 1 MB).

@@ -3,6 +3,7 @@ is durable), in one of three modes: run it, plan it, or apply a plan."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from datetime import UTC, datetime
@@ -57,6 +58,7 @@ async def submit(
     workflow_id: str | None = None,
     plan_id: str | None = None,
     expect: dict[str, str] | None = None,
+    validated: bool = False,
 ) -> web.Response:
     """:func:`accept`, answered: 202 with where to follow the workflow (or the plan)."""
     body, headers = await accept(
@@ -67,6 +69,7 @@ async def submit(
         workflow_id=workflow_id,
         plan_id=plan_id,
         expect=expect,
+        validated=validated,
     )
     return web.json_response(body, status=202, headers=headers)
 
@@ -80,17 +83,25 @@ async def accept(
     workflow_id: str | None = None,
     plan_id: str | None = None,
     expect: dict[str, str] | None = None,
+    validated: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Validate a definition and store its submission in JetStream; return the 202's body and
     headers once it is.
 
-    ``mode="plan"`` plans it instead (read-only; the answer names the plan), recording the
+    ``validated``: the caller validated it already. ``mode="plan"`` plans it instead
+    (read-only; the answer names the plan), recording the
     hashes of the definition and of the infra files it names; ``mode="apply"`` runs a plan
     (``plan_id``, ``expect``: the change planned per task) under ``workflow_id``."""
     app = request.app
     config = app[CONFIG]
     bus = app[BUS]
-    validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
+    if not validated:  # (off the loop: the walk over the arguments is bounded Python)
+        await asyncio.to_thread(
+            validate_definition,
+            definition,
+            app[REGISTRY],
+            max_tasks=config.gateway.max_tasks_per_workflow,
+        )
     check_keys(definition, app[CLAIMS])
     check_providers(definition, config)
     key = request.headers.get("Idempotency-Key")
