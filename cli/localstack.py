@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
+from shared import localstack
 from shared.api_client import ApiClient, OrchestratorUnavailable
 from shared.config import Config
 
@@ -18,37 +16,16 @@ __all__ = ["running_pid", "start_background", "stop_background", "wait_healthy"]
 POLL_S = 0.5
 
 
-def _pidfile(config: Config) -> Path:
-    return config.data_dir / "orchestrator.pid"
-
-
 def running_pid(config: Config) -> int | None:
     """The pid of the local stack this data directory's pidfile names, if it is alive."""
-    try:
-        pid = int(_pidfile(config).read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
+    return localstack.running_pid(config.data_dir)
 
 
 def start_background(config: Config) -> int:
     """Start ``provisioning-orchestrator up`` detached; pidfile and logs under the data dir."""
-    pid = running_pid(config)
-    if pid:
-        return pid
-    data_dir = config.data_dir
-    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
-    log = (data_dir / "logs" / "orchestrator.log").open("ab")
     port = config.orchestrator.endpoint.rsplit(":", 1)[-1].split("/")[0]
-    argv = [sys.executable, "-m", "services", "--data-dir", str(data_dir), "up", "--nats-port", "0"]
-    if port.isdigit():
-        argv += ["--port", port]
-    proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    _pidfile(config).write_text(f"{proc.pid}\n")
-    return proc.pid
+    args = ["--nats-port", "0", *(["--port", port] if port.isdigit() else [])]
+    return localstack.start_detached(config.data_dir, *args)
 
 
 def stop_background(config: Config, timeout_s: float = 60) -> bool:
@@ -62,7 +39,7 @@ def stop_background(config: Config, timeout_s: float = 60) -> bool:
         time.sleep(0.2)
     if running_pid(config):
         return False
-    _pidfile(config).unlink(missing_ok=True)
+    (config.data_dir / "orchestrator.pid").unlink(missing_ok=True)
     return True
 
 

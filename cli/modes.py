@@ -131,10 +131,16 @@ def submit_and_maybe_wait(
     output: str,
     shortcut: tuple[str, dict[str, Any]] | None = None,
     raw: tuple[bytes, str] | None = None,
+    monitor: str = "workflow",
 ) -> None:
     client = state.client()
-    if shortcut:
+    if shortcut and not state.config.orchestrator.infra_dir:
+        # the seed's shortcut: the orchestrator builds it from its own infra files
         accepted = client.post(f"/workflows/{shortcut[0]}/create", shortcut[1])
+    elif shortcut:
+        # an infra of the user's own ([orchestrator] infra_dir): the orchestrator need not
+        # have it; the definition built here from it is what runs
+        accepted = client.post("/workflows", msgspec.to_builtins(definition))
     elif raw:
         accepted = client.call("POST", "/workflows", raw=raw[0], content_type=raw[1])
     else:
@@ -145,13 +151,14 @@ def submit_and_maybe_wait(
             accepted,
             output,
             lambda a: (
-                f"workflow {a['workflow_id']} {a['status']} ({a.get('tasks', '?')} tasks)\n"
-                f"watch it: provisioning workflow monitor {a['workflow_id']}"
+                f"Workflow submitted: {a['workflow_id']} "
+                f"({a['status']}, {a.get('tasks', '?')} tasks)\n"
+                f"watch it: provisioning {monitor} monitor {a['workflow_id']}"
             ),
         )
         return
     if output != "json":
-        click.echo(f"workflow {wf_id} queued")
+        click.echo(f"Workflow submitted: {wf_id} ({accepted['status']})")
     final = wait_for(state, wf_id, output=output)
     if output == "json":
         click.echo(json.dumps(final, indent=2, default=str))

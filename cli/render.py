@@ -60,11 +60,28 @@ def workflow_text(view: dict[str, Any]) -> str:
             t.get("attempt"),
             f"{t.get('progress', 0)}%",
             t.get("executor_id") or "",
-            t.get("error") or "",
+            _outcome(t),
         ]
         for t in view.get("tasks", [])
     ]
-    return head + "\n" + table(rows, ["task", "status", "attempt", "progress", "executor", "error"])
+    return (
+        head + "\n" + table(rows, ["task", "status", "attempt", "progress", "executor", "result"])
+    )
+
+
+def _outcome(task: dict[str, Any]) -> str:
+    """What a task came to, in a line: its error, what it is waiting for, or its last
+    progress message (\"server wuji-cp-1 running at 10.x\"), else its result in short."""
+    if task.get("error"):
+        return str(task["error"])
+    for key in ("waiting_for", "progress_message", "note"):
+        if task.get(key):
+            return str(task[key])
+    output = task.get("output")
+    if output in (None, {}, []):
+        return ""
+    text = json.dumps(output, default=str)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def health_text(doc: dict[str, Any], endpoint: str) -> str:

@@ -9,7 +9,9 @@ Built-in actions run inside the executor.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "COMMAND_ACTION",
     "Action",
     "Registry",
+    "check_modules",
     "load_registry",
     "registry_for",
 ]
@@ -239,3 +242,39 @@ def registry_for(config: NushellConfig) -> Registry:
         config.registry_lib or None,
         core_lib=config.provisioning_lib or None,
     )
+
+
+def check_modules(registry: Registry, nu_binary: str, *, timeout_s: float = 30) -> None:
+    """At start: ``nu`` runs and every module of the registry parses (``use`` it), so a wrong
+    ``[nushell] binary`` or ``provisioning_lib``, or a broken module, stops the service with
+    the fix named instead of failing every task. Raises :class:`ConfigError`."""
+    modules: dict[tuple[str, str, bool], Action] = {}
+    for name in registry.names():
+        action = registry.get(name)
+        if action.kind == "nushell":
+            modules.setdefault((action.lib_dir, action.module, action.module_file), action)
+    for (_, module, module_file), action in sorted(modules.items()):
+        target = f"{module}.nu" if module_file else module
+        env = {"PATH": "/usr/bin:/bin", "NU_LIB_DIRS": os.pathsep.join(action.lib_dirs)}
+        try:
+            done = subprocess.run(
+                [nu_binary, "-n", "--no-std-lib", "-c", f"use {target}"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(
+                f"cannot run {nu_binary} ({exc}): fix [nushell] binary (or run `make install`)",
+                binary=nu_binary,
+            ) from None
+        if done.returncode != 0:
+            lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()][:6]
+            raise ConfigError(
+                f"module {module!r} (action {action.name}) does not load from "
+                f"{os.pathsep.join(action.lib_dirs)}: {' / '.join(lines)[:600]}; fix "
+                "[nushell] provisioning_lib (or the module)",
+                module=module,
+            )

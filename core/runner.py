@@ -259,8 +259,11 @@ class Runner:
             "TMPDIR": str(workdir),
             "PROVISIONING_DATA_DIR": str(self.data_dir),
         }
-        env["NU_LIB_DIRS"] = os.pathsep.join(action.lib_dirs)
         env.update(self.extra_env)
+        # [nushell] env_vars may name NU_LIB_DIRS (the seed's configuration does): those come
+        # after the action's own libraries, never instead of them
+        extra_libs = [d for d in self.extra_env.get("NU_LIB_DIRS", "").split(os.pathsep) if d]
+        env["NU_LIB_DIRS"] = os.pathsep.join(dict.fromkeys([*action.lib_dirs, *extra_libs]))
         env.update(self.providers.env_for(action.name, args or {}))
         env.update(task_env)
         return env

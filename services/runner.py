@@ -14,12 +14,13 @@ import click
 from aiohttp import web
 
 from core.providers import Providers
-from core.registry import registry_for
+from core.registry import check_modules, registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
 from shared.bus import Bus
 from shared.config import Config, load_config
 from shared.errors import ProvisioningError
+from shared.localstack import start_detached
 from shared.logs import setup_logging
 from shared.tracing import setup_tracing, shutdown_tracing
 
@@ -99,11 +100,16 @@ def _registry(config: Config) -> Any:
         raise click.ClickException(exc.message) from None
 
 
-@click.group()
+@click.group(invoke_without_command=True)
 @click.option("--config", type=click.Path(dir_okay=False), help="User configuration file (TOML).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory.")
 @click.option("--nats-url", help="NATS server URL(s), comma-separated (default $NATS_URL).")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option(
+    "--daemon",
+    is_flag=True,
+    help="Start the local stack (`up`) in the background and return (the seed's form).",
+)
 @click.version_option(__version__, prog_name="provisioning-orchestrator")
 @click.pass_context
 def main(
@@ -112,10 +118,24 @@ def main(
     data_dir: str | None,
     nats_url: str | None,
     log_level: str | None,
+    daemon: bool,
 ) -> None:
     """Run the provisioning orchestrator's services."""
     ctx.ensure_object(dict)
     ctx.obj["log_level"] = log_level
+    if daemon:
+        if ctx.invoked_subcommand is not None:
+            raise click.UsageError("--daemon starts the local stack: give no command with it")
+        settings = _load(ctx)
+        port = settings.orchestrator.endpoint.rsplit(":", 1)[-1].split("/")[0]
+        args = ["--port", port] if port.isdigit() else []
+        pid = start_detached(settings.data_dir, *args, config_path=config)
+        click.echo(
+            f"orchestrator starting in the background (pid {pid}); "
+            f"logs in {settings.data_dir / 'logs' / 'orchestrator.log'}"
+        )
+    elif ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @main.command()
@@ -189,6 +209,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     registry = _registry(config)
     try:
         nu = resolve_binary(config.nushell.binary)
+        check_modules(registry, nu)  # nu runs and every module loads: fail fast otherwise
     except ProvisioningError as exc:
         raise click.ClickException(exc.message) from None
     data_dir = config.data_dir

@@ -40,6 +40,7 @@ from core.runner import resolve_binary
 from shared.cancellation import cancel_and_wait
 from shared.config import Config
 from shared.errors import StackError
+from shared.localstack import remove_stack_state, write_stack_state
 
 from . import shutdown
 
@@ -60,6 +61,7 @@ STABLE_AFTER_S = 10.0
 # kill_grace_seconds: it gets those plus STOP_MARGIN_S.
 STOP_TIMEOUT_S = 20.0
 STOP_MARGIN_S = 10.0
+NATS_LISTEN_WAIT_S = 15.0  # a freshly started nats-server opens its port within this
 PUMP_DRAIN_S = 5.0
 
 
@@ -275,9 +277,27 @@ class Stack:
             "nats", [binary, "-c", str(conf)], dict(os.environ), self.data_dir / "logs" / "nats.log"
         )
         await self._launch(self.nats, stop)
+        await self._wait_for_listener(self.nats_port)
         url = f"nats://127.0.0.1:{self.nats_port}"
         await self._wait_for_jetstream(url)
         return url
+
+    async def _wait_for_listener(self, port: int) -> None:
+        """Until the server we just started accepts connections (so the first connect does
+        not log a refusal as if something were wrong)."""
+        deadline = time.monotonic() + NATS_LISTEN_WAIT_S
+        while time.monotonic() < deadline:
+            if self.nats is not None and self.nats.proc and self.nats.proc.returncode is not None:
+                return  # it exited: the connect below says why, the supervisor restarts it
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
 
     async def _wait_for_jetstream(self, url: str) -> None:
         from shared.bus import Bus
@@ -368,6 +388,7 @@ class Stack:
             await cancel_and_wait(stopping)
             # Supervisors wait on their child's exit, a backoff or the stop: they return now.
             await asyncio.gather(*self._supervisors, return_exceptions=True)
+            remove_stack_state()
             await self.stop(force)
         return 0
 
@@ -385,6 +406,12 @@ class Stack:
         for child in self.services:
             await self._launch(child, stop)
         await self._wait_for_gateway()
+        # the CLI, left at its default data directory, uses this stack's: one world
+        write_stack_state(
+            endpoint=self.gateway_url,
+            data_dir=self.data_dir,
+            infra_dir=self.config.orchestrator.infra_dir,
+        )
         self._say(f"gateway ready at {self.gateway_url}; logs in {self.data_dir / 'logs'}")
         self._say(f"console: open {self.gateway_url}/ui/ in a browser")
         if demo:
@@ -410,7 +437,7 @@ class Stack:
         self._say(f"demo: workflow {wf_id} {final.get('status')}")
         self._say(f"try: curl -s {self.gateway_url}/workflows/{wf_id}")
         self._say(f"try: .venv/bin/provisioning workflow status {wf_id}")
-        self._say("try: .venv/bin/provisioning server list --direct")
+        self._say("try: .venv/bin/provisioning server list")
 
     async def _supervise(self, child: _Child, stop: asyncio.Event) -> None:
         """Keep one child running until the stop: wait for its exit, back off, start it again.

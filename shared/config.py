@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
@@ -209,6 +210,99 @@ def _parse_env(var: str, text: str, default: Any) -> Any:
     return text
 
 
+# The seed's configuration keys (its config.defaults.toml and its platform config.toml) that
+# are spelt differently here: where each one lands, or why it has no meaning here (a warning).
+SEED_KEYS: dict[tuple[str, str], tuple[str, str] | str] = {
+    ("orchestrator", "timeout"): ("orchestrator", "timeout_seconds"),
+    ("orchestrator", "fallback_to_direct"): ("execution", "fallback_to_direct"),
+    ("orchestrator", "host"): ("gateway", "host"),
+    ("orchestrator", "port"): ("gateway", "port"),
+    ("server", "host"): ("gateway", "host"),
+    ("server", "port"): ("gateway", "port"),
+    ("storage", "data_dir"): ("orchestrator", "data_dir"),
+    ("executor", "nushell_binary"): ("nushell", "binary"),
+    ("executor", "provisioning_lib"): ("nushell", "provisioning_lib"),
+    ("storage", "backend"): (
+        "state lives in NATS JetStream (streams and key-value buckets): there is no storage "
+        "backend to choose"
+    ),
+    ("executor", "checkpoint_interval_seconds"): (
+        "every transition is checkpointed as it happens: there is no checkpoint interval"
+    ),
+}
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """The line of ``[section]`` (or of ``key`` in it) in a TOML file, for error messages."""
+    lines = text.splitlines()
+    header = re.compile(rf"^\s*\[\s*{re.escape(section)}\s*\]")
+    for number, line in enumerate(lines, 1):
+        if not header.match(line):
+            continue
+        if key is None:
+            return number
+        for offset, inner in enumerate(lines[number:], number + 1):
+            if re.match(r"^\s*\[", inner):
+                break
+            if re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", inner):
+                return offset
+        return number
+    return None
+
+
+def _read_file(file: Path, merged: dict[str, dict[str, Any]], sources: dict[str, str]) -> list[str]:
+    """Merge a user file into ``merged``: our keys, and the seed's (mapped, or accepted with a
+    warning). Every unknown section and key is reported at once, with its line."""
+    try:
+        text = file.read_text("utf-8")
+        data = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}", path=str(file)) from None
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    def at(section: str, key: str | None = None) -> str:
+        line = _line_of(text, section, key)
+        return f"{file}:{line}" if line else str(file)
+
+    for section, keys in data.items():
+        seed_section = any(s == section for s, _ in SEED_KEYS)
+        if not isinstance(keys, dict) or (section not in merged and not seed_section):
+            problems.append(f"{at(section)}: unknown section [{section}]")
+            continue
+        for key, value in keys.items():
+            target: tuple[str, str] | str | None
+            if section in merged and key in merged[section]:
+                target = (section, key)
+            else:
+                target = SEED_KEYS.get((section, key))
+            if target is None:
+                problems.append(f"{at(section, key)}: unknown key {section}.{key}")
+            elif isinstance(target, str):
+                warnings.append(f"{at(section, key)}: {section}.{key} is ignored: {target}")
+            else:
+                merged[target[0]][target[1]] = value
+                sources[f"{target[0]}.{target[1]}"] = f"file:{file}" + (
+                    f" ({section}.{key})" if target != (section, key) else ""
+                )
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ConfigError(
+            f"{len(problems)} unknown configuration key(s):\n  {listed}", path=str(file)
+        )
+    if (
+        "gateway.port" in sources
+        and sources["gateway.port"].startswith("file:")
+        and sources["orchestrator.endpoint"] == "default"
+    ):
+        # the seed names the orchestrator's port in one file; the CLI follows it here
+        host = merged["gateway"]["host"]
+        host = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
+        merged["orchestrator"]["endpoint"] = f"http://{host}:{merged['gateway']['port']}"
+        sources["orchestrator.endpoint"] = f"{sources['gateway.port']} (derived from the port)"
+    return warnings
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -228,19 +322,9 @@ def load_config(
     file = Path(explicit).expanduser() if explicit else user_config_path()
     if explicit and not file.is_file():
         raise ConfigError(f"configuration file not found: {file}", path=str(file))
+    warnings: list[str] = []
     if file.is_file():
-        try:
-            data = tomllib.loads(file.read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {file}: {exc}", path=str(file)) from None
-        for section, keys in data.items():
-            if section not in merged or not isinstance(keys, dict):
-                raise ConfigError(f"{file}: unknown section [{section}]", path=str(file))
-            for key, value in keys.items():
-                if key not in merged[section]:
-                    raise ConfigError(f"{file}: unknown key {section}.{key}", path=str(file))
-                merged[section][key] = value
-                sources[f"{section}.{key}"] = f"file:{file}"
+        warnings += _read_file(file, merged, sources)
 
     for section, keys in merged.items():
         for key, default in keys.items():
@@ -250,7 +334,7 @@ def load_config(
                 sources[f"{section}.{key}"] = f"env:{var}"
     known = {f"{ENV_PREFIX}{s}_{k}".upper() for s, keys in merged.items() for k in keys}
     sections = tuple(f"{ENV_PREFIX}{s}_".upper() for s in merged)
-    warnings = [
+    warnings += [
         f"{var} is not a configuration key (typo?); it is ignored"
         for var in sorted(env)
         if var.startswith(sections) and var not in known

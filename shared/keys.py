@@ -133,9 +133,18 @@ def _render(template: str, args: dict[str, Any], task: str) -> str | None:
                 key=template[:KEY_MAX],
                 argument=path.rstrip("?"),
             )
-        parts.append(str(value))
+        parts.append(_escaped(str(value)))
     parts.append(template[pos:])
     return "".join(parts)
+
+
+def _escaped(value: str) -> str:
+    """A value put into a key: control and space characters and the wildcards ``*``, ``>``
+    as ``\\uXXXX`` (one value, one key, whatever it holds: a hostname of ``a b`` still
+    excludes itself, and a key never breaks a listing or a log line)."""
+    return "".join(
+        f"\\u{ord(c):04x}" if not c.isprintable() or c.isspace() or c in "*>" else c for c in value
+    )
 
 
 def claims(

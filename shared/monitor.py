@@ -15,10 +15,13 @@ _COLOR = {
     "running": "\x1b[36m",
     "retrying": "\x1b[33m",
     "cancelled": "\x1b[35m",
+    "cancelling": "\x1b[35m",
     "skipped": "\x1b[90m",
+    "waiting": "\x1b[33m",
+    "awaiting_approval": "\x1b[33m",
 }
 _RESET = "\x1b[0m"
-TERMINAL = {"completed", "failed", "cancelled"}
+TERMINAL = {"completed", "failed", "cancelled", "compensation_failed"}
 
 
 def _bar(percent: int, width: int = 20) -> str:
@@ -44,20 +47,26 @@ class _Board:
         }
         self.drawn = 0
 
-    def apply(self, kind: str, data: dict[str, Any]) -> str | None:
-        """Update from one event; return a plain line describing it."""
+    def apply(self, kind: str, data: dict[str, Any]) -> list[str]:
+        """Update from one event; return the plain lines describing it (in the order things
+        happened: a progress report that overtook its task's start announces the start)."""
         if kind == "workflow":
             self.status = data["status"]
-            return f"workflow {self.wf_id} {data['status']}" + (
-                f": {data['message']}" if data.get("message") else ""
-            )
+            return [
+                f"workflow {self.wf_id} {data['status']}"
+                + (f": {data['message']}" if data.get("message") else "")
+            ]
         task = self.tasks.setdefault(
             data.get("task_id", "?"),
             {"status": "pending", "progress": 0, "message": "", "attempt": 0},
         )
         if kind == "task":
+            attempt = data.get("attempt", task["attempt"])
+            if data["status"] == "running" and task.get("announced") == attempt:
+                task["status"] = "running"
+                return []  # announced already, by its first progress report
             task["status"] = data["status"]
-            task["attempt"] = data.get("attempt", task["attempt"])
+            task["attempt"] = attempt
             if data["status"] == "completed":
                 task["progress"] = 100
             elif data["status"] in ("queued", "retrying"):
@@ -67,13 +76,22 @@ class _Board:
                 line += f" (attempt {data['attempt']})"
             if data.get("error"):
                 line += f": {data['error']}"
-            return line
+            elif data.get("detail"):
+                line += f": {data['detail']}"
+            return [line]
         if kind == "progress":
+            lines = []
+            attempt = data.get("attempt", task["attempt"])
+            if task["status"] in ("pending", "queued") and task.get("announced") != attempt:
+                # the executor's progress came before the scheduler's word that it started
+                task["status"], task["attempt"], task["announced"] = "running", attempt, attempt
+                lines.append(f"task {data['task_id']} running (attempt {attempt})")
             task["progress"], task["message"] = data["percent"], data.get("message", "")
-            return (
+            lines.append(
                 f"task {data['task_id']} {data['percent']:>3}% {data.get('message', '')}".rstrip()
             )
-        return None
+            return lines
+        return []
 
     def draw(self) -> None:
         width = shutil.get_terminal_size((100, 20)).columns
@@ -109,14 +127,19 @@ def render_summary(
         took = f"{d:.1f}s" if d is not None else "-"
         attempts = f" attempts={task['attempt']}" if task.get("attempt", 0) > 1 else ""
         out.write(f"  {task['id']:<32} {task['status']:<9} {took:>7}{attempts}\n")
+        if task["status"] == "completed" and task.get("progress_message"):
+            out.write(f"    {task['progress_message']}\n")  # e.g. where the server runs
         if task["status"] == "failed":
             out.write(f"    error: {task.get('error')}\n")
             try:
-                logs = client.get(f"/tasks/{task['task_id']}/logs")["lines"][-log_tail:]
+                attempt = task.get("attempt") or None
+                lines = client.log_lines(task["task_id"], attempt=attempt)
+                said = [e for e in lines if e.get("stream") == "stdout"][-log_tail:]
             except Exception:
-                logs = []
-            for entry in logs:
+                said = []
+            for entry in said:  # what the task said last; its stderr trace stays in its logs
                 out.write(f"    | {entry['line']}\n")
+            out.write(f"    full output: provisioning task logs {task['task_id']}\n")
     if view.get("trace_id"):
         out.write(f"  trace: {view['trace_id']}\n")
     out.flush()
@@ -132,11 +155,11 @@ def monitor_workflow(
         board.draw()
     # the stream replays every event from the start, then follows live until the workflow ends
     for kind, data in client.stream(f"/workflows/{wf_id}/events"):
-        line = board.apply(kind, data)
+        lines = board.apply(kind, data)
         if tty:
             board.draw()
-        elif line:
-            out.write(line + "\n")
+        elif lines:
+            out.write("".join(line + "\n" for line in lines))
             out.flush()
     final: dict[str, Any] = client.get(f"/workflows/{wf_id}")
     if summary:

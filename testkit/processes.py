@@ -261,6 +261,7 @@ class Stack:
             "PROVISIONING_EXECUTOR_KILL_GRACE_SECONDS": "1",
             "PROVISIONING_CONFIG": "",
             "XDG_CONFIG_HOME": str(tmp / "xdg"),
+            "XDG_STATE_HOME": str(tmp / "xdg-state"),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

@@ -22,8 +22,10 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROVISIONING_", "NATS_URL"))}
     env.update(
         XDG_CONFIG_HOME=str(tmp_path / "xdg"),
+        XDG_STATE_HOME=str(tmp_path / "xdg-state"),
         PROVISIONING_ORCHESTRATOR_DATA_DIR=str(tmp_path / "data"),
         PROVISIONING_ORCHESTRATOR_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing there
+        PROVISIONING_ORCHESTRATOR_AUTO_START="false",  # unless a test says so
         **extra,
     )
     return env

@@ -28,9 +28,12 @@ from .support import completions, logged_runs, wait_until, workflow_events
 # Generous: a test takes 15 to 30 s alone, far more on a machine busy with other tests.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-STREAMS = ["PROV_COMMANDS", "PROV_DISPATCH", "PROV_REPORTS", "PROV_EVENTS", "PROV_LOGS", "PROV_DLQ"]
-BUCKETS = ["workflows", "tasks", "active", "progress", "executors", "leases"]
-REPLICATED = sorted([*STREAMS, *(f"KV_prov_{b}" for b in BUCKETS)])
+# every stream and bucket the services create (a new one is replicated too, or this test says so)
+STREAMS = sorted(
+    v for k, v in vars(subjects).items() if k.startswith("STREAM_") and k != "STREAM_SUBJECTS"
+)
+BUCKETS = sorted(v for k, v in vars(subjects).items() if k.startswith("BUCKET_"))
+REPLICATED = sorted([*STREAMS, *(f"KV_{b}" for b in BUCKETS)])
 
 
 @pytest.fixture

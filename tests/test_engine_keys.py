@@ -302,6 +302,19 @@ def test_a_template_takes_the_task_arguments_and_names_a_missing_one() -> None:
     assert claims([], [optional], {}, {}, task="t") == []
 
 
+@pytest.mark.parametrize("hostname", ["'; rm -rf ~", "x\n^touch m", "a*b>c", "\x1b[31m"])
+def test_an_argument_with_any_characters_makes_one_printable_key(hostname: str) -> None:
+    """A value put into a key is escaped, never refused: the submission is still judged by
+    its action (which refuses such a hostname), and two tasks on that value share the key."""
+    spec = KeySpec(key="server:{args.server.hostname}")
+    (claim,) = claims([], [spec], {"server": {"hostname": hostname}}, {}, task="t")
+    assert key_problem(claim.key) is None and claim.key.startswith("server:")
+    (again,) = claims([spec], None, {"server": {"hostname": hostname}}, {}, task="u")
+    assert again.key == claim.key
+    (other,) = claims([spec], None, {"server": {"hostname": hostname + "2"}}, {}, task="v")
+    assert other.key != claim.key
+
+
 def test_declared_keys_override_the_defaults_and_configured_rates_apply() -> None:
     defaults = [KeySpec(key="server:{args.hostname}")]
     declared = [KeySpec(key="server:h1", limit=3), KeySpec(key="provider:aws")]

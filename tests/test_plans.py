@@ -345,3 +345,79 @@ def test_a_scheduler_killed_during_compensation_finishes_it_and_deletes_nothing_
         assert tasks[undo]["status"] == "completed" and tasks[undo]["attempt"] == 1, tasks[undo]
         assert tasks[undo]["output"]["deleted"] is True  # each deleted its server, once
     assert servers(stack) == []
+
+
+# -- the seed's Example 3 with the rails on (core/workflows/example3-guarded.ncl) -----------------
+
+GUARDED_ENV = {
+    **APPROVAL_ENV,
+    "PROVISIONING_GATEWAY_USERS": '{"alice": "alice-token", "ops": "ops-token"}',
+}
+
+
+def _guarded_run(stack: Stack, path: Path) -> dict[str, Any]:
+    """Plan the file, apply the plan, approve the gate (as ``ops``); the run's final view."""
+    alice = {"PROVISIONING_ORCHESTRATOR_AUTH_TOKEN": "alice-token"}
+    planned = stack.cli("workflow", "plan", str(path), "-o", "json", env=alice)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    changes = {t["task"]: t["change"] for t in plan["tasks"]}
+    assert len(changes) == 12 and set(changes.values()) == {"create"}, changes
+    applied = stack.cli("workflow", "apply", plan["plan_id"], "-o", "json", env=alice)
+    assert applied.returncode == 0, applied.stderr
+    wf_id = json.loads(applied.stdout)["workflow_id"]
+    http = as_user(stack, "alice-token")
+    wait_until(
+        lambda: http.get(f"/workflows/{wf_id}?tasks=false")[1]["status"] == "awaiting_approval",
+        90,
+        what="the gate before the cluster",
+    )
+    view = http.get(f"/workflows/{wf_id}")[1]
+    held = {t["id"]: t["status"] for t in view["tasks"]}
+    assert held["cluster"] == "awaiting_approval" and held["deploy-app"] == "pending", held
+    assert sum(1 for s in held.values() if s == "completed") == 10, held
+    approved = stack.cli(
+        "workflow", "approve", wf_id, env={"PROVISIONING_ORCHESTRATOR_AUTH_TOKEN": "ops-token"}
+    )
+    assert approved.returncode == 0, approved.stderr
+    terminal = ("completed", "failed", "cancelled", "compensation_failed")
+    final: dict[str, Any] = http.wait_workflow(wf_id, terminal, timeout=120)
+    assert final["approvals"][0]["by"] == "ops"
+    return final
+
+
+@pytest.mark.stack(env=GUARDED_ENV)
+def test_example3_guarded_is_planned_approved_applied_and_compensates(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from core import WORKFLOWS_DIR
+
+    source = WORKFLOWS_DIR / "example3-guarded.ncl"
+    final = _guarded_run(stack, source)
+    assert final["status"] == "completed", final
+    assert final["mode"] == "apply"
+
+    # the same run (on other hosts) with its last step failing: what it created is undone,
+    # in reverse order
+    failing = tmp_path / "example3-guarded.ncl"
+    failing.write_text(
+        source.read_text()
+        .replace('let fail_app = "" in', 'let fail_app = "registry down" in')
+        .replace("ex3g-", "ex3f-")
+    )
+    final = _guarded_run(stack, failing)
+    assert final["status"] == "failed" and "compensated" in final["error"], final
+    tasks = {t["id"]: t for t in final["tasks"]}
+    assert tasks["deploy-app"]["status"] == "failed"
+    assert "registry down" in tasks["deploy-app"]["error"]
+    undos = sorted((t["started_at"], t["id"]) for t in tasks.values() if t.get("compensates"))
+    order = [task for _, task in undos]
+    assert order[0] == "cluster[undo]", order  # the last thing done is the first undone
+    assert all(t["status"] == "completed" for t in tasks.values() if t.get("compensates"))
+    for n in range(1, 6):
+        assert order.index(f"kubernetes-ex3f-srv-{n}[undo]") < order.index(
+            f"server-ex3f-srv-{n}[undo]"
+        )
+    left = servers(stack)
+    assert not [s for s in left if s.startswith("ex3f-")], left
+    assert len([s for s in left if s.startswith("ex3g-")]) == 5  # the first run's stay

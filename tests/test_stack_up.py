@@ -36,7 +36,12 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 
 def _up(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "XDG_STATE_HOME": str(tmp_path / "xdg-state"),
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("NATS_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "services", "--data-dir", str(tmp_path / "data"), "up", *args],
@@ -67,9 +72,15 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output[-3000:]
     assert "stopped" in output
+    # a clean start says nothing alarming (no refused connect while its NATS was starting)
+    started = output[: output.index("serving; press Ctrl-C to stop")]
+    assert "WARNING" not in started and "Errno" not in started, started[-3000:]
     assert (tmp_path / "data" / "logs" / "gateway.log").read_text()
-    time.sleep(0.5)
-    assert _processes_mentioning(str(tmp_path / "data")) == [], "processes left behind"
+    wait_until(
+        lambda: _processes_mentioning(str(tmp_path / "data")) == [],
+        10,
+        what="no process left behind",
+    )
     assert sorted(p.name for p in (tmp_path / "data" / "logs").iterdir()) == [
         "executor-1.log",
         "executor-2.log",
@@ -140,7 +151,12 @@ class Up:
         self.nats_port, self.port = free_port(), free_port()
         self.out_path = tmp_path / "up.out"
         self.marker = str(tmp_path / "data")
-        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+            "XDG_STATE_HOME": str(tmp_path / "xdg-state"),
+            "PYTHONUNBUFFERED": "1",
+        }
         env.pop("NATS_URL", None)
         with self.out_path.open("w") as out:
             self.proc = subprocess.Popen(

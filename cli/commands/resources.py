@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import msgspec
 
 from core import infra
 from core.infra import server_delete_args, server_list_args
@@ -47,7 +48,11 @@ def _shortcut_op(
         name = kw["infra"]
         definition = build(name, params, state.config.orchestrator.infra_dir)
         if kw.pop("plan", False):
-            _plan_shortcut(state, kind, {"infra": name, "params": params}, kw["output"])
+            body: Any = {"infra": name, "params": params}
+            path = f"/workflows/{kind}/create?plan=true"
+            if state.config.orchestrator.infra_dir:  # the user's own infra: built here
+                body, path = msgspec.to_builtins(definition), "/workflows?plan=true"
+            _plan(state, path, body, kw["output"])
             return
         run_operation(
             state,
@@ -60,13 +65,13 @@ def _shortcut_op(
         )
 
 
-def _plan_shortcut(state: State, kind: str, body: dict[str, Any], output: str) -> None:
-    """Plan a shortcut (``--plan``): what it would change, changing nothing."""
+def _plan(state: State, path: str, body: Any, output: str) -> None:
+    """Plan (``--plan``): what it would change, changing nothing."""
     from .workflows import print_plan, wait_for_plan
 
     if not ensure_orchestrator(state):
         fail(f"no orchestrator answers at {state.config.orchestrator.endpoint}", EXIT_UNAVAILABLE)
-    accepted = state.client().post(f"/workflows/{kind}/create?plan=true", body)
+    accepted = state.client().post(path, body)
     plan = wait_for_plan(state, accepted["plan_id"])
     print_plan(plan, output)
     if plan["status"] != "ready":

@@ -62,11 +62,29 @@ def _read_definition(path: str) -> tuple[WorkflowDefinition | None, bytes, str]:
 
 
 def _submit_file(
-    state: State, operation: str, path: str, mode: str | None, wait: bool, output: str
+    state: State,
+    operation: str,
+    path: str,
+    mode: str | None,
+    wait: bool,
+    output: str,
+    *,
+    monitor: str = "workflow",
 ) -> None:
     with user_errors():
         definition, body, fmt = _read_definition(path)
         chosen = resolve_mode(state.config, operation, mode)
+        if chosen != "direct" and not ensure_orchestrator(state):
+            endpoint = state.config.orchestrator.endpoint
+            # an explicit --orchestrated (and batch mode) never falls back; otherwise
+            # [execution] fallback_to_direct decides
+            if mode is not None or not state.config.execution.fallback_to_direct:
+                fail(f"no orchestrator answers at {endpoint}", EXIT_UNAVAILABLE)
+            click.echo(
+                f"note: no orchestrator answers at {endpoint}; running {operation} directly",
+                err=True,
+            )
+            chosen = "direct"
         if chosen == "direct":
             if definition is None:
                 from shared.nickel_source import evaluate_nickel
@@ -74,16 +92,13 @@ def _submit_file(
                 definition = definition_from_data(json.loads(asyncio.run(evaluate_nickel(body))))
             run_direct_and_print(state, definition, output=output)
             return
-        if not ensure_orchestrator(state):
-            fail(
-                f"no orchestrator answers at {state.config.orchestrator.endpoint}", EXIT_UNAVAILABLE
-            )
         submit_and_maybe_wait(
             state,
             definition or WorkflowDefinition(name="", tasks=[]),
             wait=wait,
             output=output,
             raw=(body, CONTENT_TYPE[fmt]),
+            monitor=monitor,
         )
 
 
@@ -326,8 +341,8 @@ def batch() -> None:
 @output_option
 @click.pass_obj
 def batch_submit(state: State, file: str, wait: bool, output: str) -> None:
-    """Submit a batch workflow file."""
-    _submit_file(state, "batch.submit", file, "orchestrated", wait, output)
+    """Submit a batch workflow file (always through the orchestrator)."""
+    _submit_file(state, "batch.submit", file, "orchestrated", wait, output, monitor="batch")
 
 
 @batch.command("monitor")
@@ -359,6 +374,7 @@ def task_show(state: State, task_id: str, output: str) -> None:
             lambda v: "\n".join(
                 f"{k}: {json.dumps(v[k], default=str) if isinstance(v[k], dict | list) else v[k]}"
                 for k in v
+                if v[k] not in (None, "", [], {})  # what a task does not have is not shown
             ),
         )
 
