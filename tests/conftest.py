@@ -4,12 +4,44 @@ the orchestrator's services as real processes."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .support import NatsServer, Stack
+
+# As root (CI), executors run tasks as an unprivileged user (docs/executors.md, "The task
+# user"), which must reach the data directories tests keep under tmp_path. pytest's own base
+# (/tmp/pytest-of-root) is private to root and shared with every other session of root: this
+# session gets a base of its own that others may pass through, but not list.
+_BASETEMP_KEY = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() == 0 and not config.option.basetemp:
+        base = Path(tempfile.mkdtemp(prefix="pytest-provisioning-"))
+        config.option.basetemp = str(base)
+        config.stash[_BASETEMP_KEY] = base
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (base := config.stash.get(_BASETEMP_KEY, None)) is not None:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_reachable_by_tasks(request: pytest.FixtureRequest) -> None:
+    """Let task users pass through this test's tmp_path (pytest makes it 0700)."""
+    if request.config.stash.get(_BASETEMP_KEY, None) is None:
+        return
+    if "tmp_path" in request.fixturenames:
+        tmp_path: Path = request.getfixturevalue("tmp_path")
+        for path in (tmp_path.parent, tmp_path):
+            path.chmod(0o711)
 
 
 def _docker_available() -> bool:
