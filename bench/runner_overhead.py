@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.processes import become_subreaper
 from core.registry import load_registry
 from core.runner import Runner, resolve_binary
 
@@ -37,6 +36,11 @@ def _cpu() -> tuple[float, float]:
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def _adopts(runner: Runner) -> bool:
+    family = getattr(runner, "family", None)  # None: the runner before subreapers (a baseline)
+    return bool(family and family.adopts)
 
 
 def _figures(n: int, wall: float, before: tuple[float, float]) -> dict[str, float]:
@@ -69,7 +73,7 @@ async def _through_runner(runner: Runner, n: int, parallel: int) -> dict[str, fl
             if done.outcome != "completed":
                 raise RuntimeError(f"task {i}: {done}")
 
-    if runner.family.adopts:  # as the executor does
+    if _adopts(runner):  # as the executor does
         asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, runner.reap_adopted)
     await one(-1)  # warm caches (the binary, the library)
     before, t0 = _cpu(), time.perf_counter()
@@ -105,6 +109,7 @@ def main() -> int:
         data_dir = Path(tmp) / "data"
         kwargs: dict[str, Any] = {}
         if opts.executor:
+            from core.processes import become_subreaper
             from services.executor import isolation
 
             os.chmod(tmp, 0o711)  # noqa: S103 - the task user passes through, as in /tmp

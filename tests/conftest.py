@@ -14,10 +14,19 @@ import pytest
 from .support import NatsServer, Stack
 
 # As root (CI), executors run tasks as an unprivileged user (docs/executors.md, "The task
-# user"), which must reach the data directories tests keep under tmp_path. pytest's own base
-# (/tmp/pytest-of-root) is private to root and shared with every other session of root: this
-# session gets a base of its own that others may pass through, but not list.
+# user"), which must reach the data directories tests keep in pytest's temporary directories.
+# pytest's own base (/tmp/pytest-of-root) is private to root and shared by every session of
+# root: this session gets a base of its own, and every directory pytest makes in it (tmp_path,
+# tmp_path_factory.mktemp) lets others pass through (not list).
 _BASETEMP_KEY = pytest.StashKey[Path]()
+_MKTEMP = pytest.TempPathFactory.mktemp
+
+
+def _mktemp_reachable(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
+    path = _MKTEMP(self, basename, numbered)
+    for directory in (self.getbasetemp(), path):
+        directory.chmod(0o711)
+    return path
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -26,22 +35,13 @@ def pytest_configure(config: pytest.Config) -> None:
         base = Path(tempfile.mkdtemp(prefix="pytest-provisioning-"))
         config.option.basetemp = str(base)
         config.stash[_BASETEMP_KEY] = base
+        pytest.TempPathFactory.mktemp = _mktemp_reachable  # type: ignore[method-assign]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if (base := config.stash.get(_BASETEMP_KEY, None)) is not None:
+        pytest.TempPathFactory.mktemp = _MKTEMP  # type: ignore[method-assign]
         shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def _tmp_path_reachable_by_tasks(request: pytest.FixtureRequest) -> None:
-    """Let task users pass through this test's tmp_path (pytest makes it 0700)."""
-    if request.config.stash.get(_BASETEMP_KEY, None) is None:
-        return
-    if "tmp_path" in request.fixturenames:
-        tmp_path: Path = request.getfixturevalue("tmp_path")
-        for path in (tmp_path.parent, tmp_path):
-            path.chmod(0o711)
 
 
 def _docker_available() -> bool:
