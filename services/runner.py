@@ -203,6 +203,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     except (ProvisioningError, OSError) as exc:
         raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
     isolation.warn_readable(task_user, _config_files(ctx))
+    isolation.warn_unreachable_tools(task_user)
     adopts = become_subreaper()  # before the runner: it finds task processes accordingly
     runner = Runner(
         nu_binary=nu,

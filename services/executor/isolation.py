@@ -27,6 +27,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ __all__ = [
     "scrub_environment",
     "task_needs",
     "warn_readable",
+    "warn_unreachable_tools",
 ]
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,23 @@ def warn_readable(task_user: TaskUser | None, paths: Iterable[Path]) -> None:
                 path,
                 task_user.name,
             )
+
+
+def warn_unreachable_tools(task_user: TaskUser | None) -> None:
+    """Log a warning when the task user cannot run this Python interpreter: the tools
+    installed beside it (the ``aws`` command line) cannot run in tasks then."""
+    if task_user is None:
+        return
+    groups = {task_user.gid, *os.getgrouplist(task_user.name, task_user.gid)}
+    interpreter = Path(sys.executable)
+    if (why := _denied(interpreter, "x", task_user.uid, groups)) is not None:
+        log.warning(
+            "tasks run as %r cannot run %s (%s): Python tools installed beside it cannot run "
+            "in tasks; install Python where that user can reach it",
+            task_user.name,
+            interpreter.resolve(),
+            why,
+        )
 
 
 def task_needs(nu: str, lib_dirs: Iterable[str], state_dir: Path) -> list[tuple[Path, str]]:
