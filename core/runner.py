@@ -146,7 +146,12 @@ def move_state(data_dir: Path) -> None:
     old, new = data_dir / "local", data_dir / STATE_DIR / "local"
     if old.is_dir() and not new.exists():
         new.parent.mkdir(parents=True, exist_ok=True)
-        old.rename(new)
+        try:
+            old.rename(new)
+        except OSError:
+            if new.is_dir():
+                return  # another executor of the host moved them
+            raise
         log.info("moved the local provider's records from %s to %s", old, new)
 
 

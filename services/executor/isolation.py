@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from core.runner import STATE_DIR, TaskUser, move_state
@@ -130,24 +130,28 @@ def prepare_data_dir(data_dir: Path, task_user: TaskUser | None) -> tuple[Path, 
     runtime.chmod(0o700)
     if task_user is None:
         return state, runtime
-    _set_mode(data_dir, (data_dir.stat().st_mode & 0o770) | 0o001)
+    # other executors of the host may be at it too, and running tasks write in provider/:
+    # an entry that vanished meanwhile is no error
+    _set_mode(data_dir, lambda mode: (mode & ~0o007) | 0o001)
     for entry in data_dir.iterdir():
-        info = entry.lstat()
-        if entry.name != STATE_DIR and not stat.S_ISLNK(info.st_mode):
-            _set_mode(entry, info.st_mode & 0o770)
+        if entry.name != STATE_DIR:
+            _set_mode(entry, lambda mode: mode & ~0o007)
     for path in (state, *state.rglob("*")):  # records written by direct mode or another user
-        info = path.lstat()
-        if (info.st_uid, info.st_gid) != (task_user.uid, task_user.gid):
-            os.lchown(path, task_user.uid, task_user.gid)
+        with contextlib.suppress(FileNotFoundError):
+            info = path.lstat()
+            if (info.st_uid, info.st_gid) != (task_user.uid, task_user.gid):
+                os.lchown(path, task_user.uid, task_user.gid)
     state.chmod(0o700)
     return state, runtime
 
 
-def _set_mode(path: Path, mode: int) -> None:
-    current = stat.S_IMODE(path.lstat().st_mode)
-    if current != mode:
-        path.chmod(mode)
-        log.info("%s: mode %04o -> %04o (tasks must not read it)", path, current, mode)
+def _set_mode(path: Path, change: Callable[[int], int]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        info = path.lstat()
+        current = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISLNK(info.st_mode) and (mode := change(current)) != current:
+            path.chmod(mode)
+            log.info("%s: mode %04o -> %04o (tasks must not read it)", path, current, mode)
 
 
 def check_access(task_user: TaskUser | None, needs: Iterable[tuple[Path, str]]) -> None:
