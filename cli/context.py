@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import click
 
+from core.providers import Providers
 from core.registry import Registry, registry_for
 from core.runner import Runner, resolve_binary
 from shared.api_client import ApiClient, ApiError, OrchestratorUnavailable
@@ -76,6 +77,7 @@ class State:
             extra_env=self.config.nushell.env_vars,
             kill_grace_s=self.config.executor.kill_grace_seconds,
             result_limit_bytes=self.config.executor.result_limit_bytes,
+            providers=Providers.from_config(self.config),
         )
 
 

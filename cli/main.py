@@ -17,7 +17,7 @@ from shared.config import load_config
 from shared.errors import ProvisioningError
 
 from .commands.resources import cluster, server, taskserv
-from .commands.system import env, health, orchestrator, trace, version
+from .commands.system import concurrency, env, health, orchestrator, trace, version
 from .commands.workflows import batch, task, workflow
 from .context import EXIT_CONFIG, State, fail
 
@@ -48,6 +48,7 @@ def main(
 for command in (server, taskserv, cluster, workflow, batch, task, health, env, version, trace):
     main.add_command(command)
 main.add_command(orchestrator)
+main.add_command(concurrency)
 
 
 @main.command()

@@ -13,6 +13,8 @@ from typing import Any
 import click
 import msgspec
 
+from core.providers import check_providers
+from engine.bindings import check_keys, claims_for
 from engine.local import run_local
 from shared.api_client import OrchestratorUnavailable
 from shared.config import Config
@@ -103,6 +105,8 @@ def run_direct(state: State, definition: WorkflowDefinition, *, quiet: bool) -> 
     """Run a workflow here on the engine; its end as :func:`render.direct_result`."""
     config = state.config
     validate_definition(definition, state.registry, max_tasks=config.gateway.max_tasks_per_workflow)
+    check_keys(definition, claims_for(state.registry, config))
+    check_providers(definition, config)
     final = asyncio.run(
         run_local(definition, state.registry, state.runner(), config, direct_reporter(quiet))
     )

@@ -102,7 +102,7 @@ def direct_reporter(quiet: bool) -> Callable[[str, str, dict[str, Any]], None]:
 def direct_result(state: WorkflowState) -> dict[str, Any]:
     """A direct run's end, as ``--output json`` prints it."""
     tasks: dict[str, dict[str, Any]] = {}
-    for task_id in state.record.task_ids:
+    for task_id in state.order:
         task = state.tasks[task_id]
         duration = (
             round((task.finished_at - task.started_at).total_seconds(), 3)
@@ -121,6 +121,10 @@ def direct_result(state: WorkflowState) -> dict[str, Any]:
     return {"mode": "direct", "status": state.record.status, "tasks": tasks}
 
 
+def _mermaid_id(task_id: str) -> str:
+    return task_id.replace("-", "_").replace("[", "_").replace("]", "")
+
+
 _COLOURS = {
     "completed": ("#c8e6c9", "palegreen"),
     "failed": ("#ffcdd2", "salmon"),
@@ -130,14 +134,21 @@ _COLOURS = {
 }
 
 
+def _edges(task: dict[str, Any]) -> list[str]:
+    """What a task comes after: its dependencies, or for a fan-out child its parent."""
+    return [task["parent"]] if task.get("parent") else list(task.get("depends_on", []))
+
+
 def draw_graph(tasks: list[dict[str, Any]], fmt: str) -> str:
-    """The DAG with each task's status, as ``text``, ``mermaid`` or ``dot``."""
+    """The DAG with each task's status, as ``text``, ``mermaid`` or ``dot``; fan-out
+    children hang under their parent."""
+    tasks = [{**t, "depends_on": _edges(t)} for t in tasks]
     if fmt == "mermaid":
         lines = ["graph TD"]
         for t in tasks:
-            node = t["id"].replace("-", "_")
+            node = _mermaid_id(t["id"])
             lines.append(f'  {node}["{t["id"]} ({t["status"]})"]:::{t["status"]}')
-            lines += [f"  {d.replace('-', '_')} --> {node}" for d in t.get("depends_on", [])]
+            lines += [f"  {_mermaid_id(d)} --> {node}" for d in t.get("depends_on", [])]
         lines += [f"  classDef {status} fill:{fill}" for status, (fill, _) in _COLOURS.items()]
         return "\n".join(lines)
     if fmt == "dot":

@@ -57,38 +57,81 @@ async def run_action(
     cancel: asyncio.Event,
     on_line: LineHandler,
     on_progress: ProgressHandler,
+    mode: str = "run",
+    expect_change: str | None = None,
 ) -> RunResult:
-    """Run the action ``name`` once with ``args``; never raises for the action's own failures."""
+    """Run the action ``name`` once with ``args``; never raises for the action's own failures.
+
+    ``mode="plan"``: run its read-only plan function instead; the result is
+    ``{"change": "create" | "update" | "delete" | "none" | "unknown", "detail": ...}``.
+    ``expect_change`` (applying a plan): plan first, and run only if the change is still the
+    planned one; otherwise fail with ``reason: plan_changed`` and both plans in the error."""
     try:
         action = registry.get(name)
     except ActionNotFound:
         return RunResult("failed", reason="refused", error=f"unknown action {name!r}")
-    if action.kind == "builtin":
-        return await run_builtin(action.name, args, timeout_s=timeout_s, cancel=cancel)
     if action.kind == "command" and not allow_commands:
         return RunResult(
             "failed",
             reason="refused",
             error="plain-command tasks are disabled here ([executor] allow_commands)",
         )
-    return await runner.run(
-        action,
-        args,
-        task_env=task_env,
-        timeout_s=timeout_s,
-        on_line=on_line,
-        on_progress=on_progress,
-        cancel=cancel,
-    )
+
+    async def run(plan: bool) -> RunResult:
+        if plan:
+            if action.kind == "builtin" or action.read_only:
+                what = "a built-in" if action.kind == "builtin" else "read-only"
+                return RunResult(
+                    "completed", exit_code=0, output={"change": "none", "detail": what}
+                )
+            if action.kind == "command" or not action.plan_function:
+                detail = f"{action.name} has no plan function: what it would change is unknown"
+                return RunResult(
+                    "completed", exit_code=0, output={"change": "unknown", "detail": detail}
+                )
+        elif action.kind == "builtin":
+            return await run_builtin(action.name, args, timeout_s=timeout_s, cancel=cancel)
+        return await runner.run(
+            action,
+            args,
+            task_env=task_env,
+            timeout_s=timeout_s,
+            on_line=on_line,
+            on_progress=on_progress,
+            cancel=cancel,
+            plan=plan,
+        )
+
+    if mode == "plan":
+        return await run(plan=True)
+    if expect_change is not None:
+        checked = await run(plan=True)
+        if checked.outcome != "completed":
+            return checked
+        now = checked.output if isinstance(checked.output, dict) else {}
+        if now.get("change") != expect_change:
+            return RunResult(
+                "failed",
+                reason="plan_changed",
+                error=(
+                    f"the plan no longer holds: planned {expect_change!r}, "
+                    f"now {now.get('change')!r}: {now.get('detail')}"
+                )[:2000],
+                output={"planned": expect_change, "now": now},
+            )
+    return await run(plan=False)
 
 
 async def run_builtin(
     action: str, args: dict[str, Any], *, timeout_s: float, cancel: asyncio.Event
 ) -> RunResult:
-    """``builtin.noop``, ``builtin.sleep`` (``{"seconds": x}``), ``builtin.fail``
-    (``{"message": ...}``): for tests, demos and benchmarks, with no subprocess."""
+    """``builtin.noop``, ``builtin.echo`` (its arguments are its result), ``builtin.sleep``
+    (``{"seconds": x}``), ``builtin.fail`` (``{"message": ...}``): for tests, demos and
+    benchmarks, with no subprocess."""
     if action == "builtin.noop":
         return RunResult("completed", exit_code=0, output={})
+    if action == "builtin.echo":
+        return RunResult("completed", exit_code=0, output=args)
     if action == "builtin.fail":
         message = args.get("message", "failed on purpose")
         return RunResult("failed", exit_code=1, reason="error", error=str(message)[:2000])

@@ -17,6 +17,11 @@ runner's user may read. Its working directory is ``<tmp>/prov-task-*/work``, own
 a directory it cannot rename; the result file is opened without following links and must be a
 regular file of the task's user. Tasks keep their own state (the local provider's records) in
 ``<data dir>/provider``, which they get as ``PROVISIONING_DATA_DIR``.
+
+Secrets: a task of a provider (``server.*``) also gets that provider's credentials, from an
+environment captured when the runner was made (:class:`core.providers.Providers`); every log
+line, progress message, error message and result passes through its :class:`Redactor` before
+the runner hands it on, so nothing downstream (records, events, logs, traces) can hold them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from shared.errors import ProvisioningError
 
 from .leftovers import Footprints, leftovers
 from .processes import Family, TaskProcesses, kill_pids
+from .providers import Providers
 from .registry import Action
 
 __all__ = [
@@ -63,6 +69,7 @@ LineHandler = Callable[[str, str], Awaitable[None]]  # (stream, line)
 ProgressHandler = Callable[[int, str], Awaitable[None]]
 _PROGRESS_RE = re.compile(r"^PROGRESS:\s*(\d{1,3})(?:\s+(.*))?$")
 _NU_ERROR_RE = re.compile(r"^\s*[x\u00d7]\s+(.+)$")  # the headline of a Nushell error report
+_NU_WRAPPED_RE = re.compile(r"^\s*[|\u2502]\s(.*)$")  # its continuation (no line number)
 MAX_LINE = 4096
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _EXIT_POLL_S = 0.1
@@ -162,10 +169,16 @@ def _find_program(name: str, path: str) -> str | None:
 
 
 def _error_message(stderr_tail: list[str]) -> str:
-    """The gist of a failure: Nushell's error headline, else the last lines of stderr."""
-    for line in stderr_tail:
+    """The gist of a failure: Nushell's error headline (which it wraps at the terminal's width:
+    the ``|`` lines right under it are the rest), else the last lines of stderr."""
+    for i, line in enumerate(stderr_tail):
         if m := _NU_ERROR_RE.match(line):
-            return m.group(1).strip()[:1000]
+            parts = [m.group(1).strip()]
+            for more in stderr_tail[i + 1 :]:
+                if not (rest := _NU_WRAPPED_RE.match(more)):
+                    break
+                parts.append(rest.group(1).strip())
+            return " ".join(parts)[:1000]
     return "; ".join(line.strip() for line in stderr_tail[-3:] if line.strip())[:1000]
 
 
@@ -184,6 +197,7 @@ class Runner:
         extra_env: Mapping[str, str] | None = None,
         kill_grace_s: float = 5.0,
         result_limit_bytes: int = 256 * 1024,
+        providers: Providers | None = None,
         task_user: TaskUser | None = None,
         runtime_dir: Path | None = None,
     ) -> None:
@@ -193,6 +207,8 @@ class Runner:
         self.extra_env = dict(extra_env or {})
         self.kill_grace_s = kill_grace_s
         self.result_limit_bytes = result_limit_bytes
+        self.providers = providers or Providers.none()
+        self.redactor = self.providers.redactor
         self.task_user = task_user
         self.task_uid = task_user.uid if task_user else os.geteuid()
         self._prefix, self._spawn_user = _launcher(task_user)
@@ -208,12 +224,19 @@ class Runner:
         return self._nu_path
 
     def environment(
-        self, action: Action, task_env: Mapping[str, str], workdir: Path
+        self,
+        action: Action,
+        task_env: Mapping[str, str],
+        workdir: Path,
+        args: Mapping[str, Any] | None = None,
     ) -> dict[str, str]:
-        """The child's whole environment: nothing of the parent's leaks in."""
+        """The child's whole environment: nothing of the parent's leaks in, but the variables
+        of the providers the task runs (``args`` name them)."""
         nu_dir = str(Path(self.nu_path).parent)
+        # the project's own tools (the aws command line) are installed beside the interpreter
+        tools = dict.fromkeys([nu_dir, str(Path(sys.executable).parent), *SAFE_PATH.split(":")])
         env = {
-            "PATH": f"{nu_dir}:{SAFE_PATH}",
+            "PATH": ":".join(tools),
             "LANG": "C.UTF-8",
             "HOME": str(workdir),
             "TMPDIR": str(workdir),
@@ -221,6 +244,7 @@ class Runner:
         }
         env["NU_LIB_DIRS"] = os.pathsep.join(action.lib_dirs)
         env.update(self.extra_env)
+        env.update(self.providers.env_for(action.name, args or {}))
         env.update(task_env)
         return env
 
@@ -234,9 +258,18 @@ class Runner:
         on_line: LineHandler,
         on_progress: ProgressHandler,
         cancel: asyncio.Event | None = None,
+        plan: bool = False,
     ) -> RunResult:
+        """Run the action (its read-only plan function with ``plan``) in a fresh process."""
         if action.kind == "nushell":
-            argv = [self.nu_path, "-n", "--no-std-lib", "--stdin", "-c", action.script()]
+            argv = [
+                self.nu_path,
+                "-n",
+                "--no-std-lib",
+                "--stdin",
+                "-c",
+                action.script(plan=plan),
+            ]
             stdin = json.dumps(args).encode()
         elif action.kind == "command":
             raw = args.get("argv")
@@ -254,7 +287,7 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="prov-task-") as tmp:
             workdir = self._workdir(Path(tmp))
             result_file = workdir / "result.json"
-            env = self.environment(action, task_env, workdir)
+            env = self.environment(action, task_env, workdir, args)
             env["PROVISIONING_RESULT_FILE"] = str(result_file)
             program = _find_program(argv[0], env["PATH"])
             if program is None:
@@ -301,6 +334,8 @@ class Runner:
             result.duration_s = time.monotonic() - started
             if result.outcome == "completed" and action.kind == "nushell":
                 self._read_result(result, result_file)
+            if result.error:
+                result.error = self.redactor.text(result.error)
             return result
 
     def _workdir(self, tmp: Path) -> Path:
@@ -385,13 +420,16 @@ class Runner:
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while True:
+                fragment = False
                 try:
                     raw = await stream.readline()
                 except ValueError:  # a line longer than the reader's limit
-                    raw = await stream.read(MAX_LINE)
+                    raw, fragment = await stream.read(MAX_LINE), True
                 if not raw:
                     return
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")[:MAX_LINE]
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                # masked before it is cut, so no half of a secret survives the cut
+                line = self.redactor.text(text, fragment=fragment)[:MAX_LINE]
                 if name == "stdout" and (progress := parse_progress(line)) is not None:
                     await on_progress(*progress)
                 if name == "stderr":
@@ -480,7 +518,7 @@ class Runner:
                 return
             raw = file.read(self.result_limit_bytes + 1)
         try:
-            result.output = json.loads(raw or b"null")
+            result.output = self.redactor.value(json.loads(raw or b"null"))
         except ValueError as exc:
             result.outcome, result.reason = "failed", "error"
             result.error = f"result is not JSON: {exc}"

@@ -6,7 +6,7 @@ memory, so the two modes agree by construction.
 """
 
 from .effects import Effects, Timer
-from .engine import Engine, Verdict
+from .engine import ClaimsFor, Engine, Verdict
 from .state import WorkflowState
 
-__all__ = ["Effects", "Engine", "Timer", "Verdict", "WorkflowState"]
+__all__ = ["ClaimsFor", "Effects", "Engine", "Timer", "Verdict", "WorkflowState"]

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import msgspec
 
-from shared.messages import TaskDispatch, TaskEvent, WorkflowEvent
+from shared.messages import KeyState, TaskDispatch, TaskEvent, WorkflowEvent
 
 from .state import WorkflowState
 
@@ -23,12 +23,15 @@ __all__ = ["Dispatch", "Effects", "Timer"]
 
 
 class Timer(msgspec.Struct, frozen=True):
-    """Feed :meth:`engine.Engine.retry_due` with these arguments at ``at``."""
+    """Feed :meth:`engine.Engine.timer_due` with this at ``at``: a retry's backoff elapsed
+    (``retry``), or an approval gate's deadline passed (``approval``; ``task_id`` "" for the
+    workflow's own gate)."""
 
     workflow_id: str
     task_id: str
     attempt: int
     at: datetime
+    kind: str = "retry"
 
 
 class Dispatch(msgspec.Struct, frozen=True):
@@ -41,6 +44,7 @@ class Dispatch(msgspec.Struct, frozen=True):
 class Effects:
     def __init__(self) -> None:
         self.created: dict[str, WorkflowState] = {}  # accepted workflows: every record is new
+        self.new_tasks: list[tuple[WorkflowState, str]] = []  # fan-out children: records new
         self.reopened: set[str] = set()  # retried workflows: active again
         self.tasks: dict[tuple[str, str], WorkflowState] = {}  # (workflow, task) to checkpoint
         self.workflows: dict[str, WorkflowState] = {}  # workflow records to checkpoint
@@ -49,6 +53,10 @@ class Effects:
         self.events: list[WorkflowEvent | TaskEvent] = []
         self.timers: list[Timer] = []
         self.ended: dict[str, WorkflowState] = {}  # workflows that reached an end state
+        # concurrency keys whose state changed: the new state, or None when no longer in use
+        self.keys: dict[str, KeyState | None] = {}
+        # when to call Engine.pump again although no input came (a rate window opening)
+        self.wakeups: list[datetime] = []
         # for metrics: (pool, new status) of every task transition, dispatch-to-start latencies
         self.transitions: list[tuple[str, str]] = []
         self.start_latencies: list[tuple[str, float]] = []
@@ -56,6 +64,7 @@ class Effects:
     def __bool__(self) -> bool:
         return bool(
             self.created
+            or self.new_tasks
             or self.reopened
             or self.tasks
             or self.workflows
@@ -64,4 +73,6 @@ class Effects:
             or self.events
             or self.timers
             or self.ended
+            or self.keys
+            or self.wakeups
         )

@@ -28,16 +28,16 @@ from shared.messages import (
     TaskDispatch,
     TaskEvent,
     TaskFinished,
-    TaskSpec,
     TaskStarted,
     WorkflowDefinition,
 )
 
+from .bindings import claims_for, compensation_for, timeout_for
 from .effects import Effects, Timer
 from .engine import Engine
 from .state import WorkflowState
 
-__all__ = ["EXECUTOR_ID", "LocalRun", "Reporter", "run_local", "timeout_for"]
+__all__ = ["EXECUTOR_ID", "LocalRun", "Reporter", "run_local"]
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +50,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def timeout_for(registry: Registry, config: Config) -> Callable[[TaskSpec], float]:
-    """A task's timeout: its own, else its action's, else ``[executor] task_timeout_seconds``."""
-
-    def timeout(spec: TaskSpec) -> float:
-        if spec.timeout_seconds is not None:
-            return spec.timeout_seconds
-        if spec.action in registry:
-            action_timeout = registry.get(spec.action).timeout_seconds
-            if action_timeout:
-                return action_timeout
-        return config.executor.task_timeout_seconds
-
-    return timeout
-
-
 class _Cancel:
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+class _Tick:
+    """A rate window may have opened."""
 
 
 class LocalRun:
@@ -86,7 +75,12 @@ class LocalRun:
         self.runner = runner
         self.config = config
         self.report = report
-        self.engine = Engine(timeout_for=timeout_for(registry, config))
+        self.engine = Engine(
+            timeout_for=timeout_for(registry, config),
+            claims_for=claims_for(registry, config),
+            max_fanout=config.scheduler.max_fanout,
+            compensation_for=compensation_for(registry),
+        )
         slots = config.executor.max_concurrent_tasks
         self.engine.set_capacity({t.pool: slots for t in definition.tasks})
         self.command = SubmitWorkflow(
@@ -95,7 +89,7 @@ class LocalRun:
             submitted_at=_now(),
             source="direct",
         )
-        self.inbox: asyncio.Queue[Report | Timer | _Cancel] = asyncio.Queue()
+        self.inbox: asyncio.Queue[Report | Timer | _Cancel | _Tick] = asyncio.Queue()
         self.cancels: dict[str, asyncio.Event] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.timers: set[asyncio.TimerHandle] = set()
@@ -130,9 +124,11 @@ class LocalRun:
     def cancel(self, reason: str = "cancelled by request") -> None:
         self.inbox.put_nowait(_Cancel(reason))
 
-    def _apply(self, item: Report | Timer | _Cancel) -> None:
-        if isinstance(item, Timer):
-            self.engine.retry_due(item.workflow_id, item.task_id, item.attempt, _now())
+    def _apply(self, item: Report | Timer | _Cancel | _Tick) -> None:
+        if isinstance(item, _Tick):
+            self.engine.tick(_now())
+        elif isinstance(item, Timer):
+            self.engine.timer_due(item, _now())
         elif isinstance(item, _Cancel):
             self.engine.cancel(self.workflow_id, item.reason, _now())
         else:
@@ -156,6 +152,9 @@ class LocalRun:
             delay = max(0.0, (timer.at - _now()).total_seconds())
             handle = loop.call_later(delay, self.inbox.put_nowait, timer)
             self.timers.add(handle)
+        for at in effects.wakeups:
+            delay = max(0.0, (at - _now()).total_seconds())
+            self.timers.add(loop.call_later(delay, self.inbox.put_nowait, _Tick()))
         for dispatch in effects.dispatches:
             message = dispatch.message
             cancel = self.cancels[message.task_id] = asyncio.Event()
@@ -191,6 +190,8 @@ class LocalRun:
                 cancel=cancel,
                 on_line=on_line,
                 on_progress=on_progress,
+                mode=dispatch.mode,
+                expect_change=dispatch.expect_change,
             )
         except ProvisioningError as exc:  # the action could not be started at all
             result = RunResult("failed", reason="error", error=exc.message)

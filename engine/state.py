@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from shared.messages import BUSY_TASK, TERMINAL_TASK, TaskRecord, WorkflowRecord
+from shared.messages import BUSY_TASK, TERMINAL_TASK, TaskRecord, WorkflowRecord, display_order
 
 __all__ = ["WorkflowState"]
 
@@ -23,6 +23,7 @@ class WorkflowState:
     def __init__(self, record: WorkflowRecord, tasks: dict[str, TaskRecord]) -> None:
         self.record = record
         self.tasks = tasks
+        self.order = display_order(record.task_ids, tasks)  # fan-out children, undos included
         self.dependents: dict[str, list[str]] = defaultdict(list)
         self.waiting: dict[str, int] = {}  # dependencies not completed yet, per task
         self.terminal = 0  # tasks in an end state
@@ -65,11 +66,44 @@ class WorkflowState:
         return self.tasks[task_id].status == "pending" and self.waiting[task_id] == 0
 
     def ready(self) -> list[str]:
-        return [t for t in self.record.task_ids if self.is_ready(t)]
+        return [t for t in self.order if self.is_ready(t)]
 
     def busy(self) -> list[str]:
         """Tasks whose current attempt is out with an executor (dispatched, not yet reported)."""
-        return [t for t in self.record.task_ids if self.tasks[t].status in BUSY_TASK]
+        return [
+            t
+            for t in self.order
+            if self.tasks[t].status in BUSY_TASK and self.tasks[t].children is None
+        ]
+
+    def children(self, parent: str) -> list[str]:
+        count = self.tasks[parent].children or 0
+        return [f"{parent}[{i}]" for i in range(count)]
+
+    def add_tasks(self, records: list[TaskRecord]) -> None:
+        """Tasks made while the workflow runs (compensations), at the end, their
+        dependencies among themselves wired."""
+        for record in records:
+            task_id = record.spec.id
+            self.tasks[task_id] = record
+            self.counts[record.status] += 1
+            self.waiting[task_id] = 0
+            self.order.append(task_id)
+        for record in records:
+            for dep in record.spec.depends_on:
+                self.dependents[dep].append(record.spec.id)
+                if self.tasks[dep].status != "completed":
+                    self.waiting[record.spec.id] += 1
+
+    def add_children(self, parent: str, records: list[TaskRecord]) -> None:
+        """A fan-out's children, placed right after it."""
+        for record in records:
+            task_id = record.spec.id
+            self.tasks[task_id] = record
+            self.waiting[task_id] = 0
+            self.counts[record.status] += 1
+        at = self.order.index(parent) + 1
+        self.order[at:at] = [r.spec.id for r in records]
 
     def descendants(self, task_id: str) -> list[str]:
         out: list[str] = []

@@ -15,6 +15,7 @@ import click
 from aiohttp import web
 
 from core.processes import become_subreaper
+from core.providers import Providers
 from core.registry import registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
@@ -211,10 +212,12 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
         extra_env=config.nushell.env_vars,
         kill_grace_s=config.executor.kill_grace_seconds,
         result_limit_bytes=config.executor.result_limit_bytes,
+        providers=Providers.from_config(config),  # the environment is captured now, once
         task_user=task_user,
         runtime_dir=runtime_dir,
     )
-    # Everything that reads the environment has: secrets leave it (and /proc/self/environ).
+    # Everything that reads the environment has (the providers' credentials were captured
+    # just above): secrets leave it, and /proc/self/environ.
     dropped = isolation.scrub_environment()
     log.info(
         "tasks run as %s; %s; %d variables dropped from this process's environment",

@@ -102,6 +102,7 @@ class KVBuckets:
     progress: KeyValue
     executors: KeyValue
     leases: KeyValue
+    keys: KeyValue
 
 
 class Bus:
@@ -324,6 +325,11 @@ class Bus:
                 "leases",
                 subjects.BUCKET_LEASES,
                 KeyValueConfig(bucket=subjects.BUCKET_LEASES, history=1, ttl=LEASE_TTL_S, **common),
+            ),
+            (
+                "keys",
+                subjects.BUCKET_KEYS,
+                KeyValueConfig(bucket=subjects.BUCKET_KEYS, history=1, **common),
             ),
         ]
 

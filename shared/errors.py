@@ -8,7 +8,9 @@ __all__ = [
     "ActionNotFound",
     "BusUnavailable",
     "ConfigError",
+    "Conflict",
     "DefinitionError",
+    "Forbidden",
     "MessageError",
     "NotFound",
     "PayloadTooLarge",
@@ -86,6 +88,20 @@ class NotFound(ProvisioningError):
     """Raised when a workflow, task or executor id is unknown."""
 
     code = "not_found"
+
+
+class Conflict(ProvisioningError):
+    """Raised when a request does not fit the current state (a plan already applied, a
+    workflow with nothing awaiting approval, ...): a 409."""
+
+    code = "conflict"
+
+
+class Forbidden(ProvisioningError):
+    """Raised when the caller is known but may not do this (approve their own run, approve a
+    gate they are not an approver of): a 403."""
+
+    code = "forbidden"
 
 
 class BusUnavailable(ProvisioningError):

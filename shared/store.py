@@ -24,11 +24,13 @@ from .errors import MessageError
 from .jetstream import HDR_KV_OPERATION, HDR_MARKER_REASON, KV_REMOVED
 from .messages import (
     ExecutorBeat,
+    KeyState,
     Progress,
     SchedulerLease,
     TaskRecord,
     WorkflowRecord,
     decode_beat,
+    decode_key_state,
     decode_lease,
     decode_progress,
     decode_task,
@@ -146,9 +148,11 @@ class Store:
         found = await read_bucket(self.bus.js, subjects.BUCKET_TASKS, f"{workflow_id}.*")
         for key, value, rev in found:
             try:
-                out[key.partition(".")[2]] = (decode_task(value), rev)
+                record = decode_task(value)
             except MessageError:
                 log.error("undecodable task record %s", key)
+                continue
+            out[record.spec.id] = (record, rev)
         return out
 
     async def put_task(self, record: TaskRecord) -> int:
@@ -179,7 +183,7 @@ class Store:
         found = await read_bucket(self.bus.js, subjects.BUCKET_PROGRESS, f"{workflow_id}.*")
         for key, value, _ in found:
             try:
-                out[key.partition(".")[2]] = decode_progress(value)
+                out[subjects.task_of_token(key.partition(".")[2])] = decode_progress(value)
             except MessageError:
                 log.error("undecodable progress record %s", key)
         return out
@@ -234,3 +238,25 @@ class Store:
 
     async def release_lease(self, last: int) -> None:
         await self.bus.kv.leases.delete(subjects.LEASE_SCHEDULER, last=last)
+
+    # -- concurrency keys in use ---------------------------------------------------------------
+
+    async def key_states(self) -> list[tuple[KeyState, int]]:
+        """Every concurrency key in use, with the revision of its record."""
+        out = []
+        for key, value, rev in await read_bucket(self.bus.js, subjects.BUCKET_KEYS):
+            try:
+                out.append((decode_key_state(value), rev))
+            except MessageError:
+                log.error("undecodable concurrency key record %s", key)
+        return out
+
+    async def write_key_state(self, state: KeyState, last: int | None) -> int:
+        """Create (``last`` None) or compare-and-swap a key's record; returns its revision."""
+        kv_key = subjects.concurrency_kv_key(state.key)
+        if last is None:
+            return await self.bus.write(self.bus.kv.keys.create, kv_key, encode(state))
+        return await self.bus.write(self.bus.kv.keys.update, kv_key, encode(state), last=last)
+
+    async def remove_key_state(self, key: str, last: int) -> None:
+        await self.bus.write(self.bus.kv.keys.delete, subjects.concurrency_kv_key(key), last=last)

@@ -5,9 +5,12 @@ No other module spells one of these formats: a change of layout is a change of t
 
 from __future__ import annotations
 
+import base64
+
 __all__ = [
     "BUCKET_ACTIVE",
     "BUCKET_EXECUTORS",
+    "BUCKET_KEYS",
     "BUCKET_LEASES",
     "BUCKET_PROGRESS",
     "BUCKET_TASKS",
@@ -25,6 +28,7 @@ __all__ = [
     "cancel_subject",
     "command_filter",
     "command_subject",
+    "concurrency_kv_key",
     "dispatch_filter",
     "dispatch_msg_id",
     "dispatch_subject",
@@ -41,6 +45,8 @@ __all__ = [
     "retry_msg_id",
     "submit_msg_id",
     "task_key",
+    "task_of_token",
+    "task_token",
     "workflow_of_command",
 ]
 
@@ -74,13 +80,33 @@ BUCKET_ACTIVE = "prov_active"  # <workflow_id> -> b"" while the workflow is not 
 BUCKET_PROGRESS = "prov_progress"  # <workflow_id>.<task_id> -> Progress (last reported)
 BUCKET_EXECUTORS = "prov_executors"  # <executor_id> -> ExecutorBeat, expires by TTL
 BUCKET_LEASES = "prov_leases"  # LEASE_SCHEDULER -> SchedulerLease of the active scheduler
+BUCKET_KEYS = "prov_keys"  # concurrency_kv_key(<key>) -> KeyState of a concurrency key in use
 LEASE_SCHEDULER = "scheduler"
 
 
+def task_token(task_id: str) -> str:
+    """A task id as one token of a subject or KV key: ``install[3]`` becomes ``install=3`` and
+    ``install[3][undo]`` ``install=3=undo`` (brackets are not allowed in KV keys; ``=`` is not
+    allowed in task names)."""
+    return task_id.replace("]", "").replace("[", "=")
+
+
+def task_of_token(token: str) -> str:
+    """The task id a :func:`task_token` stands for."""
+    name, *parts = token.split("=")
+    return name + "".join(f"[{part}]" for part in parts)
+
+
 def task_key(workflow_id: str, task_id: str) -> str:
-    """The global id of a task, also its KV key in the task and progress buckets:
-    ``<workflow_id>.<task_id>``."""
-    return f"{workflow_id}.{task_id}"
+    """A task's KV key in the task and progress buckets, ``<workflow_id>.<task token>``; also
+    how services name the task in their logs (the API's global id is ``<workflow>.<task>``)."""
+    return f"{workflow_id}.{task_token(task_id)}"
+
+
+def concurrency_kv_key(key: str) -> str:
+    """A concurrency key as a KV key: its UTF-8 in base64url (keys such as ``server:x`` hold
+    characters a KV key cannot)."""
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
 def command_subject(kind: str, workflow_id: str) -> str:
@@ -109,20 +135,20 @@ def retry_msg_id(workflow_id: str, runs: int) -> str:
 
 def dispatch_msg_id(workflow_id: str, task_id: str, attempt: int) -> str:
     """One dispatch per task attempt: a re-published one (recovery) is not stored twice."""
-    return f"{workflow_id}.{task_id}.{attempt}"
+    return f"{task_key(workflow_id, task_id)}.{attempt}"
 
 
 def finished_msg_id(workflow_id: str, task_id: str, attempt: int, delivery: int) -> str:
     """One result per delivery of an attempt."""
-    return f"{workflow_id}.{task_id}.{attempt}.{delivery}.done"
+    return f"{task_key(workflow_id, task_id)}.{attempt}.{delivery}.done"
 
 
 def handback_msg_id(workflow_id: str, task_id: str, attempt: int, delivery: int) -> str:
-    return f"{workflow_id}.{task_id}.{attempt}.{delivery}.back"
+    return f"{task_key(workflow_id, task_id)}.{attempt}.{delivery}.back"
 
 
 def dispatch_subject(pool: str, workflow_id: str, task_id: str) -> str:
-    return f"{PREFIX}.dispatch.{pool}.{workflow_id}.{task_id}"
+    return f"{PREFIX}.dispatch.{pool}.{workflow_id}.{task_token(task_id)}"
 
 
 def dispatch_filter(pool: str) -> str:
@@ -134,7 +160,7 @@ def executor_consumer(pool: str) -> str:
 
 
 def report_subject(workflow_id: str, task_id: str) -> str:
-    return f"{PREFIX}.report.{workflow_id}.{task_id}"
+    return f"{PREFIX}.report.{workflow_id}.{task_token(task_id)}"
 
 
 def event_subject(workflow_id: str) -> str:
@@ -143,12 +169,12 @@ def event_subject(workflow_id: str) -> str:
 
 def log_subject(workflow_id: str, task_id: str, attempt: int) -> str:
     """One subject per task attempt: an attempt's lines are read, paged and purged alone."""
-    return f"{PREFIX}.log.{workflow_id}.{task_id}.{attempt}"
+    return f"{PREFIX}.log.{workflow_id}.{task_token(task_id)}.{attempt}"
 
 
 def log_filter(workflow_id: str, task_id: str) -> str:
     """Every attempt's lines of a task."""
-    return f"{PREFIX}.log.{workflow_id}.{task_id}.*"
+    return f"{PREFIX}.log.{workflow_id}.{task_token(task_id)}.*"
 
 
 def cancel_subject(workflow_id: str) -> str:

@@ -107,8 +107,10 @@ class Run:
     def retry(self, runs: int) -> bool:
         """A retry of the ended run, from its checkpoints (as the scheduler loads them)."""
         record = self.record
-        tasks = {t: self.task(t) for t in record.task_ids}
-        return self.engine.retry(self.wf, runs, self.now, loaded=(record, tasks))
+        state = self.engine.get(self.wf) or next(
+            e.ended[self.wf] for e in reversed(self.log) if self.wf in e.ended
+        )
+        return self.engine.retry(self.wf, runs, self.now, loaded=(record, dict(state.tasks)))
 
     def statuses(self) -> dict[str, str]:
         return {t: self.task(t).status for t in self.record.task_ids}

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from core import infra
+from core.infra import server_delete_args, server_list_args
 from shared.messages import TaskSpec, WorkflowDefinition
 
 from ..context import (
     EXIT_FAILED,
+    EXIT_UNAVAILABLE,
     State,
     fail,
     mode_options,
@@ -43,6 +46,9 @@ def _shortcut_op(
                 params[extra] = list(kw[extra]) if extra == "apps" else kw[extra]
         name = kw["infra"]
         definition = build(name, params, state.config.orchestrator.infra_dir)
+        if kw.pop("plan", False):
+            _plan_shortcut(state, kind, {"infra": name, "params": params}, kw["output"])
+            return
         run_operation(
             state,
             operation,
@@ -52,6 +58,24 @@ def _shortcut_op(
             output=kw["output"],
             shortcut=(kind, {"infra": name, "params": params}),
         )
+
+
+def _plan_shortcut(state: State, kind: str, body: dict[str, Any], output: str) -> None:
+    """Plan a shortcut (``--plan``): what it would change, changing nothing."""
+    from .workflows import print_plan, wait_for_plan
+
+    if not ensure_orchestrator(state):
+        fail(f"no orchestrator answers at {state.config.orchestrator.endpoint}", EXIT_UNAVAILABLE)
+    accepted = state.client().post(f"/workflows/{kind}/create?plan=true", body)
+    plan = wait_for_plan(state, accepted["plan_id"])
+    print_plan(plan, output)
+    if plan["status"] != "ready":
+        sys.exit(EXIT_FAILED)
+
+
+plan_option = click.option(
+    "--plan", is_flag=True, help="Only plan: show what it would change, change nothing."
+)
 
 
 def _list_op(
@@ -103,6 +127,7 @@ def server() -> None:
 @mode_options
 @wait_option
 @output_option
+@plan_option
 @click.pass_obj
 def server_create(state: State, /, **kw: Any) -> None:
     """Create the servers of an infra."""
@@ -115,15 +140,17 @@ def server_create(state: State, /, **kw: Any) -> None:
 @output_option
 @click.pass_obj
 def server_list(state: State, infra: str | None, mode: str | None, output: str) -> None:
-    """Servers known to the local provider."""
+    """Servers, as their providers see them (an infra's providers, else those set up here)."""
+    with user_errors():
+        args = server_list_args(infra, state.config, state.config.orchestrator.infra_dir)
     _list_op(
         state,
         "server.list",
-        {"infra": infra} if infra else {},
+        args,
         mode,
         output,
         "servers",
-        ["hostname", "infra", "plan", "zone", "state", "ip"],
+        ["hostname", "infra", "provider", "plan", "zone", "state", "ip", "instance_id"],
     )
 
 
@@ -139,9 +166,7 @@ def server_delete(
 ) -> None:
     """Delete a server."""
     with user_errors():
-        args: dict[str, Any] = {"hostname": hostname}
-        if infra:
-            args["infra"] = infra
+        args = server_delete_args(hostname, infra, state.config.orchestrator.infra_dir)
         definition = WorkflowDefinition(
             name=f"delete server {hostname}",
             tasks=[TaskSpec(id="delete", action="server.delete", args=args)],
@@ -162,6 +187,7 @@ def taskserv() -> None:
 @mode_options
 @wait_option
 @output_option
+@plan_option
 @click.pass_obj
 def taskserv_create(state: State, /, **kw: Any) -> None:
     """Install a task service (default: all of the infra's) on its servers."""
@@ -180,6 +206,7 @@ def cluster() -> None:
 @mode_options
 @wait_option
 @output_option
+@plan_option
 @click.pass_obj
 def cluster_create(state: State, /, **kw: Any) -> None:
     """Servers, then task services, then the cluster and its applications (seed Example 3)."""

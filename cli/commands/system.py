@@ -25,7 +25,7 @@ from ..context import (
 from ..localstack import running_pid, start_background, stop_background, wait_healthy
 from ..render import emit, health_text, table
 
-__all__ = ["env", "health", "orchestrator", "trace", "version"]
+__all__ = ["concurrency", "env", "health", "orchestrator", "trace", "version"]
 
 START_WAIT_S = 60
 
@@ -51,6 +51,8 @@ def env(state: State, output: str) -> None:
     rows = []
     for key, value in state.config.flat().items():
         shown = "********" if key.endswith(secret) and value else value
+        if key == "gateway.users":  # names are not secret; their tokens are
+            shown = dict.fromkeys(value, "********")
         if key.endswith("url") and isinstance(value, str):
             shown = redact_url(value)  # nats://user:password@host
         rows.append(
@@ -136,6 +138,44 @@ def trace(state: State, workflow_id: str, output: str) -> None:
             return f"{head}\n(Jaeger's query API did not answer at {jaeger}: no span tree)"
 
         emit(info, output, text)
+
+
+@click.group()
+def concurrency() -> None:
+    """Concurrency keys: who holds them, who waits."""
+
+
+@concurrency.command("list")
+@output_option
+@click.pass_obj
+def concurrency_list(state: State, output: str) -> None:
+    """Every key in use: limit, holders, waiters in order, rate window."""
+    with user_errors():
+        doc = state.client().get("/concurrency")
+
+        def text(d: dict[str, Any]) -> str:
+            if not d["keys"]:
+                return "no concurrency key in use"
+            rows = []
+            for k in d["keys"]:
+                rate = k.get("rate")
+                window = (
+                    f"{rate['started_in_window']}/{rate['count']} per {rate['window_seconds']:g}s"
+                    if rate
+                    else "-"
+                )
+                rows.append(
+                    [
+                        k["key"],
+                        "-" if k["limit"] is None else k["limit"],
+                        ", ".join(k["holders"]) or "-",
+                        ", ".join(k["waiters"]) or "-",
+                        window,
+                    ]
+                )
+            return table(rows, ["key", "limit", "holders", "waiters (in order)", "rate"])
+
+        emit(doc, output, text)
 
 
 @click.group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..modes import (
 )
 from ..render import draw_graph, emit, table, workflow_text
 
-__all__ = ["batch", "task", "workflow"]
+__all__ = ["batch", "print_plan", "task", "wait_for_plan", "workflow"]
 
 FORMATS = {".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml", ".ncl": "nickel"}
 CONTENT_TYPE = {
@@ -108,6 +109,112 @@ def workflow() -> None:
 def workflow_submit(state: State, file: str, mode: str | None, wait: bool, output: str) -> None:
     """Submit a workflow file (.ncl, .toml, .yaml, .json)."""
     _submit_file(state, "workflow.submit", file, mode, wait, output)
+
+
+def print_plan(plan: dict[str, Any], output: str) -> None:
+    def text(p: dict[str, Any]) -> str:
+        head = (
+            f"plan {p['plan_id']} {p['name']}: {p['status']}"
+            + (f" ({', '.join(f'{n} {c}' for c, n in sorted(p['summary'].items()))})")
+            + f"\napply it: provisioning workflow apply {p['plan_id']}"
+        )
+        rows = [
+            [t["task"], t["action"], t["change"] or "-", _short(t["detail"] or t["error"])]
+            for t in p["tasks"]
+        ]
+        return head + "\n" + table(rows, ["task", "action", "change", "detail"])
+
+    emit(plan, output, text)
+
+
+def _short(value: Any, width: int = 70) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def wait_for_plan(state: State, plan_id: str, timeout_s: float = 300) -> dict[str, Any]:
+    client = state.client()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        plan: dict[str, Any] = client.get(f"/plans/{plan_id}")
+        if plan["status"] != "planning" or time.monotonic() > deadline:
+            return plan
+        time.sleep(0.3)
+
+
+@workflow.command("plan")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@output_option
+@click.pass_obj
+def workflow_plan(state: State, file: str, output: str) -> None:
+    """Plan a workflow file: what it would change, changing nothing; prints the plan's id."""
+    with user_errors():
+        _, body, fmt = _read_definition(file)
+        if not ensure_orchestrator(state):
+            fail(
+                f"no orchestrator answers at {state.config.orchestrator.endpoint}", EXIT_UNAVAILABLE
+            )
+        accepted = state.client().call(
+            "POST", "/workflows?plan=true", raw=body, content_type=CONTENT_TYPE[fmt]
+        )
+        plan = wait_for_plan(state, accepted["plan_id"])
+        print_plan(plan, output)
+        if plan["status"] != "ready":
+            sys.exit(EXIT_FAILED)
+
+
+@workflow.command("apply")
+@click.argument("plan_id")
+@wait_option
+@output_option
+@click.pass_obj
+def workflow_apply(state: State, plan_id: str, wait: bool, output: str) -> None:
+    """Apply a plan: exactly what it planned, refused if anything changed since."""
+    with user_errors():
+        accepted = state.client().post(f"/plans/{plan_id}/apply")
+        if not wait:
+            emit(
+                accepted,
+                output,
+                lambda a: (
+                    f"plan {plan_id} applying as workflow {a['workflow_id']}\n"
+                    f"watch it: provisioning workflow monitor {a['workflow_id']}"
+                ),
+            )
+            return
+        _follow_to_end(state, accepted["workflow_id"], output)
+
+
+@workflow.command("approve")
+@click.argument("workflow_id")
+@click.option("--task", default=None, help="Approve this task's gate (default: what waits).")
+@click.option("--comment", default="", help="Recorded with the decision.")
+@output_option
+@click.pass_obj
+def workflow_approve(
+    state: State, workflow_id: str, task: str | None, comment: str, output: str
+) -> None:
+    """Approve a workflow (or one task) waiting at an approval gate."""
+    with user_errors():
+        body: dict[str, Any] = {"comment": comment} | ({"task": task} if task else {})
+        reply = state.client().post(f"/workflows/{workflow_id}/approve", body)
+        emit(reply, output, lambda r: f"workflow {r['workflow_id']} approved by {r['by']}")
+
+
+@workflow.command("reject")
+@click.argument("workflow_id")
+@click.option("--reason", required=True, help="Why: recorded, and the run ends cancelled.")
+@click.option("--task", default=None, help="Reject this task's gate.")
+@output_option
+@click.pass_obj
+def workflow_reject(
+    state: State, workflow_id: str, reason: str, task: str | None, output: str
+) -> None:
+    """Reject a workflow waiting at an approval gate: it ends cancelled."""
+    with user_errors():
+        body: dict[str, Any] = {"reason": reason} | ({"task": task} if task else {})
+        reply = state.client().post(f"/workflows/{workflow_id}/reject", body)
+        emit(reply, output, lambda r: f"workflow {r['workflow_id']} rejected by {r['by']}")
 
 
 @workflow.command("status")

@@ -36,7 +36,7 @@ from shared.bus import Bus
 from shared.cancellation import cancel_and_wait
 from shared.config import Config
 from shared.errors import MessageError, ProvisioningError
-from shared.ids import NAME_RE, is_workflow_id
+from shared.ids import NAME_RE, is_task_id, is_workflow_id
 from shared.messages import (
     TERMINAL_TASK,
     ExecutorBeat,
@@ -77,7 +77,7 @@ def _not_a_dispatch(subject: str, dispatch: TaskDispatch) -> str | None:
     that does not match them), or None. Such a message is dead-lettered, never run."""
     if not is_workflow_id(dispatch.workflow_id):
         return f"not a dispatch: workflow id {dispatch.workflow_id[:80]!r}"
-    if not (NAME_RE.match(dispatch.task_id) and NAME_RE.match(dispatch.pool)):
+    if not (is_task_id(dispatch.task_id) and NAME_RE.match(dispatch.pool)):
         return f"not a dispatch: task id {dispatch.task_id[:80]!r}, pool {dispatch.pool[:80]!r}"
     if subject != subjects.dispatch_subject(dispatch.pool, dispatch.workflow_id, dispatch.task_id):
         return "not a dispatch: the subject does not match the task"
@@ -374,7 +374,7 @@ class Executor:
             )
             return
         for task_id in task_ids:
-            running = self._running.get(f"{workflow_id}.{task_id}")
+            running = self._running.get(subjects.task_key(workflow_id, task_id))
             if running is not None:
                 log.info("cancelling %s.%s on request", workflow_id, task_id)
                 running.cancel.set()
@@ -700,6 +700,8 @@ class Executor:
                 cancel=running.cancel,
                 on_line=sink.add,
                 on_progress=on_progress,
+                mode=dispatch.mode,
+                expect_change=dispatch.expect_change,
             )
             await sink.close()
             sub_span.set_attribute(

@@ -44,6 +44,7 @@ __all__ = [
     "resolve_task_user",
     "scrub_environment",
     "task_needs",
+    "tools_denied",
     "warn_readable",
     "warn_unreachable_tools",
 ]
@@ -212,14 +213,20 @@ def warn_readable(task_user: TaskUser | None, paths: Iterable[Path]) -> None:
             )
 
 
+def tools_denied(task_user: TaskUser | None) -> str | None:
+    """Why the task user cannot run this Python interpreter, and so the tools installed
+    beside it (the ``aws`` command line); None if it can."""
+    if task_user is None:
+        return None
+    groups = {task_user.gid, *os.getgrouplist(task_user.name, task_user.gid)}
+    return _denied(Path(sys.executable), "x", task_user.uid, groups)
+
+
 def warn_unreachable_tools(task_user: TaskUser | None) -> None:
     """Log a warning when the task user cannot run this Python interpreter: the tools
     installed beside it (the ``aws`` command line) cannot run in tasks then."""
-    if task_user is None:
-        return
-    groups = {task_user.gid, *os.getgrouplist(task_user.name, task_user.gid)}
     interpreter = Path(sys.executable)
-    if (why := _denied(interpreter, "x", task_user.uid, groups)) is not None:
+    if task_user is not None and (why := tools_denied(task_user)) is not None:
         log.warning(
             "tasks run as %r cannot run %s (%s): Python tools installed beside it cannot run "
             "in tasks; install Python where that user can reach it",

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import nats.errors
@@ -24,15 +23,19 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core import infra
+from core.providers import Providers
 from core.registry import Registry
+from engine.bindings import claims_for
 from shared import API_VERSION, __version__, subjects
 from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
 from shared.cancellation import cancel_and_wait
-from shared.config import Config
+from shared.config import Config, GatewayConfig
 from shared.errors import (
     BusUnavailable,
+    Conflict,
     DefinitionError,
+    Forbidden,
     MessageError,
     NotFound,
     PayloadTooLarge,
@@ -40,33 +43,56 @@ from shared.errors import (
     QueueFull,
     RequestTimeout,
 )
-from shared.ids import idempotent_workflow_id, is_workflow_id, new_workflow_id, split_task_key
+from shared.ids import split_task_key
+from shared.keys import parse_rate
 from shared.messages import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     CancelWorkflow,
+    Mode,
     Progress,
     ProgressEvent,
     RetryWorkflow,
     SubmitWorkflow,
+    TaskRecord,
     WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
+    WorkflowStatus,
     decode_event,
     encode,
 )
 from shared.nickel_source import evaluate_nickel
+from shared.parsing import DefinitionParser
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import context_from, headers_with_context, message_span, trace_id_hex
+from shared.tracing import context_from, headers_with_context
 from shared.workflow import (
     format_for_content_type,
     parse_definition,
     validate_definition,
 )
 
+from . import approvals, plans
+from .common import (
+    BUS,
+    CALLER,
+    CLAIMS,
+    CONFIG,
+    PARSER,
+    RECENT,
+    REDACTOR,
+    REGISTRY,
+    STORE,
+    STREAMS,
+)
+from .common import error_response as _error
+from .common import json_body as _json_body
+from .common import task_ids as _task_ids
+from .common import workflow_id as _workflow_id
 from .console import add_console, is_console_asset
 from .openapi import openapi_document
+from .submission import submit as _submit
 from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
 
 __all__ = ["BUS", "create_app"]
@@ -74,17 +100,8 @@ __all__ = ["BUS", "create_app"]
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.gateway")
 
-BUS = web.AppKey("bus", Bus)
-CONFIG = web.AppKey("config", Config)
-REGISTRY = web.AppKey("registry", Registry)
-STORE = web.AppKey("store", Store)
-STREAMS = web.AppKey("streams", Streams)
-# Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
-# Their summaries are answered from here until the scheduler writes the record, rather than by
-# reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
-RECENT = web.AppKey("recent", dict[str, tuple[str, int, datetime]])
-RECENT_LIMIT = 1024
 SSE_HEARTBEAT_S = 15.0
+INLINE_JSON_MAX_BYTES = 16 * 1024  # JSON definitions up to this size are parsed on the loop
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROGRESS_ROUTE = "/tasks/{id}/progress"
@@ -102,19 +119,14 @@ class _ShortcutBody(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return web.json_response({"error": body}, status=status)
-
-
 _STATUS_FOR: dict[type[ProvisioningError], int] = {
     NotFound: 404,
     PayloadTooLarge: 413,
     BusUnavailable: 503,
     QueueFull: 503,
     RequestTimeout: 504,
+    Conflict: 409,
+    Forbidden: 403,
 }
 
 
@@ -162,17 +174,27 @@ async def _task_token_ok(request: web.Request, secret: str, given: str) -> bool:
     return tokens_equal(given, task_token(secret, wf_id, task_id, found[0].attempt))
 
 
-def _auth_middleware(secret: str) -> Any:
+def _auth_middleware(config: Config) -> Any:
+    """Every route but ``/health`` (and the console's static files) needs a bearer token: the
+    operators' ``[gateway] auth_token``, a user's (``[gateway] users``: the caller is then that
+    user, e.g. for approvals), or a task's own capability token for its progress."""
+    secret = config.gateway.auth_token
+    names = {"operator": secret, **config.gateway.users}
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/health" and not is_console_asset(request):
             given = bearer_token(request.headers.get("Authorization", ""))
-            if given is None or not (
-                tokens_equal(given, secret) or await _task_token_ok(request, secret, given)
-            ):
+            who = None
+            if given is not None:
+                who = next((n for n, token in names.items() if tokens_equal(given, token)), None)
+                if who is None and await _task_token_ok(request, secret, given):
+                    who = "task"
+            if who is None:
                 response = _error(401, "unauthorized", "missing or invalid bearer token")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="provisioning"'
                 return response
+            request[CALLER] = who
         return await handler(request)
 
     return auth
@@ -252,115 +274,6 @@ _MALFORMED_REQUESTS = _MalformedRequestFilter()
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _workflow_id(request: web.Request) -> str:
-    wf_id = request.match_info["id"]
-    if not is_workflow_id(wf_id):
-        raise NotFound(f"no workflow {wf_id!r}", workflow_id=wf_id[:100])
-    return wf_id
-
-
-def _task_ids(request: web.Request) -> tuple[str, str]:
-    try:
-        return split_task_key(request.match_info["id"])
-    except ValueError:
-        raise NotFound(f"no task {request.match_info['id'][:100]!r}") from None
-
-
-async def _json_body(request: web.Request) -> Any:
-    body = await request.read()
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise DefinitionError("malformed JSON body", reason="malformed") from None
-
-
-def _valid_idempotency_key(key: str) -> bool:
-    """1 to 200 printable characters that are valid UTF-8 (aiohttp hands invalid bytes over
-    as lone surrogates, which cannot be hashed into a workflow id)."""
-    if not (0 < len(key) <= 200 and key.isprintable()):
-        return False
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-async def _submit(
-    request: web.Request, definition: WorkflowDefinition, source: str
-) -> web.Response:
-    app = request.app
-    config = app[CONFIG]
-    bus = app[BUS]
-    validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _valid_idempotency_key(key):
-        raise DefinitionError(
-            "Idempotency-Key must be 1 to 200 printable UTF-8 characters", reason="malformed"
-        )
-    wf_id = idempotent_workflow_id(key) if key else new_workflow_id()
-    if key:
-        found = await app[STORE].workflow(wf_id)
-        if found is not None:
-            return web.json_response(
-                {"workflow_id": wf_id, "status": found[0].status, "idempotent_replay": True},
-                status=202,
-                headers={"Idempotent-Replayed": "true"},
-            )
-    with message_span(
-        tracer,
-        "gateway.submit",
-        subjects.command_subject("submit", wf_id),
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "workflow.id": wf_id,
-            "workflow.name": definition.name,
-            "workflow.tasks": len(definition.tasks),
-        },
-    ):
-        command = SubmitWorkflow(
-            workflow_id=wf_id,
-            definition=definition,
-            submitted_at=datetime.now(UTC),
-            source=source,
-            idempotency_key=key,
-        )
-        data = encode(command)
-        limit = bus.nc.max_payload - 4096
-        if len(data) > limit:
-            raise PayloadTooLarge(
-                f"the workflow encodes to {len(data)} bytes; NATS accepts {limit}", limit=limit
-            )
-        ack = await bus.publish(
-            subjects.command_subject("submit", wf_id),
-            data,
-            msg_id=subjects.submit_msg_id(wf_id),
-            headers=headers_with_context(),
-        )
-        trace_id = trace_id_hex()
-    recent = app[RECENT]
-    recent[wf_id] = (definition.name, len(definition.tasks), command.submitted_at)
-    while len(recent) > RECENT_LIMIT:
-        del recent[next(iter(recent))]
-    log.info(
-        "accepted workflow %s %r (%d tasks, %s)",
-        wf_id,
-        definition.name,
-        len(definition.tasks),
-        source,
-    )
-    body = {
-        "workflow_id": wf_id,
-        "status": "queued",
-        "name": definition.name,
-        "tasks": len(definition.tasks),
-        "trace_id": trace_id,
-    }
-    if ack.duplicate:
-        body["idempotent_replay"] = True
-    return web.json_response(body, status=202, headers={"Location": f"/workflows/{wf_id}"})
-
-
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -407,12 +320,64 @@ async def submit_workflow(request: web.Request) -> web.Response:
         raise web.HTTPUnsupportedMediaType(
             text=f"unsupported Content-Type {content_type!r}: use JSON, TOML, YAML or Nickel"
         )
-    body = await request.read()
+    gateway = request.app[CONFIG].gateway
+    body = await _read_definition(request, fmt)
     if fmt == "nickel":
-        definition = parse_definition(await evaluate_nickel(body), "json")
+        json_text = await evaluate_nickel(
+            body, timeout_s=gateway.parse_timeout_seconds, max_output_bytes=gateway.max_body_bytes
+        )
+        definition = await _parse_definition(request, json_text, "json")
     else:
+        definition = await _parse_definition(request, body, fmt)
+    return await _submit(request, definition, f"api:{fmt}", mode=_mode(request), validated=True)
+
+
+def _body_limit(gateway: GatewayConfig, fmt: str) -> tuple[int, str]:
+    """The size bound of a definition in ``fmt`` and the key that sets it. YAML, TOML and
+    Nickel expand (into more values, or by evaluation) and cost more per byte than JSON."""
+    match fmt:
+        case "yaml":
+            limit, name = gateway.max_yaml_bytes, "max_yaml_bytes"
+        case "toml":
+            limit, name = gateway.max_toml_bytes, "max_toml_bytes"
+        case "nickel":
+            limit, name = gateway.max_nickel_bytes, "max_nickel_bytes"
+        case _:
+            return gateway.max_body_bytes, "max_body_bytes"
+    if limit >= gateway.max_body_bytes:  # no body is ever read past max_body_bytes
+        return gateway.max_body_bytes, "max_body_bytes"
+    return limit, name
+
+
+async def _read_definition(request: web.Request, fmt: str) -> bytes:
+    """The request body, within the size bound of its format (413 past it)."""
+    limit, name = _body_limit(request.app[CONFIG].gateway, fmt)
+    body = await request.read()  # at most max_body_bytes (aiohttp answers 413 past it)
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"a {fmt.upper()} definition may have at most {limit} bytes; this one has "
+            f"{len(body)} ([gateway] {name})",
+            limit=limit,
+            format=fmt,
+        )
+    return body
+
+
+async def _parse_definition(request: web.Request, body: bytes, fmt: str) -> WorkflowDefinition:
+    """Parse and validate a definition: small JSON here, anything else in a parser process,
+    bounded in time ([gateway] parse_timeout_seconds), so that the loop never waits for it."""
+    app = request.app
+    max_tasks = app[CONFIG].gateway.max_tasks_per_workflow
+    if fmt == "json" and len(body) <= INLINE_JSON_MAX_BYTES:
         definition = parse_definition(body, fmt)
-    return await _submit(request, definition, f"api:{fmt}")
+        validate_definition(definition, app[REGISTRY], max_tasks=max_tasks)
+        return definition
+    return await app[PARSER].parse(body, fmt, actions=app[REGISTRY].names(), max_tasks=max_tasks)
+
+
+def _mode(request: web.Request) -> Mode:
+    """``?plan=true`` plans the workflow instead of running it."""
+    return "plan" if request.query.get("plan", "").lower() in ("1", "true", "yes") else "run"
 
 
 def _shortcut(kind: str) -> Handler:
@@ -429,10 +394,20 @@ def _shortcut(kind: str) -> Handler:
         except msgspec.ValidationError as exc:
             raise DefinitionError(f"{exc}", reason="wrong_field") from None
         config = request.app[CONFIG]
-        definition = await asyncio.to_thread(
-            build, body.infra, body.params, config.orchestrator.infra_dir
+
+        def build_and_validate() -> WorkflowDefinition:
+            # In a thread: the walk over the arguments is Python and yields the GIL to the
+            # loop every few milliseconds (bounded by shared.workflow.MAX_VALUES).
+            definition = build(body.infra, body.params, config.orchestrator.infra_dir)
+            validate_definition(
+                definition, request.app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow
+            )
+            return definition
+
+        definition = await asyncio.to_thread(build_and_validate)
+        return await _submit(
+            request, definition, f"{kind}/create", mode=_mode(request), validated=True
         )
-        return await _submit(request, definition, f"{kind}/create")
 
     return handler
 
@@ -453,7 +428,7 @@ async def _newest_first(store: Store, ids: list[str]) -> list[str]:
 async def list_workflows(request: web.Request) -> web.Response:
     store = request.app[STORE]
     status = request.query.get("status")
-    allowed = {"queued", "running", "completed", "failed", "cancelled"}
+    allowed = set(get_args(WorkflowStatus))
     statuses = set(status.split(",")) if status else None
     if statuses and not statuses <= allowed:
         raise DefinitionError(f"status must be among {sorted(allowed)}", reason="malformed")
@@ -463,19 +438,32 @@ async def list_workflows(request: web.Request) -> web.Response:
     except ValueError:
         raise DefinitionError("limit and offset must be integers", reason="malformed") from None
     name = request.query.get("name")
-    ids = await _newest_first(store, await store.workflow_ids())
+    recorded = await store.workflow_ids()
+    known = set(recorded)
+    # accepted (202) but not yet taken by the scheduler: listed too, as queued
+    waiting = [i for i in await request.app[STREAMS].pending_submission_ids() if i not in known]
+    ids = await _newest_first(store, recorded + waiting)
     matched: list[dict[str, Any]] = []
     skipped = 0
     for start in range(0, len(ids), 100):
-        for record in await store.workflows(ids[start : start + 100]):
-            if statuses and record.status not in statuses:
+        chunk = ids[start : start + 100]
+        records = {r.id: r for r in await store.workflows([i for i in chunk if i in known])}
+        for wf_id in chunk:
+            summary: dict[str, Any] | None
+            if wf_id in records:
+                summary = workflow_summary(records[wf_id])
+            else:
+                summary = await _summary_of_waiting(request, wf_id)
+            if summary is None:
                 continue
-            if name and name not in record.name:
+            if statuses and summary["status"] not in statuses:
+                continue
+            if name and name not in summary["name"]:
                 continue
             if skipped < offset:
                 skipped += 1
                 continue
-            matched.append(workflow_summary(record))
+            matched.append(summary)
         if len(matched) > limit:
             break
     has_more = len(matched) > limit
@@ -487,6 +475,21 @@ async def list_workflows(request: web.Request) -> web.Response:
             "next_offset": offset + limit if has_more else None,
         }
     )
+
+
+async def _summary_of_waiting(request: web.Request, wf_id: str) -> dict[str, Any] | None:
+    """The summary of a submission that waited for the scheduler when the listing began: from
+    this gateway's memory, else from the submission, else (taken since) from its record."""
+    if (accepted := request.app[RECENT].get(wf_id)) is not None:
+        return pending_summary(wf_id, *accepted)
+    submission = await request.app[STREAMS].pending_submission(wf_id)
+    if submission is not None:
+        definition = submission.definition
+        return pending_summary(
+            wf_id, definition.name, len(definition.tasks), submission.submitted_at
+        )
+    found = await request.app[STORE].workflow(wf_id)
+    return workflow_summary(found[0]) if found is not None else None
 
 
 async def _lookup(
@@ -616,11 +619,15 @@ async def _recorded_end(request: web.Request, wf_id: str) -> bytes | None:
 
 async def cancel_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
+    # A retry accepted (202) but not yet applied makes an ended workflow run again: a cancel
+    # behind it wins. Asked before the record is read: the scheduler writes the record of the
+    # new run before it removes the retry from the queue, so one of the two looks sees it.
+    retry_waits = await request.app[STREAMS].pending_command("retry", wf_id) is not None
     looked_up = await _lookup(request, wf_id)
     if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     found = None if isinstance(looked_up, SubmitWorkflow) else looked_up
-    if found is not None and found[0].status in TERMINAL_WORKFLOW:
+    if found is not None and found[0].status in TERMINAL_WORKFLOW and not retry_waits:
         return _error(
             409,
             "conflict",
@@ -637,10 +644,17 @@ async def cancel_workflow(request: web.Request) -> web.Response:
 
 async def retry_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
-    found = await request.app[STORE].workflow(wf_id)
-    if found is None:
+    looked_up = await _lookup(request, wf_id)
+    if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
-    record = found[0]
+    if isinstance(looked_up, SubmitWorkflow):
+        return _error(
+            409,
+            "conflict",
+            f"workflow {wf_id} has not run yet (it waits for the scheduler); nothing to retry",
+            workflow_status="queued",
+        )
+    record = looked_up[0]
     if record.status not in ("failed", "cancelled"):
         return _error(
             409,
@@ -664,8 +678,23 @@ async def get_task(request: web.Request) -> web.Response:
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
     if found is None:
-        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        waiting = await _waiting_task(request, wf_id, task_id)
+        if waiting is None:
+            raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        return web.json_response(task_view(waiting, None))
     return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
+
+
+async def _waiting_task(request: web.Request, wf_id: str, task_id: str) -> TaskRecord | None:
+    """A task of a submission still waiting for the scheduler, as the record it will get."""
+    submission = await request.app[STREAMS].pending_submission(wf_id)
+    if submission is None:
+        found = await request.app[STORE].task(wf_id, task_id)  # taken meanwhile
+        return found[0] if found is not None else None
+    for spec in submission.definition.tasks:
+        if spec.id == task_id:
+            return TaskRecord(workflow_id=wf_id, spec=spec)
+    return None
 
 
 LOG_PAGE_DEFAULT = 1000
@@ -698,7 +727,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     wf_id, task_id = _task_ids(request)
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
-    if found is None:
+    if found is None and await _waiting_task(request, wf_id, task_id) is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
     attempt, cursor, limit = _log_query(request)
     streams = request.app[STREAMS]
@@ -758,7 +787,7 @@ async def post_progress(request: web.Request) -> web.Response:
         return _error(409, "conflict", f"task {wf_id}.{task_id} is already {record.status}")
     bus = request.app[BUS]
     now = datetime.now(UTC)
-    message = body.message[:500]
+    message = request.app[REDACTOR].text(body.message[:500])  # a task's own post: mask secrets
     with tracer.start_as_current_span(
         "gateway.progress", attributes={"workflow.id": wf_id, "task.id": task_id}
     ) as span:
@@ -802,6 +831,33 @@ async def list_executors(request: web.Request) -> web.Response:
     return web.json_response({"executors": executors})
 
 
+async def list_concurrency(request: web.Request) -> web.Response:
+    """Every concurrency key in use: its limit, holders, waiters in order, and rate window."""
+    now = datetime.now(UTC).timestamp()
+    keys = []
+    for state, _ in sorted(await request.app[STORE].key_states(), key=lambda s: s[0].key):
+        entry: dict[str, Any] = {
+            "key": state.key,
+            "limit": state.limit,
+            "holders": state.holders,
+            "waiters": state.waiters,
+            "rate": None,
+        }
+        if state.rate:
+            rate = parse_rate(state.rate)
+            recent = sorted(t for t in state.starts if t > now - rate.window_s)
+            entry["rate"] = {
+                "count": rate.count,
+                "window_seconds": rate.window_s,
+                "started_in_window": len(recent),
+                "next_free_at": datetime.fromtimestamp(recent[0] + rate.window_s, UTC).isoformat()
+                if len(recent) >= rate.count
+                else None,
+            }
+        keys.append(entry)
+    return web.json_response({"keys": keys})
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
@@ -828,6 +884,11 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
     await bus.drain()
 
 
+async def _parser_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[PARSER].close()
+
+
 def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
     middlewares: list[Any] = [
@@ -836,17 +897,23 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
         _timeout_middleware(config.gateway.request_timeout_seconds),
     ]
     if config.gateway.auth_token:
-        middlewares.append(_auth_middleware(config.gateway.auth_token))
+        middlewares.append(_auth_middleware(config))
     middlewares.append(bus_ready_middleware)
     app = web.Application(client_max_size=config.gateway.max_body_bytes, middlewares=middlewares)
     the_bus = bus or Bus(config.nats, name="gateway")
     app[BUS] = the_bus
     app[CONFIG] = config
     app[REGISTRY] = registry
+    app[REDACTOR] = Providers.from_config(config).redactor  # secrets as of start (core/redact.py)
     app[STORE] = Store(the_bus)
     app[STREAMS] = Streams(the_bus)
+    app[CLAIMS] = claims_for(registry, config)
     app[RECENT] = {}
+    app[PARSER] = DefinitionParser(
+        workers=config.gateway.parse_workers, timeout_s=config.gateway.parse_timeout_seconds
+    )
     app.cleanup_ctx.append(_bus_ctx)
+    app.cleanup_ctx.append(_parser_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", get_openapi)
     app.router.add_post("/workflows", submit_workflow)
@@ -862,5 +929,10 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_get("/tasks/{id}/logs", task_logs)
     app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
+    app.router.add_get("/concurrency", list_concurrency)
+    app.router.add_post("/workflows/{id}/approve", approvals.approve)
+    app.router.add_post("/workflows/{id}/reject", approvals.reject)
+    app.router.add_get("/plans/{id}", plans.get_plan)
+    app.router.add_post("/plans/{id}/apply", plans.apply_plan)
     add_console(app)
     return app

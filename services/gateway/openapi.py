@@ -19,8 +19,10 @@ __all__ = ["openapi_document"]
 _WORKFLOW_STATUS = ["queued", "running", "completed", "failed", "cancelled"]
 _TASK_STATUS = [
     "pending",
+    "waiting",
     "queued",
     "running",
+    "cancelling",
     "retrying",
     "completed",
     "failed",
@@ -39,6 +41,26 @@ def _nullable(kind: str) -> dict[str, Any]:
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _SCHEMAS: dict[str, Any] = {
+    "Concurrency": {
+        "type": "object",
+        "required": ["keys"],
+        "properties": {
+            "keys": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["key", "limit", "holders", "waiters", "rate"],
+                    "properties": {
+                        "key": {"type": "string"},
+                        "limit": _nullable("integer"),
+                        "holders": {"type": "array", "items": {"type": "string"}},
+                        "waiters": {"type": "array", "items": {"type": "string"}},
+                        "rate": {"type": ["object", "null"]},
+                    },
+                },
+            }
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -164,6 +186,11 @@ _SCHEMAS: dict[str, Any] = {
             "next_attempt_at": _TIME,
             "duration_seconds": _nullable("number"),
             "attempts": {"type": "array", "items": {"type": "object"}},
+            "handbacks": {"type": "integer", "minimum": 0},
+            "note": _nullable("string"),
+            "keys": {"type": "array", "items": {"type": "string"}},
+            "waiting_for": _nullable("string"),
+            "waiting_since": _TIME,
         },
     },
     "Workflow": {
@@ -536,6 +563,13 @@ def openapi_document() -> dict[str, Any]:
             "/executors": {
                 "get": {
                     "responses": _responses(r200=_ok("Live executors and their load", "Executors"))
+                }
+            },
+            "/concurrency": {
+                "get": {
+                    "responses": _responses(
+                        r200=_ok("Concurrency keys in use: holders, waiters, rates", "Concurrency")
+                    )
                 }
             },
         },

@@ -8,7 +8,13 @@ from typing import Any
 
 import msgspec
 
-from shared.messages import Progress, TaskRecord, WorkflowDefinition, WorkflowRecord
+from shared.messages import (
+    Progress,
+    TaskRecord,
+    WorkflowDefinition,
+    WorkflowRecord,
+    display_order,
+)
 
 __all__ = ["pending_summary", "pending_view", "task_view", "workflow_summary", "workflow_view"]
 
@@ -32,7 +38,7 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "task_id": f"{record.workflow_id}.{spec.id}",
         "workflow_id": record.workflow_id,
         "action": spec.action,
-        "args": spec.args,
+        "args": record.args if record.args is not None else spec.args,
         "status": record.status,
         "attempt": record.attempt,
         "max_attempts": spec.retries + 1,
@@ -52,6 +58,16 @@ def task_view(record: TaskRecord, progress: Progress | None) -> dict[str, Any]:
         "next_attempt_at": _iso(record.next_attempt_at),
         "duration_seconds": _duration(record.started_at, record.finished_at),
         "attempts": msgspec.to_builtins(record.attempts),
+        "handbacks": record.handbacks,
+        "note": record.note,
+        "keys": record.keys,
+        "parent": record.parent,
+        "children": record.children,
+        "waiting_for": record.waiting_for,
+        "waiting_since": _iso(record.waiting_since),
+        "approved_by": record.approved_by,
+        "approval_deadline": _iso(record.approval_deadline),
+        "compensates": record.compensates,
     }
 
 
@@ -69,7 +85,10 @@ def workflow_summary(record: WorkflowRecord) -> dict[str, Any]:
         "runs": record.runs,
         "trace_id": record.trace_id,
         "error": record.error,
+        "mode": record.mode,
     }
+    if record.plan_id:
+        summary["plan_id"] = record.plan_id
     if record.counts is not None:  # written by the scheduler since it took the workflow
         summary["counts"] = dict(record.counts)
         done = record.counts.get("completed", 0)
@@ -95,10 +114,14 @@ def workflow_view(
         description=record.description,
         cancel_requested=record.cancel_requested,
         counts=counts,
+        submitted_by=record.submitted_by,
+        approval=msgspec.to_builtins(record.approval) if record.approval else None,
+        approval_deadline=_iso(record.approval_deadline),
+        approvals=msgspec.to_builtins(record.approvals),
     )
     if tasks is not None:
         view["tasks"] = [
-            task_view(tasks[t], progress.get(t)) for t in record.task_ids if t in tasks
+            task_view(tasks[t], progress.get(t)) for t in display_order(record.task_ids, tasks)
         ]
     view["progress"] = round(100 * counts.get("completed", 0) / max(1, len(record.task_ids)))
     return view

@@ -52,6 +52,7 @@ class Flusher:
         self.store = store
         self.metrics = metrics
         self.revisions: dict[str, int] = {}  # KV key -> revision last read or written
+        self.key_revisions: dict[str, int] = {}  # concurrency key -> revision of its record
 
     def remember(self, state: WorkflowState, revision: int, tasks: dict[str, int]) -> None:
         """The revisions of a workflow's records as loaded from their checkpoints."""
@@ -63,19 +64,24 @@ class Flusher:
         """Drop the revisions of one workflow (all of them with no argument)."""
         if state is None:
             self.revisions.clear()
+            self.key_revisions.clear()
             return
         self.revisions.pop(state.id, None)
-        for task_id in state.record.task_ids:
+        for task_id in state.order:
             self.revisions.pop(subjects.task_key(state.id, task_id), None)
 
-    async def flush(self, effects: Effects, acks: list[Msg]) -> None:
+    async def flush(self, effects: Effects, acks: list[Msg], *, active: int = 0) -> None:
+        """Apply one step's effects, then ack its inputs. ``active``: workflows still in memory
+        (for the log line of each one that ended)."""
         await self._create(effects)
         for wf_id in effects.reopened:
             await self.store.mark_active(wf_id)
         await self._write_tasks(effects)
         # what the task checkpoints allow (dispatches, kills) goes out together with the
-        # workflow records: one round trip instead of two on the path of every task
-        await asyncio.gather(self._write_workflows(effects), self._send_work(effects))
+        # workflow records and the keys' records: one round trip, not three, per task
+        await asyncio.gather(
+            self._write_workflows(effects), self._write_keys(effects), self._send_work(effects)
+        )
         # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
         # leader would otherwise be lost (and an SSE stream would wait for its end forever).
         await self.bus.publish_all(
@@ -86,11 +92,12 @@ class Flusher:
             self.forget(state)
             record = state.record
             log.info(
-                "workflow %s %s: %d tasks in %.3fs",
+                "workflow %s %s: %d tasks in %.3fs; %d workflows active",
                 record.id,
                 record.status,
                 len(record.task_ids),
                 ((record.finished_at or record.created_at) - record.created_at).total_seconds(),
+                active,
             )
         for msg in acks:
             with contextlib.suppress(nats.errors.Error):
@@ -115,10 +122,19 @@ class Flusher:
             )
 
     async def _write_tasks(self, effects: Effects) -> None:
+        # fan-out children first: new records, then every change (parents say how many
+        # children they have only once the children exist)
+        new = {(state.id, task_id) for state, task_id in effects.new_tasks}
+        children = list(effects.new_tasks)
+        for start in range(0, len(children), WRITE_CHUNK):
+            chunk = children[start : start + WRITE_CHUNK]
+            revs = await asyncio.gather(*(self.store.put_task(s.tasks[t]) for s, t in chunk))
+            for (state, task_id), rev in zip(chunk, revs, strict=True):
+                self.revisions[subjects.task_key(state.id, task_id)] = rev
         writes = [
             (state, task_id)
             for (wf_id, task_id), state in effects.tasks.items()
-            if wf_id not in effects.created  # written whole just now
+            if wf_id not in effects.created and (wf_id, task_id) not in new  # written whole
         ]
         for start in range(0, len(writes), WRITE_CHUNK):
             chunk = writes[start : start + WRITE_CHUNK]
@@ -138,6 +154,17 @@ class Flusher:
         )
         for state, revision in zip(states, revisions, strict=True):
             self.revisions[state.id] = revision
+
+    async def _write_keys(self, effects: Effects) -> None:
+        """The concurrency keys whose state changed: shown by ``GET /concurrency``, and their
+        rate windows kept across a failover."""
+        for key, state in effects.keys.items():
+            last = self.key_revisions.pop(key, None)
+            if state is None:
+                if last is not None:
+                    await self.store.remove_key_state(key, last)
+                continue
+            self.key_revisions[key] = await self.store.write_key_state(state, last)
 
     async def _send_work(self, effects: Effects) -> None:
         """Kill requests and dispatches of the step (their task checkpoints are written)."""

@@ -23,10 +23,12 @@ from shared import subjects
 from shared.bus import TRANSIENT
 from shared.config import Config
 from shared.errors import DefinitionError, MessageError, ProvisioningError
-from shared.ids import NAME_RE, is_workflow_id
+from shared.ids import is_task_id, is_workflow_id
 from shared.messages import (
+    ApproveWorkflow,
     CancelWorkflow,
     Command,
+    RejectWorkflow,
     Report,
     RetryWorkflow,
     SubmitWorkflow,
@@ -91,6 +93,8 @@ _KINDS: dict[type, str] = {
     SubmitWorkflow: "submit",
     CancelWorkflow: "cancel",
     RetryWorkflow: "retry",
+    ApproveWorkflow: "approve",
+    RejectWorkflow: "reject",
 }
 
 
@@ -122,7 +126,7 @@ def read_report(subject: str, data: bytes | None) -> Report:
         report = decode_report(data)
     except MessageError as exc:
         raise Poison(exc.message) from None
-    if not (is_workflow_id(report.workflow_id) and NAME_RE.match(report.task_id)) or (
+    if not (is_workflow_id(report.workflow_id) and is_task_id(report.task_id)) or (
         subject != subjects.report_subject(report.workflow_id, report.task_id)
     ):
         raise Poison("not a report: its ids are not ids or do not match its subject")

@@ -66,7 +66,12 @@ class Recovery:
         return state
 
     async def load_all(self) -> int:
-        """Load every active workflow; returns how many are active."""
+        """Load the concurrency keys' rate windows, then every active workflow (whose tasks
+        say who holds and who waits for each key); returns how many are active."""
+        if not self.engine.workflows:
+            for state, revision in await self.store.key_states():
+                self.engine.restore_key(state)
+                self.flusher.key_revisions[state.key] = revision
         ids = [i for i in await self.store.active_ids() if self.engine.get(i) is None]
         for start in range(0, len(ids), self.batch):
             await asyncio.gather(*(self.load(i) for i in ids[start : start + self.batch]))

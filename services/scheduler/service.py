@@ -26,14 +26,17 @@ from opentelemetry.trace import SpanKind
 
 from core.registry import Registry
 from engine import Engine, Timer, Verdict
-from engine.local import timeout_for
+from engine.bindings import claims_for, compensation_for, timeout_for
 from shared import subjects
 from shared.bus import LEASE_TTL_S, TRANSIENT, Bus
 from shared.config import Config
 from shared.errors import ProvisioningError
 from shared.messages import (
+    TERMINAL_WORKFLOW,
+    ApproveWorkflow,
     CancelWorkflow,
     Command,
+    RejectWorkflow,
     Report,
     RetryWorkflow,
     SubmitWorkflow,
@@ -86,6 +89,9 @@ class Scheduler:
         self.engine = Engine(
             timeout_for=timeout_for(registry, config),
             headroom=config.scheduler.dispatch_headroom,
+            claims_for=claims_for(registry, config),
+            max_fanout=config.scheduler.max_fanout,
+            compensation_for=compensation_for(registry),
         )
         self.metrics = Metrics("scheduler")
         self.flusher = Flusher(bus, self.store, self.metrics)
@@ -267,10 +273,11 @@ class Scheduler:
             elif kind == "report":
                 await self._on_report(item)
             elif kind == "timer":
-                timer: Timer = item
-                self.engine.retry_due(timer.workflow_id, timer.task_id, timer.attempt, _now())
+                self.engine.timer_due(item, _now())
             elif kind == "capacity":
                 self.engine.set_capacity(item)
+            elif kind == "tick":
+                self.engine.tick(_now())
         except Poison as exc:
             stored = await self.bus.dead_letter("scheduler", item, exc.message)
             with contextlib.suppress(nats.errors.Error):
@@ -284,7 +291,7 @@ class Scheduler:
         except Exception as exc:
             msg = item if isinstance(item, Msg) else None
             poison = msg is not None and poisonous(exc, msg.metadata.num_delivered or 1)
-            if isinstance(exc, TRANSIENT | ProvisioningError):  # NATS away: no traceback
+            if isinstance(exc, (*TRANSIENT, ProvisioningError)):  # NATS away: no traceback
                 log.warning("cannot process a %s now (%r); will retry", kind, exc)
             else:
                 log.exception("scheduler failed to process a %s", kind)
@@ -309,9 +316,10 @@ class Scheduler:
             effects = self.engine.take()
             acks, self._acks = self._acks, []
             self._arm_timers(effects.timers)
+            self._arm_wakeups(effects.wakeups)
             if effects or acks:
                 try:
-                    await self.flusher.flush(effects, acks)
+                    await self.flusher.flush(effects, acks, active=len(self.engine.workflows))
                 except BaseException:
                     self._acks = acks  # handed back by the abort
                     raise
@@ -339,12 +347,23 @@ class Scheduler:
                 old.cancel()
             self._timers[timer] = loop.call_later(delay, self._timer_due, timer)
 
-    def _timer_due(self, timer: Timer) -> None:
-        self._timers.pop(timer, None)
-        # never put_nowait: a full inbox must delay the retry, not lose it
-        waiter = asyncio.get_running_loop().create_task(self._inbox.put(("timer", timer)))
+    def _arm_wakeups(self, wakeups: list[datetime]) -> None:
+        """Rate windows opening: a ``tick`` input then (one per distinct moment)."""
+        loop = asyncio.get_running_loop()
+        now = _now()
+        for at in sorted(set(wakeups)):
+            delay = max(0.0, (at - now).total_seconds())
+            loop.call_later(delay, self._queue_input, ("tick", None))
+
+    def _queue_input(self, item: _Input) -> None:
+        # never put_nowait: a full inbox must delay the input, not lose it
+        waiter = asyncio.get_running_loop().create_task(self._inbox.put(item))
         self._waiters.add(waiter)
         waiter.add_done_callback(self._waiters.discard)
+
+    def _timer_due(self, timer: Timer) -> None:
+        self._timers.pop(timer, None)
+        self._queue_input(("timer", timer))
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -363,7 +382,8 @@ class Scheduler:
             self.engine.pump(_now())
             effects = self.engine.take()
             self._arm_timers(effects.timers)
-            await self.flusher.flush(effects, [])
+            self._arm_wakeups(effects.wakeups)
+            await self.flusher.flush(effects, [], active=len(self.engine.workflows))
         except Exception as exc:
             if isinstance(exc, ProvisioningError | nats.errors.Error | nats.js.errors.Error):
                 log.warning("reload from checkpoints failed (%r); retrying at the next input", exc)
@@ -393,6 +413,20 @@ class Scheduler:
                 await self._on_cancel(command)
             case RetryWorkflow():
                 await self._on_retry(command)
+            case ApproveWorkflow():
+                if self.engine.get(command.workflow_id) is None:
+                    await self.recovery.load(command.workflow_id)
+                if self.engine.approve(
+                    command.workflow_id, command.by, command.task_id, command.comment, _now()
+                ):
+                    log.info("workflow %s approved by %s", command.workflow_id, command.by)
+            case RejectWorkflow():
+                if self.engine.get(command.workflow_id) is None:
+                    await self.recovery.load(command.workflow_id)
+                if self.engine.reject(
+                    command.workflow_id, command.by, command.reason, command.task_id, _now()
+                ):
+                    log.info("workflow %s rejected by %s", command.workflow_id, command.by)
 
     async def _on_submit(self, cmd: SubmitWorkflow, headers: dict[str, str]) -> None:
         wf_id = cmd.workflow_id
@@ -420,9 +454,13 @@ class Scheduler:
     async def _on_cancel(self, cmd: CancelWorkflow) -> None:
         wf_id = cmd.workflow_id
         state = self.engine.get(wf_id) or await self.recovery.load(wf_id)
-        if state is None:
+        if state is None or state.record.status in TERMINAL_WORKFLOW:
+            # arrived ahead of what it cancels (a submission or retry handed back for a
+            # moment): apply it after that, not never
             if await self.streams.submission_waits(wf_id):
                 raise Later(f"cancel of {wf_id} arrived before its submission")
+            if await self.streams.pending_command("retry", wf_id) is not None:
+                raise Later(f"cancel of {wf_id} arrived before its retry")
             return
         if self.engine.cancel(wf_id, cmd.reason, _now()):
             log.info("cancelling workflow %s: %s", wf_id, cmd.reason)

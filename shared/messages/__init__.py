@@ -5,6 +5,7 @@ from .codec import (
     decode_command,
     decode_dispatch,
     decode_event,
+    decode_key_state,
     decode_lease,
     decode_log,
     decode_progress,
@@ -14,21 +15,32 @@ from .codec import (
     decode_workflow,
     encode,
 )
-from .commands import CancelWorkflow, Command, RetryWorkflow, SubmitWorkflow
-from .definition import Backoff, OnFailure, TaskSpec, WorkflowDefinition
+from .commands import (
+    ApproveWorkflow,
+    CancelWorkflow,
+    Command,
+    RejectWorkflow,
+    RetryWorkflow,
+    SubmitWorkflow,
+)
+from .definition import Approval, Backoff, Compensation, OnFailure, TaskSpec, WorkflowDefinition
 from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
+from .keys import KeyState
 from .leases import SchedulerLease
 from .records import (
     BUSY_TASK,
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
+    Decision,
+    Mode,
     Progress,
     TaskRecord,
     TaskStatus,
     WorkflowRecord,
     WorkflowStatus,
+    display_order,
 )
 from .tasks import (
     FailureReason,
@@ -44,18 +56,25 @@ __all__ = [
     "BUSY_TASK",
     "TERMINAL_TASK",
     "TERMINAL_WORKFLOW",
+    "Approval",
+    "ApproveWorkflow",
     "AttemptRecord",
     "Backoff",
     "CancelWorkflow",
     "Command",
+    "Compensation",
+    "Decision",
     "Event",
     "ExecutorBeat",
     "FailureReason",
+    "KeyState",
     "LogChunk",
+    "Mode",
     "OnFailure",
     "Outcome",
     "Progress",
     "ProgressEvent",
+    "RejectWorkflow",
     "Report",
     "RetryWorkflow",
     "SchedulerLease",
@@ -76,6 +95,7 @@ __all__ = [
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_key_state",
     "decode_lease",
     "decode_log",
     "decode_progress",
@@ -83,5 +103,6 @@ __all__ = [
     "decode_task",
     "decode_task_ids",
     "decode_workflow",
+    "display_order",
     "encode",
 ]

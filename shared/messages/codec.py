@@ -15,6 +15,7 @@ from ..errors import MessageError
 from .commands import Command
 from .events import Event, LogChunk
 from .executors import ExecutorBeat
+from .keys import KeyState
 from .leases import SchedulerLease
 from .records import Progress, TaskRecord, WorkflowRecord
 from .tasks import Report, TaskDispatch
@@ -24,6 +25,7 @@ __all__ = [
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_key_state",
     "decode_lease",
     "decode_log",
     "decode_progress",
@@ -47,7 +49,8 @@ _tasks = msgspec.json.Decoder(TaskRecord)
 _progress = msgspec.json.Decoder(Progress)
 _beats = msgspec.json.Decoder(ExecutorBeat)
 _leases = msgspec.json.Decoder(SchedulerLease)
-_task_ids = msgspec.json.Decoder(list[str])  # a kill request: the tasks of one workflow
+_task_ids = msgspec.json.Decoder(list[str])
+_key_states = msgspec.json.Decoder(KeyState)  # a kill request: the tasks of one workflow
 
 
 def encode(obj: Any) -> bytes:
@@ -105,3 +108,7 @@ def decode_lease(data: bytes | None) -> SchedulerLease:
 
 def decode_task_ids(data: bytes | None) -> list[str]:
     return _decode(_task_ids, data)
+
+
+def decode_key_state(data: bytes | None) -> KeyState:
+    return _decode(_key_states, data)

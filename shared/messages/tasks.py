@@ -40,6 +40,10 @@ class TaskDispatch(msgspec.Struct, tag="dispatch", forbid_unknown_fields=True):
     timeout_seconds: float
     pool: str = "default"
     dispatched_at: datetime | None = None
+    # "plan": run the action's read-only plan function instead; with expect_change (applying
+    # a plan), plan first and run only if the change is still the one planned
+    mode: Literal["run", "plan"] = "run"
+    expect_change: str | None = None
     v: int = 1
 
 
