@@ -264,6 +264,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="prov-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        tmp.chmod(0o711)  # executors run as root run tasks as a user that must pass through
         nats = NatsServer(tmp / "raw").start()
         try:
             results["jetstream_msgs_s"] = step(

@@ -5,9 +5,18 @@ Arguments reach it as JSON on stdin; its result is the JSON it writes to
 ``$PROVISIONING_RESULT_FILE``. ``PROGRESS: <n> [msg]`` lines on stdout are progress; every other
 line is a log line. On timeout or cancellation every process of the task gets SIGTERM, then
 SIGKILL after a grace period; whatever is left when the task ends is killed too, so no child
-outlives its task. "Every process" is the child's session plus its descendants: Nushell puts
-``job spawn``-ed commands in process groups of their own, so killing the group is not enough.
-On Linux the child also gets SIGKILL if the runner's process dies (``setpriv --pdeathsig``).
+outlives its task. "Every process" is the child's session plus its descendants, and, when this
+process is a child subreaper (the executor), the orphans it adopted from them
+(:mod:`core.processes`). On Linux the child also gets SIGKILL if the runner's process dies
+(``setpriv --pdeathsig``), and what it started is found and killed by the next executor
+before the task runs again (:mod:`core.leftovers`).
+
+With a :class:`TaskUser` the child runs as that user (``setpriv --reuid --regid
+--clear-groups``): it cannot read the runner's ``/proc/<pid>/environ`` nor files only the
+runner's user may read. Its working directory is ``<tmp>/prov-task-*/work``, owned by it inside
+a directory it cannot rename; the result file is opened without following links and must be a
+regular file of the task's user. Tasks keep their own state (the local provider's records) in
+``<data dir>/provider``, which they get as ``PROVISIONING_DATA_DIR``.
 
 Secrets: a task of a provider (``server.*``) also gets that provider's credentials, from an
 environment captured when the runner was made (:class:`core.providers.Providers`); every log
@@ -19,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import stat as st
 import sys
 import tempfile
 import time
@@ -36,6 +47,8 @@ import msgspec
 
 from shared.errors import ProvisioningError
 
+from .leftovers import Footprints, leftovers
+from .processes import Family, TaskProcesses, kill_pids
 from .providers import Providers
 from .registry import Action
 
@@ -44,6 +57,8 @@ __all__ = [
     "ProgressHandler",
     "RunResult",
     "Runner",
+    "TaskUser",
+    "move_state",
     "parse_progress",
     "resolve_binary",
 ]
@@ -57,8 +72,8 @@ _NU_ERROR_RE = re.compile(r"^\s*[x\u00d7]\s+(.+)$")  # the headline of a Nushell
 _NU_WRAPPED_RE = re.compile(r"^\s*[|\u2502]\s(.*)$")  # its continuation (no line number)
 MAX_LINE = 4096
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-_SWEEP_POLL_S = 0.05
 _EXIT_POLL_S = 0.1
+STATE_DIR = "provider"  # under the data directory: the tasks' own, as PROVISIONING_DATA_DIR
 
 
 class RunResult(msgspec.Struct):
@@ -68,6 +83,14 @@ class RunResult(msgspec.Struct):
     error: str | None = None
     output: Any = None
     duration_s: float = 0.0
+
+
+class TaskUser(msgspec.Struct, frozen=True):
+    """The unprivileged user task processes run as."""
+
+    name: str
+    uid: int
+    gid: int
 
 
 def parse_progress(line: str) -> tuple[int, str] | None:
@@ -94,90 +117,6 @@ def resolve_binary(binary: str) -> str:
     )
 
 
-def _stat(pid: int | str) -> tuple[str, int, int, int] | None:
-    """``(state, ppid, session, start time)`` of a process from ``/proc``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()  # the command name may hold spaces and parens
-    try:
-        return fields[0].decode(), int(fields[1]), int(fields[3]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-class _TaskProcesses:
-    """Every process of one task: the session the child leads, and the child's descendants
-    (which includes those that left the session with ``setsid`` while their parent lives)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        found = _stat(pid)
-        self.start_time = found[3] if found else None
-        self.procfs = os.path.isdir("/proc/self")
-
-    def members(self) -> list[int]:
-        """Live (not zombie) processes of the task; [] when ``/proc`` cannot tell."""
-        if not self.procfs:
-            return []
-        leader = _stat(self.pid)
-        if leader is not None and leader[3] != self.start_time:
-            return []  # the pid is someone else's now: our session is empty (ids stay in use)
-        children: dict[int, list[int]] = {}
-        found: set[int] = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or (stat := _stat(entry)) is None:
-                continue
-            state, ppid, session, _ = stat
-            if state in ("Z", "X"):
-                continue
-            pid = int(entry)
-            children.setdefault(ppid, []).append(pid)
-            if session == self.pid:
-                found.add(pid)
-        queue = [self.pid, *found]
-        while queue:
-            for child in children.get(queue.pop(), ()):
-                if child not in found:
-                    found.add(child)
-                    queue.append(child)
-        if leader is None or leader[0] in ("Z", "X"):
-            found.discard(self.pid)
-        return sorted(found)
-
-    async def signal(self, sig: signal.Signals) -> int:
-        """Send ``sig`` to every process of the task; return how many there were."""
-        members = await asyncio.to_thread(self.members)
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        if not self.procfs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
-        return len(members)
-
-    async def wait_empty(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while await asyncio.to_thread(self.members):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(_SWEEP_POLL_S)
-        return True
-
-    async def kill_all(self) -> int:
-        """SIGKILL until nothing is left (a process may fork while we sweep); return the count."""
-        killed = 0
-        for _ in range(20):
-            count = await self.signal(signal.SIGKILL)
-            if not count:
-                break
-            killed += count
-            await asyncio.sleep(_SWEEP_POLL_S)
-        return killed
-
-
 async def _exit_of(proc: asyncio.subprocess.Process) -> int:
     """The child's exit status as soon as it exits. ``proc.wait()`` alone (Python 3.11) also
     waits for its pipes to close, which a left-behind grandchild can hold open for ever."""
@@ -190,12 +129,37 @@ async def _exit_of(proc: asyncio.subprocess.Process) -> int:
         wait.cancel()
 
 
-def _pdeathsig_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL --`` when available (Linux): the child dies with its parent."""
-    if not sys.platform.startswith("linux"):
-        return []
-    found = shutil.which("setpriv", path=SAFE_PATH)
-    return [found, "--pdeathsig", "KILL", "--"] if found else []
+def _launcher(task_user: TaskUser | None) -> tuple[list[str], dict[str, Any]]:
+    """The prefix that starts a task's program, and what ``create_subprocess_exec`` must do
+    itself. ``setpriv`` (util-linux) sets the parent-death signal (the child dies with its
+    runner) and switches to the task's user after the fork, so Python keeps spawning with
+    vfork; its own ``user=``/``group=`` would make every spawn a full fork of the runner."""
+    setpriv = shutil.which("setpriv", path=SAFE_PATH) if sys.platform.startswith("linux") else None
+    if setpriv:
+        switch = (
+            [f"--reuid={task_user.uid}", f"--regid={task_user.gid}", "--clear-groups"]
+            if task_user
+            else []
+        )
+        return [setpriv, *switch, "--pdeathsig", "KILL", "--"], {}
+    if task_user:
+        return [], {"user": task_user.uid, "group": task_user.gid, "extra_groups": []}
+    return [], {}
+
+
+def move_state(data_dir: Path) -> None:
+    """Tasks kept their state in the data directory itself before they got ``provider/``:
+    move the local provider's records there, once."""
+    old, new = data_dir / "local", data_dir / STATE_DIR / "local"
+    if old.is_dir() and not new.exists():
+        new.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            old.rename(new)
+        except OSError:
+            if new.is_dir():
+                return  # another executor of the host moved them
+            raise
+        log.info("moved the local provider's records from %s to %s", old, new)
 
 
 def _find_program(name: str, path: str) -> str | None:
@@ -219,7 +183,11 @@ def _error_message(stderr_tail: list[str]) -> str:
 
 
 class Runner:
-    """Spawns actions. One instance per executor (or per CLI in direct mode)."""
+    """Spawns actions. One instance per executor (or per CLI in direct mode).
+
+    ``task_user``: run task processes as this user (None: as this process's user).
+    ``runtime_dir``: where to keep the footprints of running tasks for a successor
+    (:mod:`core.leftovers`); None keeps none (direct mode)."""
 
     def __init__(
         self,
@@ -230,15 +198,30 @@ class Runner:
         kill_grace_s: float = 5.0,
         result_limit_bytes: int = 256 * 1024,
         providers: Providers | None = None,
+        task_user: TaskUser | None = None,
+        runtime_dir: Path | None = None,
     ) -> None:
         self.nu_binary = nu_binary
         self.data_dir = data_dir
+        self.state_dir = data_dir / STATE_DIR
         self.extra_env = dict(extra_env or {})
         self.kill_grace_s = kill_grace_s
         self.result_limit_bytes = result_limit_bytes
         self.providers = providers or Providers.none()
         self.redactor = self.providers.redactor
-        self._prefix = _pdeathsig_prefix()
+        self.task_user = task_user
+        self.task_uid = task_user.uid if task_user else os.geteuid()
+        self._prefix, self._spawn_user = _launcher(task_user)
+        self._nu_path: str | None = None
+        self._state_moved = False
+        self.family = Family()
+        self.footprints = Footprints(runtime_dir / "tasks") if runtime_dir else None
+
+    @property
+    def nu_path(self) -> str:
+        if self._nu_path is None:
+            self._nu_path = resolve_binary(self.nu_binary)
+        return self._nu_path
 
     def environment(
         self,
@@ -249,7 +232,7 @@ class Runner:
     ) -> dict[str, str]:
         """The child's whole environment: nothing of the parent's leaks in, but the variables
         of the providers the task runs (``args`` name them)."""
-        nu_dir = str(Path(resolve_binary(self.nu_binary)).parent)
+        nu_dir = str(Path(self.nu_path).parent)
         # the project's own tools (the aws command line) are installed beside the interpreter
         tools = dict.fromkeys([nu_dir, str(Path(sys.executable).parent), *SAFE_PATH.split(":")])
         env = {
@@ -257,7 +240,7 @@ class Runner:
             "LANG": "C.UTF-8",
             "HOME": str(workdir),
             "TMPDIR": str(workdir),
-            "PROVISIONING_DATA_DIR": str(self.data_dir),
+            "PROVISIONING_DATA_DIR": str(self.state_dir),
         }
         env.update(self.extra_env)
         # [nushell] env_vars may name NU_LIB_DIRS (the seed's configuration does): those come
@@ -283,7 +266,7 @@ class Runner:
         """Run the action (its read-only plan function with ``plan``) in a fresh process."""
         if action.kind == "nushell":
             argv = [
-                resolve_binary(self.nu_binary),
+                self.nu_path,
                 "-n",
                 "--no-std-lib",
                 "--stdin",
@@ -301,8 +284,11 @@ class Runner:
         else:
             raise ValueError(f"not a subprocess action: {action.name}")
         started = time.monotonic()
+        if not self._state_moved:
+            move_state(self.data_dir)
+            self._state_moved = True
         with tempfile.TemporaryDirectory(prefix="prov-task-") as tmp:
-            workdir = Path(tmp)
+            workdir = self._workdir(Path(tmp))
             result_file = workdir / "result.json"
             env = self.environment(action, task_env, workdir, args)
             env["PROVISIONING_RESULT_FILE"] = str(result_file)
@@ -315,6 +301,7 @@ class Runner:
                     f"(PATH={env['PATH']})",
                 )
             argv[0] = program
+            self.family.spawning += 1
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self._prefix,
@@ -325,10 +312,28 @@ class Runner:
                     env=env,
                     cwd=workdir,
                     start_new_session=True,
+                    **self._spawn_user,
                 )
             except OSError as exc:
                 return RunResult("failed", reason="error", error=f"cannot start {argv[0]}: {exc}")
-            result = await self._supervise(proc, stdin, timeout_s, on_line, on_progress, cancel)
+            finally:
+                self.family.spawning -= 1
+            key = task_env.get("PROVISIONING_TASK_ID", "")
+            processes = TaskProcesses(proc.pid, key, self.family)
+            self.family.tasks[proc.pid] = processes
+            footprint = None
+            if self.footprints is not None and key and processes.start_time is not None:
+                footprint = self.footprints.put(key, proc.pid, processes.start_time, self.task_uid)
+            try:
+                result = await self._supervise(
+                    proc, processes, stdin, timeout_s, on_line, on_progress, cancel
+                )
+            finally:
+                self.family.tasks.pop(proc.pid, None)
+                if footprint is not None and self.footprints is not None:
+                    self.footprints.drop(footprint)
+            if not self.family.tasks:  # nothing runs that could claim a stray: end them
+                await self.kill_strays()
             result.duration_s = time.monotonic() - started
             if result.outcome == "completed" and action.kind == "nushell":
                 self._read_result(result, result_file)
@@ -336,9 +341,70 @@ class Runner:
                 result.error = self.redactor.text(result.error)
             return result
 
+    def _workdir(self, tmp: Path) -> Path:
+        """``<tmp>/work``: the task's home and working directory. ``tmp`` stays this process's
+        (others may only pass through it), so the task cannot swap ``work`` for a link."""
+        work = tmp / "work"
+        work.mkdir(mode=0o700)
+        if self.task_user is not None:
+            tmp.chmod(0o711)
+            os.chown(work, self.task_user.uid, self.task_user.gid)
+        return work
+
+    # -- what tasks leave behind ---------------------------------------------------------------
+
+    def reap_adopted(self) -> None:
+        """Collect the exit status of orphans adopted as a subreaper (call on SIGCHLD)."""
+        if self.family.adopts:
+            self.family.reap()
+
+    async def kill_strays(self) -> int:
+        """Kill adopted orphans no running task claims (:meth:`core.processes.Family.strays`)."""
+        if not self.family.adopts:
+            return 0
+        killed = await kill_pids(self.family.strays, threaded=False, then=self.family.reap)
+        if killed:
+            log.info("killed %d processes left behind by finished tasks", killed)
+        return killed
+
+    async def kill_leftovers(self, key: str, *, redelivered: bool) -> int:
+        """Before the task ``key`` runs here: kill what an earlier run left on this host (its
+        footprint's session, and anything carrying its identity) that is not ours. Scans
+        ``/proc`` only when the task left a footprint here or was delivered before."""
+        footprint = self.footprints.get(key) if self.footprints is not None else None
+        if footprint is None and not redelivered:
+            return 0
+        me = os.getpid()
+        killed = await kill_pids(lambda: leftovers(key, footprint, me))
+        if footprint is not None and footprint.session not in self.family.tasks:
+            assert self.footprints is not None
+            self.footprints.drop(footprint)
+        if killed:
+            log.warning("killed %d processes of %s left behind by an earlier run", killed, key)
+        return killed
+
+    async def clear_orphaned(self) -> int:
+        """Kill the sessions of tasks whose executor on this host died; forget them."""
+        if self.footprints is None:
+            return 0
+        me, killed = os.getpid(), 0
+        for footprint in await asyncio.to_thread(self.footprints.orphaned):
+            count = await kill_pids(functools.partial(leftovers, None, footprint, me))
+            self.footprints.drop(footprint)
+            if count:
+                log.warning(
+                    "killed %d processes of %s left behind by dead executor pid %d",
+                    count,
+                    footprint.key,
+                    footprint.executor_pid,
+                )
+            killed += count
+        return killed
+
     async def _supervise(
         self,
         proc: asyncio.subprocess.Process,
+        processes: TaskProcesses,
         stdin: bytes,
         timeout_s: float,
         on_line: LineHandler,
@@ -347,7 +413,6 @@ class Runner:
     ) -> RunResult:
         assert proc.stdin and proc.stdout and proc.stderr
         stderr_tail: list[str] = []
-        processes = _TaskProcesses(proc.pid)
 
         async def feed() -> None:
             assert proc.stdin
@@ -421,7 +486,7 @@ class Runner:
             + (f": {m}" if (m := _error_message(stderr_tail)) else ""),
         )
 
-    async def _terminate(self, proc: asyncio.subprocess.Process, processes: _TaskProcesses) -> None:
+    async def _terminate(self, proc: asyncio.subprocess.Process, processes: TaskProcesses) -> None:
         """SIGTERM to every process of the task; SIGKILL to what is left after the grace."""
         await processes.signal(signal.SIGTERM)
         if not processes.procfs:  # no /proc: only the group can be watched and killed
@@ -432,16 +497,31 @@ class Runner:
         await processes.kill_all()
 
     def _read_result(self, result: RunResult, path: Path) -> None:
+        """The task's result: a regular file of the task's user, read without following a
+        link (the task owns its directory: it could point the name anywhere)."""
         try:
-            size = path.stat().st_size
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return  # the action returned nothing
-        if size > self.result_limit_bytes:
+        except OSError as exc:
             result.outcome, result.reason = "failed", "error"
-            result.error = f"result is {size} bytes, over the {self.result_limit_bytes}-byte limit"
+            result.error = f"cannot read the result: {exc.strerror}"
             return
+        with os.fdopen(fd, "rb") as file:
+            info = os.fstat(fd)
+            if not st.S_ISREG(info.st_mode) or info.st_uid != self.task_uid:
+                result.outcome, result.reason = "failed", "error"
+                result.error = "the result is not a regular file of the task's user"
+                return
+            if info.st_size > self.result_limit_bytes:
+                result.outcome, result.reason = "failed", "error"
+                result.error = (
+                    f"result is {info.st_size} bytes, over the {self.result_limit_bytes}-byte limit"
+                )
+                return
+            raw = file.read(self.result_limit_bytes + 1)
         try:
-            result.output = self.redactor.value(json.loads(path.read_bytes() or b"null"))
+            result.output = self.redactor.value(json.loads(raw or b"null"))
         except ValueError as exc:
             result.outcome, result.reason = "failed", "error"
             result.error = f"result is not JSON: {exc}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,12 +14,13 @@ from typing import Any
 import click
 from aiohttp import web
 
+from core.processes import become_subreaper
 from core.providers import Providers
 from core.registry import check_modules, registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
 from shared.bus import Bus
-from shared.config import Config, load_config
+from shared.config import Config, load_config, user_config_path
 from shared.errors import ProvisioningError
 from shared.localstack import start_detached
 from shared.logs import setup_logging
@@ -91,6 +93,12 @@ def _load(ctx: click.Context, **overrides: Any) -> Config:
 def _warn(config: Config) -> None:
     for warning in config.warnings:
         log.warning("%s", warning)
+
+
+def _config_files(ctx: click.Context) -> list[Path]:
+    """The configuration file this service read, if any (it may hold secrets)."""
+    explicit = ctx.find_root().params.get("config") or os.environ.get("PROVISIONING_CONFIG")
+    return [Path(explicit).expanduser() if explicit else user_config_path()]
 
 
 def _registry(config: Config) -> Any:
@@ -198,7 +206,7 @@ def scheduler(ctx: click.Context) -> None:
 @click.pass_context
 def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | None) -> None:
     """Run tasks (start as many as you like)."""
-    from services.executor import Executor
+    from services.executor import Executor, isolation
 
     config = _load(
         ctx, **{"executor.max_concurrent_tasks": max_concurrent_tasks, "executor.pool": pool}
@@ -210,17 +218,33 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     try:
         nu = resolve_binary(config.nushell.binary)
         check_modules(registry, nu)  # nu runs and every module loads: fail fast otherwise
-    except ProvisioningError as exc:
-        raise click.ClickException(exc.message) from None
-    data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+        task_user = isolation.resolve_task_user(config.executor.task_user)
+        state_dir, runtime_dir = isolation.prepare_data_dir(config.data_dir, task_user)
+        needs = isolation.task_needs(nu, registry.lib_dirs(), state_dir)
+        isolation.check_access(task_user, needs)
+    except (ProvisioningError, OSError) as exc:
+        raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
+    isolation.warn_readable(task_user, _config_files(ctx))
+    isolation.warn_unreachable_tools(task_user)
+    adopts = become_subreaper()  # before the runner: it finds task processes accordingly
     runner = Runner(
         nu_binary=nu,
-        data_dir=data_dir,
+        data_dir=config.data_dir,
         extra_env=config.nushell.env_vars,
         kill_grace_s=config.executor.kill_grace_seconds,
         result_limit_bytes=config.executor.result_limit_bytes,
         providers=Providers.from_config(config),  # the environment is captured now, once
+        task_user=task_user,
+        runtime_dir=runtime_dir,
+    )
+    # Everything that reads the environment has (the providers' credentials were captured
+    # just above): secrets leave it, and /proc/self/environ.
+    dropped = isolation.scrub_environment()
+    log.info(
+        "tasks run as %s; %s; %d variables dropped from this process's environment",
+        f"{task_user.name} (uid {task_user.uid})" if task_user else "this executor's user",
+        "child subreaper" if adopts else "not a child subreaper",
+        len(dropped),
     )
 
     async def body(bus: Bus, stop: asyncio.Event) -> None:

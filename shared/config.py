@@ -117,6 +117,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
     log_attempts_kept: Annotated[int, msgspec.Meta(ge=1, le=100)]
     result_limit_bytes: int
     allow_commands: bool
+    task_user: str
 
 
 class NushellConfig(msgspec.Struct, forbid_unknown_fields=True):

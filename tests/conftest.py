@@ -4,12 +4,44 @@ the orchestrator's services as real processes."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .support import NatsServer, Stack
+
+# As root (CI), executors run tasks as an unprivileged user (docs/executors.md, "The task
+# user"), which must reach the data directories tests keep in pytest's temporary directories.
+# pytest's own base (/tmp/pytest-of-root) is private to root and shared by every session of
+# root: this session gets a base of its own, and every directory pytest makes in it (tmp_path,
+# tmp_path_factory.mktemp) lets others pass through (not list).
+_BASETEMP_KEY = pytest.StashKey[Path]()
+_MKTEMP = pytest.TempPathFactory.mktemp
+
+
+def _mktemp_reachable(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
+    path = _MKTEMP(self, basename, numbered)
+    for directory in (self.getbasetemp(), path):
+        directory.chmod(0o711)
+    return path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() == 0 and not config.option.basetemp:
+        base = Path(tempfile.mkdtemp(prefix="pytest-provisioning-"))
+        config.option.basetemp = str(base)
+        config.stash[_BASETEMP_KEY] = base
+        pytest.TempPathFactory.mktemp = _mktemp_reachable  # type: ignore[method-assign]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (base := config.stash.get(_BASETEMP_KEY, None)) is not None:
+        pytest.TempPathFactory.mktemp = _MKTEMP  # type: ignore[method-assign]
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _docker_available() -> bool:

@@ -47,6 +47,20 @@ PROBE_ENV = {
 }
 
 
+def python_tools_env() -> dict[str, str]:
+    """For stacks whose tasks run the project's Python tools (the ``aws`` command line): as
+    root, executors run tasks as ``provisioning-task``, which cannot run an interpreter kept
+    where only root may go (pyenv under /root, as on the CI machines). Then, and only then,
+    tasks of those stacks run as root (the executor warns about both)."""
+    if os.geteuid() != 0:
+        return {}
+    from services.executor import isolation
+
+    if isolation.tools_denied(isolation.resolve_task_user("")) is None:
+        return {}
+    return {"PROVISIONING_EXECUTOR_TASK_USER": "root"}
+
+
 def task_processes(task_id: str) -> list[tuple[int, str]]:
     """Live processes (pid, command line) whose environment says they belong to ``task_id``:
     a task's children inherit ``PROVISIONING_TASK_ID`` whatever process group they are in."""

@@ -144,7 +144,7 @@ def test_task_environment_and_plain_commands(stack: Stack) -> None:
         assert env["PROVISIONING_ATTEMPT"] == "1"
         assert env["PROVISIONING_GATEWAY_URL"] == stack.env["PROVISIONING_ORCHESTRATOR_ENDPOINT"]
         assert env["TRACEPARENT"].split("-")[1] == trace_id  # the workflow's one trace
-        assert env["PROVISIONING_DATA_DIR"] == str(stack.data_dir)
+        assert env["PROVISIONING_DATA_DIR"] == str(stack.data_dir / "provider")
         dump = "\n".join(environ)
         for secret in SECRETS.values():
             assert secret not in dump

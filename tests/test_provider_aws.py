@@ -30,6 +30,7 @@ from .support import (
     VENV_BIN,
     Stack,
     free_port,
+    python_tools_env,
     read_event_stream,
     running_stack,
     wait_until,
@@ -332,6 +333,7 @@ def aws_stack(
     env = {
         **moto.env(),
         **PROBE_ENV,
+        **python_tools_env(),  # the aws command line runs with this interpreter
         "PROVISIONING_ORCHESTRATOR_INFRA_DIR": str(infra_dir),
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
     }

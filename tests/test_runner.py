@@ -214,8 +214,8 @@ async def test_hostnames_with_code_are_refused_not_run(
         assert done.result.outcome == "failed", payload
         assert "invalid server.hostname" in (done.result.error or ""), done.result
     assert not marker.exists()
-    assert not (runner.data_dir / "local" / "servers").exists() or not any(
-        (runner.data_dir / "local" / "servers").iterdir()
+    assert not (runner.state_dir / "local" / "servers").exists() or not any(
+        (runner.state_dir / "local" / "servers").iterdir()
     )
 
 
@@ -254,7 +254,7 @@ async def test_child_environment_is_clean_and_complete(
         str((FIXTURES / "nulib").resolve()),
         str(NULIB_DIR.resolve()),
     ]
-    assert env["PROVISIONING_DATA_DIR"] == str(runner.data_dir)
+    assert env["PROVISIONING_DATA_DIR"] == str(runner.state_dir)  # the tasks' own
     assert env["HOME"] == done.output["cwd"]  # a fresh directory, removed afterwards
     assert not Path(done.output["cwd"]).exists()
     allowed = {

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -213,7 +214,20 @@ class Executor:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        if self.runner.family.adopts:  # orphans of tasks are ours to reap (core.processes)
+            loop.add_signal_handler(signal.SIGCHLD, self.runner.reap_adopted)
+        try:
+            await self._serve(stop)
+        finally:
+            if self.runner.family.adopts:
+                loop.remove_signal_handler(signal.SIGCHLD)
+            await self.runner.kill_strays()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         cfg = self.config.executor
+        # what the tasks of dead executors of this host left behind ends before we take any
+        await self.runner.clear_orphaned()
         durable = await self.bus.ensure_pool_consumer(self.pool, cfg.ack_wait_seconds)
         # The first executor of a pool created its consumer: its ack wait is the one that
         # counts, whatever this executor was configured with. Keep-alives follow it.
@@ -559,6 +573,10 @@ class Executor:
                 )
                 return
             log.debug("%s attempt %d delivery %d started", key, dispatch.attempt, delivery)
+            # an earlier run (a dead executor's, or one this delivery takes over) must not
+            # run beside this one: end what it left on this host first (core.leftovers)
+            if await self.runner.kill_leftovers(key, redelivered=delivery > 1):
+                span.set_attribute("task.leftovers_killed", True)
             await self._bound_logs(dispatch)
             keepalive = asyncio.create_task(self._keepalive(running))
             t0 = time.monotonic()

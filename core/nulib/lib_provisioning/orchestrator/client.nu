@@ -33,7 +33,11 @@ export def load-config []: nothing -> record {
     let path = ($env.PROVISIONING_CONFIG? | default $"($base)/provisioning/config.toml")
     let file = if ($path | path exists) { try { open $path } catch { {} } } else { {} }
     let section = ($file.orchestrator? | default {})
-    let endpoint = ($env.PROVISIONING_ORCHESTRATOR_ENDPOINT? | default ($section.endpoint? | default "http://localhost:9090"))
+    # a file that gives the orchestrator's port (the seed's platform file) and no endpoint
+    # points there, as the CLI does
+    let port = ($section.port? | default ($file.server?.port? | default null))
+    let derived = if $port != null { $"http://localhost:($port)" } else { "http://localhost:9090" }
+    let endpoint = ($env.PROVISIONING_ORCHESTRATOR_ENDPOINT? | default ($section.endpoint? | default $derived))
     let auto = ($env.PROVISIONING_ORCHESTRATOR_AUTO_START? | default ($section.auto_start? | default true))
     let enabled = (($auto | into string | str lowercase) in ["true" "1" "yes" "on"])
     {orchestrator: {endpoint: $endpoint, auto_start: $enabled}}

@@ -1,0 +1,129 @@
+"""Per-task overhead of the runner: trivial ``nu`` tasks through :class:`core.runner.Runner`
+against the same program spawned bare (``subprocess.run``, no supervision).
+
+    .venv/bin/python -m bench.runner_overhead [--tasks 200] [--parallel 1] [--executor]
+
+Prints, per task: wall time, CPU of this process (the runner's share: spawning, pipes,
+sweeps), CPU of the children (``nu`` and whatever the runner adds around it), for the runner
+and for bare spawns. ``--executor`` sets the runner up as the executor does: a child
+subreaper (cheap, exact sweeps) keeping footprints, and as root a task user. Run it on a quiet
+machine; two runs side by side say more than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from core.registry import load_registry
+from core.runner import Runner, resolve_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def _cpu() -> tuple[float, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def _adopts(runner: Runner) -> bool:
+    family = getattr(runner, "family", None)  # None: the runner before subreapers (a baseline)
+    return bool(family and family.adopts)
+
+
+def _figures(n: int, wall: float, before: tuple[float, float]) -> dict[str, float]:
+    after = _cpu()
+    return {
+        "wall_ms": round(1000 * wall / n, 2),
+        "self_cpu_ms": round(1000 * (after[0] - before[0]) / n, 2),
+        "children_cpu_ms": round(1000 * (after[1] - before[1]) / n, 2),
+    }
+
+
+async def _through_runner(runner: Runner, n: int, parallel: int) -> dict[str, float]:
+    registry = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib")
+    action = registry.get("probe.echo")
+    slots = asyncio.Semaphore(parallel)
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    async def one(i: int) -> None:
+        async with slots:
+            done = await runner.run(
+                action,
+                {"i": i},
+                task_env={"PROVISIONING_TASK_ID": f"bench.t{i}"},
+                timeout_s=60,
+                on_line=nothing,
+                on_progress=nothing,
+            )
+            if done.outcome != "completed":
+                raise RuntimeError(f"task {i}: {done}")
+
+    if _adopts(runner):  # as the executor does
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, runner.reap_adopted)
+    await one(-1)  # warm caches (the binary, the library)
+    before, t0 = _cpu(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return _figures(n, time.perf_counter() - t0, before)
+
+
+def _bare(nu: str, n: int, data_dir: Path) -> dict[str, float]:
+    registry = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib")
+    action = registry.get("probe.echo")
+    env = {
+        "PATH": f"{Path(nu).parent}:/usr/bin:/bin",
+        "NU_LIB_DIRS": ":".join(action.lib_dirs),
+        "HOME": str(data_dir),
+        "PROVISIONING_RESULT_FILE": str(data_dir / "r.json"),
+    }
+    argv = [nu, "-n", "--no-std-lib", "--stdin", "-c", action.script()]
+    before, t0 = _cpu(), time.perf_counter()
+    for i in range(n):
+        subprocess.run(argv, input=json.dumps({"i": i}).encode(), env=env, check=True,
+                       capture_output=True)  # fmt: skip
+    return _figures(n, time.perf_counter() - t0, before)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.runner_overhead")
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--executor", action="store_true", help="set up as the executor does")
+    opts = parser.parse_args()
+    nu = resolve_binary("nu")
+    with tempfile.TemporaryDirectory(prefix="bench-runner-") as tmp:
+        data_dir = Path(tmp) / "data"
+        kwargs: dict[str, Any] = {}
+        if opts.executor:
+            from core.processes import become_subreaper
+            from services.executor import isolation
+
+            os.chmod(tmp, 0o711)  # noqa: S103 - the task user passes through, as in /tmp
+            kwargs["task_user"] = task_user = isolation.resolve_task_user("")
+            _, kwargs["runtime_dir"] = isolation.prepare_data_dir(data_dir, task_user)
+            become_subreaper()
+        runner = Runner(nu_binary=nu, data_dir=data_dir, **kwargs)
+        bare = _bare(nu, opts.tasks, Path(tmp))
+        through = asyncio.run(_through_runner(runner, opts.tasks, opts.parallel))
+    overhead = {k: round(through[k] - bare[k], 2) for k in through}
+    print(json.dumps({"tasks": opts.tasks, "parallel": opts.parallel, "executor": opts.executor,
+                      "bare": bare, "runner": through, "runner_minus_bare": overhead}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
