@@ -20,7 +20,7 @@ import networkx as nx
 import yaml
 
 from .errors import ActionNotFound, DefinitionError
-from .messages import WorkflowDefinition
+from .messages import WorkflowDefinition, from_builtins
 
 __all__ = [
     "CONTENT_TYPES",
@@ -68,7 +68,7 @@ def definition_from_data(data: Any) -> WorkflowDefinition:
     if not isinstance(data, dict):
         raise DefinitionError("a workflow definition must be an object", reason="wrong_type")
     try:
-        return msgspec.convert(data, WorkflowDefinition, strict=True)
+        return from_builtins(data, WorkflowDefinition)  # 14.0 is an integer, as in JSON Schema
     except RecursionError:
         raise DefinitionError("the definition is nested too deeply", reason="too_deep") from None
     except msgspec.ValidationError as exc:

@@ -13,6 +13,7 @@ from .codec import (
     decode_task,
     decode_workflow,
     encode,
+    from_builtins,
 )
 from .commands import CancelWorkflow, Command, RetryWorkflow, SubmitWorkflow
 from .definition import Backoff, OnFailure, TaskSpec, WorkflowDefinition
@@ -73,4 +74,5 @@ __all__ = [
     "decode_task",
     "decode_workflow",
     "encode",
+    "from_builtins",
 ]
