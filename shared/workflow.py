@@ -49,6 +49,9 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_ARGS_DEPTH = 64  # nesting of a task's arguments
 MAX_VALUES = 1_000_000  # scalars, lists and records in all arguments, aliases expanded
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what the message codec decodes
+# libyaml's parser when PyYAML was built with it: the same safe loading, ten times faster (a
+# 1.3 MB definition took 6 s with the pure-Python parser, holding up the gateway's event loop).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def format_for_content_type(content_type: str) -> str | None:
@@ -89,7 +92,7 @@ def parse_definition(body: bytes, fmt: str) -> WorkflowDefinition:
         elif fmt == "toml":
             data = tomllib.loads(body.decode("utf-8"))
         elif fmt == "yaml":
-            data = yaml.safe_load(body.decode("utf-8"))
+            data = yaml.load(body.decode("utf-8"), Loader=_YAML_LOADER)  # noqa: S506 (safe)
         else:
             raise DefinitionError(f"unsupported format {fmt!r}", reason="bad_format")
     except (ValueError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
