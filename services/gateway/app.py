@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import nats.errors
@@ -52,11 +52,13 @@ from shared.messages import (
     WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
+    WorkflowStatus,
     decode_command,
     decode_event,
     decode_lease,
     decode_log,
     encode,
+    from_builtins,
 )
 from shared.nickel_source import evaluate_nickel
 from shared.store import Store
@@ -67,8 +69,35 @@ from shared.workflow import (
     validate_definition,
 )
 
+from .bodies import ProgressBody, ShortcutBody
 from .openapi import openapi_document
-from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
+from .responses import (
+    MAX_OFFSET,
+    MAX_PAGE,
+    Accepted,
+    Cancelling,
+    Error,
+    ErrorBody,
+    Executors,
+    Health,
+    LogLine,
+    NatsHealth,
+    ProgressAccepted,
+    RetryAccepted,
+    SchedulerHealth,
+    TaskLogs,
+    WorkflowList,
+    WorkflowSummary,
+    json_response,
+)
+from .views import (
+    executor_view,
+    pending_summary,
+    pending_view,
+    task_view,
+    workflow_summary,
+    workflow_view,
+)
 
 __all__ = ["BUS", "create_app"]
 
@@ -79,6 +108,7 @@ BUS = web.AppKey("bus", Bus)
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
 STORE = web.AppKey("store", Store)
+OPENAPI = web.AppKey("openapi", bytes)  # this app's document, encoded once
 # Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
 # Their summaries are answered from here until the scheduler writes the record, rather than by
 # reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
@@ -89,24 +119,17 @@ LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its ta
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROGRESS_ROUTE = "/tasks/{id}/progress"
 _EVENT_ID_RE = re.compile(r"[0-9]{1,19}")
-
-
-class _ProgressBody(msgspec.Struct, forbid_unknown_fields=False):
-    progress: int
-    message: str = ""
-    status: str = ""
-
-
-class _ShortcutBody(msgspec.Struct, forbid_unknown_fields=True):
-    infra: str
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
+_WORKFLOW_STATUSES: frozenset[str] = frozenset(get_args(WorkflowStatus))
+# Query booleans: what OpenAPI sends (true/false), and the spellings accepted before it.
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_UNSIGNED_RE = re.compile(r"[0-9]{1,19}")
 
 
 def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
-    body: dict[str, Any] = {"code": code, "message": message}
+    body = ErrorBody(code=code, message=message)
     if details:
-        body["details"] = details
-    return web.json_response({"error": body}, status=status)
+        body.details = details
+    return json_response(Error(error=body), status=status)
 
 
 _STATUS_FOR: dict[type[ProvisioningError], int] = {
@@ -134,7 +157,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return _error(exc.status, code, exc.text or exc.reason)
+        response = _error(exc.status, code, exc.text or exc.reason)
+        if "Allow" in exc.headers:  # 405: the methods the resource has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         log.warning("bus error on %s %s: %s", request.method, request.path, exc)
         return _error(503, "bus_unavailable", f"NATS/JetStream error: {exc or type(exc).__name__}")
@@ -241,6 +267,25 @@ def _task_ids(request: web.Request) -> tuple[str, str]:
         raise NotFound(f"no task {request.match_info['id'][:100]!r}") from None
 
 
+def _query_bool(request: web.Request, name: str, default: bool) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = _BOOLEANS.get(raw.lower())
+    if value is None:
+        raise DefinitionError(f"{name} must be true or false", reason="malformed")
+    return value
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not _UNSIGNED_RE.fullmatch(raw) or not low <= int(raw) <= high:
+        raise DefinitionError(f"{name} must be an integer from {low} to {high}", reason="malformed")
+    return int(raw)
+
+
 async def _json_body(request: web.Request) -> Any:
     body = await request.read()
     try:
@@ -291,8 +336,8 @@ async def _submit(
     if key:
         found = await app[STORE].workflow(wf_id)
         if found is not None:
-            return web.json_response(
-                {"workflow_id": wf_id, "status": found[0].status, "idempotent_replay": True},
+            return json_response(
+                Accepted(workflow_id=wf_id, status=found[0].status, idempotent_replay=True),
                 status=202,
                 headers={"Idempotent-Replayed": "true"},
             )
@@ -338,16 +383,16 @@ async def _submit(
         len(definition.tasks),
         source,
     )
-    body = {
-        "workflow_id": wf_id,
-        "status": "queued",
-        "name": definition.name,
-        "tasks": len(definition.tasks),
-        "trace_id": trace_id,
-    }
+    body = Accepted(
+        workflow_id=wf_id,
+        status="queued",
+        name=definition.name,
+        tasks=len(definition.tasks),
+        trace_id=trace_id,
+    )
     if ack.duplicate:
-        body["idempotent_replay"] = True
-    return web.json_response(body, status=202, headers={"Location": f"/workflows/{wf_id}"})
+        body.idempotent_replay = True
+    return json_response(body, status=202, headers={"Location": f"/workflows/{wf_id}"})
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -358,37 +403,38 @@ async def health(request: web.Request) -> web.Response:
     ok, reason = await bus.healthy()
     if ok and not bus.ready:  # connected, but other routes still answer 503 until bootstrapped
         ok, reason = False, "connected to NATS; setting up streams and buckets"
-    body = {
-        "status": "healthy" if ok else "unhealthy",
-        "version": __version__,
-        "api_version": API_VERSION,
-        "nats": {"connected": bus.connected, "jetstream": ok, "detail": reason},
-        "scheduler": await _scheduler_health(bus) if ok else {"active": False},
-    }
-    return web.json_response(body, status=200 if ok else 503)
+    body = Health(
+        status="healthy" if ok else "unhealthy",
+        version=__version__,
+        api_version=API_VERSION,
+        nats=NatsHealth(connected=bus.connected, jetstream=ok, detail=reason),
+        scheduler=await _scheduler_health(bus) if ok else SchedulerHealth(active=False),
+    )
+    return json_response(body, status=200 if ok else 503)
 
 
-async def _scheduler_health(bus: Bus) -> dict[str, Any]:
+async def _scheduler_health(bus: Bus) -> SchedulerHealth:
     """Whether a scheduler holds the lease (submissions are accepted either way; they wait in
     JetStream until one is active)."""
     try:
         entry = await bus.kv.leases.get(subjects.LEASE_SCHEDULER)
     except nats.js.errors.KeyNotFoundError:
-        return {"active": False}
+        return SchedulerHealth(active=False)
     except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-        return {"active": False, "detail": f"cannot read the lease: {exc or type(exc).__name__}"}
+        detail = f"cannot read the lease: {exc or type(exc).__name__}"
+        return SchedulerHealth(active=False, detail=detail)
     if not entry.value:
-        return {"active": False}
+        return SchedulerHealth(active=False)
     try:
         lease = decode_lease(entry.value)
     except DecodeError:
-        return {"active": False, "detail": "unreadable lease"}
-    return {
-        "active": True,
-        "holder": lease.holder,
-        "since": datetime.fromtimestamp(lease.acquired_at, UTC).isoformat(),
-        "renewed_seconds_ago": round(max(0.0, datetime.now(UTC).timestamp() - lease.renewed_at), 3),
-    }
+        return SchedulerHealth(active=False, detail="unreadable lease")
+    return SchedulerHealth(
+        active=True,
+        holder=lease.holder,
+        since=datetime.fromtimestamp(lease.acquired_at, UTC).isoformat(),
+        renewed_seconds_ago=round(max(0.0, datetime.now(UTC).timestamp() - lease.renewed_at), 3),
+    )
 
 
 async def submit_workflow(request: web.Request) -> web.Response:
@@ -416,12 +462,13 @@ def _shortcut(kind: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         raw = await _json_body(request)
         try:
-            body = msgspec.convert(raw, _ShortcutBody, strict=True)
+            body: ShortcutBody = from_builtins(raw, ShortcutBody)
         except msgspec.ValidationError as exc:
             raise DefinitionError(f"{exc}", reason="wrong_field") from None
         config = request.app[CONFIG]
+        params = msgspec.to_builtins(body.params)  # the options given, unset ones left out
         definition = await asyncio.to_thread(
-            build, body.infra, body.params, config.orchestrator.infra_dir
+            build, body.infra, params, config.orchestrator.infra_dir
         )
         return await _submit(request, definition, f"{kind}/create")
 
@@ -444,18 +491,16 @@ async def _newest_first(store: Store, ids: list[str]) -> list[str]:
 async def list_workflows(request: web.Request) -> web.Response:
     store = request.app[STORE]
     status = request.query.get("status")
-    allowed = {"queued", "running", "completed", "failed", "cancelled"}
     statuses = set(status.split(",")) if status else None
-    if statuses and not statuses <= allowed:
-        raise DefinitionError(f"status must be among {sorted(allowed)}", reason="malformed")
-    try:
-        limit = min(500, max(1, int(request.query.get("limit", "50"))))
-        offset = max(0, int(request.query.get("offset", "0")))
-    except ValueError:
-        raise DefinitionError("limit and offset must be integers", reason="malformed") from None
+    if statuses and not statuses <= _WORKFLOW_STATUSES:
+        raise DefinitionError(
+            f"status must be among {sorted(_WORKFLOW_STATUSES)}", reason="malformed"
+        )
+    limit = _query_int(request, "limit", 50, 1, MAX_PAGE)
+    offset = _query_int(request, "offset", 0, 0, MAX_OFFSET)
     name = request.query.get("name")
     ids = await _newest_first(store, await store.workflow_ids())
-    matched: list[dict[str, Any]] = []
+    matched: list[WorkflowSummary] = []
     skipped = 0
     for start in range(0, len(ids), 100):
         for record in await store.workflows(ids[start : start + 100]):
@@ -470,13 +515,13 @@ async def list_workflows(request: web.Request) -> web.Response:
         if len(matched) > limit:
             break
     has_more = len(matched) > limit
-    return web.json_response(
-        {
-            "workflows": matched[:limit],
-            "limit": limit,
-            "offset": offset,
-            "next_offset": offset + limit if has_more else None,
-        }
+    return json_response(
+        WorkflowList(
+            workflows=matched[:limit],
+            limit=limit,
+            offset=offset,
+            next_offset=offset + limit if has_more else None,
+        )
     )
 
 
@@ -498,7 +543,7 @@ async def _lookup(
     return await store.workflow(wf_id)
 
 
-async def _recent_pending(request: web.Request, wf_id: str) -> dict[str, Any] | None:
+async def _recent_pending(request: web.Request, wf_id: str) -> WorkflowSummary | None:
     """The summary of a submission accepted here and still waiting in the queue, if it is one;
     whether it waits is asked of JetStream without reading the submission back."""
     accepted = request.app[RECENT].get(wf_id)
@@ -514,26 +559,24 @@ async def _recent_pending(request: web.Request, wf_id: str) -> dict[str, Any] | 
 async def get_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
     store = request.app[STORE]
-    include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
+    include = _query_bool(request, "tasks", True)
     found: tuple[WorkflowRecord, int] | SubmitWorkflow | None = await store.workflow(wf_id)
     if found is None:
         if not include and (summary := await _recent_pending(request, wf_id)) is not None:
-            return web.json_response(summary)
+            return json_response(summary)
         found = await _lookup(request, wf_id)
     if found is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(found, SubmitWorkflow):
         view = pending_view(wf_id, found.definition, found.submitted_at, include_tasks=include)
-        return web.json_response(view)
+        return json_response(view)
     request.app[RECENT].pop(wf_id, None)  # the scheduler has it: the record answers from now
     record = found[0]
     if not include and record.counts is not None:  # the summary: one read, however many tasks
-        return web.json_response(workflow_view(record, None, {}))
+        return json_response(workflow_view(record, None, {}))
     tasks, progress = await asyncio.gather(store.tasks(wf_id), store.progress(wf_id))
-    view = workflow_view(record, {k: v[0] for k, v in tasks.items()}, progress)
-    if not include:
-        del view["tasks"]
-    return web.json_response(view)
+    records = {k: v[0] for k, v in tasks.items()}
+    return json_response(workflow_view(record, records, progress, include_tasks=include))
 
 
 async def _workflow_exists(request: web.Request, wf_id: str) -> bool:
@@ -641,30 +684,32 @@ async def cancel_workflow(request: web.Request) -> web.Response:
         encode(CancelWorkflow(workflow_id=wf_id)),
         headers=headers_with_context(),
     )
-    return web.json_response({"workflow_id": wf_id, "status": "cancelling"}, status=202)
+    return json_response(Cancelling(workflow_id=wf_id, status="cancelling"), status=202)
 
 
 async def retry_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
-    found = await request.app[STORE].workflow(wf_id)
-    if found is None:
+    looked_up = await _lookup(request, wf_id)
+    if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
-    record = found[0]
-    if record.status not in ("failed", "cancelled"):
+    # A submission the scheduler has not taken yet is a queued workflow: 409, as for any other.
+    status = "queued" if isinstance(looked_up, SubmitWorkflow) else looked_up[0].status
+    if isinstance(looked_up, SubmitWorkflow) or status not in ("failed", "cancelled"):
         return _error(
             409,
             "conflict",
-            f"only failed or cancelled workflows can be retried; {wf_id} is {record.status}",
-            workflow_status=record.status,
+            f"only failed or cancelled workflows can be retried; {wf_id} is {status}",
+            workflow_status=status,
         )
+    record = looked_up[0]
     await request.app[BUS].publish(
         subjects.command_subject("retry", wf_id),
         encode(RetryWorkflow(workflow_id=wf_id, runs=record.runs)),
         msg_id=f"retry.{wf_id}.{record.runs}",
         headers=headers_with_context(),
     )
-    return web.json_response(
-        {"workflow_id": wf_id, "status": "queued", "run": record.runs + 1}, status=202
+    return json_response(
+        RetryAccepted(workflow_id=wf_id, status="queued", run=record.runs + 1), status=202
     )
 
 
@@ -674,7 +719,7 @@ async def get_task(request: web.Request) -> web.Response:
     found = await store.task(wf_id, task_id)
     if found is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
-    return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
+    return json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
 
 
 def _log_entries(data: bytes) -> list[dict[str, Any]]:
@@ -713,16 +758,16 @@ async def _stored_log_lines(bus: Bus, subject: str) -> list[dict[str, Any]]:
 
 async def task_logs(request: web.Request) -> web.StreamResponse:
     wf_id, task_id = _task_ids(request)
+    follow = _query_bool(request, "follow", False)
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
     if found is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
     bus = request.app[BUS]
     subject = subjects.log_subject(wf_id, task_id)
-    follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
-        lines = await _stored_log_lines(bus, subject)
-        return web.json_response({"task_id": f"{wf_id}.{task_id}", "lines": lines})
+        lines = [LogLine(**line) for line in await _stored_log_lines(bus, subject)]
+        return json_response(TaskLogs(task_id=f"{wf_id}.{task_id}", lines=lines))
     # Follow: replay, then live. When caught up, poll briefly and recheck the task: the stream
     # ends about one poll after the task has ended and no more lines came.
     response = await _sse_response(request)
@@ -757,11 +802,9 @@ async def post_progress(request: web.Request) -> web.Response:
     wf_id, task_id = _task_ids(request)
     raw = await _json_body(request)
     try:
-        body = msgspec.convert(raw, _ProgressBody, strict=True)
+        body: ProgressBody = from_builtins(raw, ProgressBody)  # 0 to 100; 14.0 is 14
     except msgspec.ValidationError as exc:
         raise DefinitionError(f"{exc}", reason="wrong_field") from None
-    if not 0 <= body.progress <= 100:
-        raise DefinitionError("progress must be within 0..100", reason="wrong_field")
     try:
         body.message.encode("utf-8")
     except UnicodeEncodeError:
@@ -789,38 +832,19 @@ async def post_progress(request: web.Request) -> web.Response:
                 Progress(percent=body.progress, at=now, message=message, attempt=record.attempt)
             ),
         )
-    return web.json_response(
-        {"task_id": f"{wf_id}.{task_id}", "progress": body.progress}, status=202
+    return json_response(
+        ProgressAccepted(task_id=f"{wf_id}.{task_id}", progress=body.progress), status=202
     )
 
 
 async def list_executors(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
-    executors = []
-    for beat in sorted(await request.app[STORE].executors(), key=lambda b: b.id):
-        age = (now - beat.at).total_seconds()
-        executors.append(
-            {
-                "id": beat.id,
-                "pool": beat.pool,
-                "hostname": beat.hostname,
-                "pid": beat.pid,
-                "slots": beat.max_concurrent_tasks,
-                "running": beat.running,
-                "running_tasks": beat.running_tasks,
-                "draining": beat.draining,
-                "alive": age <= 3 * beat.interval_seconds,
-                "last_beat": beat.at.isoformat(),
-                "last_beat_age_seconds": round(age, 1),
-                "started_at": beat.started_at.isoformat(),
-                "version": beat.version,
-            }
-        )
-    return web.json_response({"executors": executors})
+    beats = sorted(await request.app[STORE].executors(), key=lambda b: b.id)
+    return json_response(Executors(executors=[executor_view(beat, now) for beat in beats]))
 
 
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.Response(body=request.app[OPENAPI], content_type="application/json", charset="utf-8")
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -858,6 +882,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app[REGISTRY] = registry
     app[STORE] = Store(the_bus)
     app[RECENT] = {}
+    app[OPENAPI] = msgspec.json.encode(openapi_document(config.gateway, registry.names()))
     app.cleanup_ctx.append(_bus_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", get_openapi)
