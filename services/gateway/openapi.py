@@ -119,6 +119,8 @@ def _query(name: str, schema: dict[str, Any], description: str, **extra: Any) ->
 _WORKFLOW_ID = _path(WORKFLOW_ID_PATTERN, "A workflow id: 32 lowercase hex digits")
 _TASK_ID = _path(TASK_KEY_PATTERN, "<workflow_id>.<task id>")
 _BOOLEAN_SPELLINGS = "true or false (also 1/0, yes/no); anything else is a 400"
+# Printable ASCII, 1 to 200 characters once HTTP has dropped the blanks around the value.
+_IDEMPOTENCY_KEY = r"^[ \t]*[!-~]([ -~]{0,198}[!-~])?[ \t]*$"
 
 
 def _links(*targets: str, **parameters: Any) -> dict[str, Any]:
@@ -261,13 +263,9 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                             "name": "Idempotency-Key",
                             "in": "header",
                             "description": "The same key returns the same workflow_id and "
-                            "runs the work once; 1 to 200 printable characters",
-                            "schema": {
-                                "type": "string",
-                                "minLength": 1,
-                                "maxLength": 200,
-                                "pattern": "^[\\x20-\\x7e]+$",
-                            },
+                            "runs the work once: 1 to 200 printable characters, not counting "
+                            "the blanks around it (they are not part of a header value)",
+                            "schema": {"type": "string", "pattern": _IDEMPOTENCY_KEY},
                         }
                     ],
                     body_description="The definition as JSON, YAML or TOML, or a Nickel "
