@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tests.otlp import Receiver
-from tests.support import VENV_BIN, NatsServer, Stack, free_port, proc_status
+from testkit.otlp import Receiver
+from testkit.processes import VENV_BIN, NatsServer, Stack, free_port, proc_status
 
 from .peers import PeerEnv, redis_server
 

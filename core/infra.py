@@ -4,28 +4,41 @@
 server of the infra, all in parallel; ``taskserv/create`` installs task services on every server
 (in the infra's order, chained per server); ``cluster/create`` is the whole seed Example 3:
 servers in parallel, then task services, then the cluster, then its applications.
+
+Every ``server.create`` task carries its server's effective provider (the server's own, else the
+infra's): the gateway and direct mode refuse an unknown or disabled one
+(:func:`core.providers.check_providers`), and the executor gives the task that provider's
+credentials only. :func:`server_list_args` and :func:`server_delete_args` do the same for the
+CLI's ``server list`` and ``server delete``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import nickel
 
+from shared.config import Config
 from shared.errors import DefinitionError
 from shared.ids import NAME_RE
 from shared.messages import TaskSpec, WorkflowDefinition
 
 from . import INFRA_DIR
+from .providers import DEVELOPMENT_PROVIDER, Providers, effective_provider
 
 __all__ = [
     "KNOBS",
     "cluster_workflow",
+    "infra_hashes",
     "load_infra",
+    "server_delete_args",
+    "server_list_args",
     "servers_workflow",
     "strip_ansi",
     "taskserv_workflow",
@@ -81,7 +94,12 @@ def _knobs(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _servers(infra: dict[str, Any], params: dict[str, Any]) -> list[dict[str, Any]]:
-    servers = [s for s in infra.get("servers", []) if isinstance(s, dict)]
+    default = str(infra.get("provider") or DEVELOPMENT_PROVIDER)
+    servers = [
+        {**s, "provider": effective_provider(s, default)}
+        for s in infra.get("servers", [])
+        if isinstance(s, dict)
+    ]
     wanted = params.get("servers")
     if wanted is not None:
         if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
@@ -196,3 +214,75 @@ def cluster_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> 
         name=f"{name}: create cluster {cluster_name}",
         tasks=[*servers, *taskservs, cluster_task, *app_tasks],
     )
+
+
+def server_list_args(
+    name: str | None,
+    config: Config,
+    infra_dir: str = "",
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``server.list`` arguments: the enabled providers the infra's servers use (and their AWS
+    regions); without an infra, the development provider and every enabled provider that the
+    environment sets up (credentials, a profile or an endpoint: see ``Providers.set_up``)."""
+    enabled = config.providers.enabled
+    if name is None:
+        providers = Providers.from_config(config, environ)
+        return {"providers": [p for p in enabled if providers.set_up(p)]}
+    infra = load_infra(name, infra_dir)
+    default = str(infra.get("provider") or DEVELOPMENT_PROVIDER)
+    servers = [s for s in infra.get("servers", []) if isinstance(s, dict)]
+    used = {effective_provider(s, default) for s in servers} | {DEVELOPMENT_PROVIDER}
+    args: dict[str, Any] = {"infra": name, "providers": [p for p in enabled if p in used]}
+    regions = sorted(
+        {
+            str(s["region"])
+            for s in servers
+            if effective_provider(s, default) == "aws" and s.get("region")
+        }
+    )
+    if regions:
+        args["regions"] = regions
+    return args
+
+
+def server_delete_args(hostname: str, name: str | None, infra_dir: str = "") -> dict[str, Any]:
+    """``server.delete`` arguments: with an infra that defines the server, its provider (and
+    region), so the task goes to the provider that made it; otherwise the development provider."""
+    args: dict[str, Any] = {"hostname": hostname}
+    if name is None:
+        return args
+    args["infra"] = name
+    try:
+        infra = load_infra(name, infra_dir)
+    except DefinitionError as exc:
+        if exc.reason == "unknown_infra":  # servers of ad-hoc workflows have no infra file
+            return args
+        raise
+    default = str(infra.get("provider") or DEVELOPMENT_PROVIDER)
+    for server in infra.get("servers", []):
+        if isinstance(server, dict) and server.get("hostname") == hostname:
+            args["provider"] = effective_provider(server, default)
+            if server.get("region"):
+                args["region"] = server["region"]
+            break
+    else:
+        args["provider"] = default
+    return args
+
+
+def infra_hashes(definition: WorkflowDefinition, infra_dir: str = "") -> dict[str, str]:
+    """sha256 of the settings file of every infra the definition's tasks name (``args.infra``),
+    by infra name: what a plan was made from, compared again when it is applied."""
+    names = sorted(
+        {
+            t.args["infra"]
+            for t in definition.tasks
+            if isinstance(t.args.get("infra"), str) and NAME_RE.match(t.args["infra"])
+        }
+    )
+    out = {}
+    for name in names:
+        path = infra_root(infra_dir) / name / "settings.ncl"
+        out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
+    return out

@@ -8,6 +8,11 @@ SIGKILL after a grace period; whatever is left when the task ends is killed too,
 outlives its task. "Every process" is the child's session plus its descendants: Nushell puts
 ``job spawn``-ed commands in process groups of their own, so killing the group is not enough.
 On Linux the child also gets SIGKILL if the runner's process dies (``setpriv --pdeathsig``).
+
+Secrets: a task of a provider (``server.*``) also gets that provider's credentials, from an
+environment captured when the runner was made (:class:`core.providers.Providers`); every log
+line, progress message, error message and result passes through its :class:`Redactor` before
+the runner hands it on, so nothing downstream (records, events, logs, traces) can hold them.
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ import msgspec
 
 from shared.errors import ProvisioningError
 
+from .providers import Providers
 from .registry import Action
 
-__all__ = ["LineHandler", "RunResult", "Runner", "parse_progress", "resolve_binary"]
+__all__ = [
+    "LineHandler",
+    "ProgressHandler",
+    "RunResult",
+    "Runner",
+    "parse_progress",
+    "resolve_binary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,7 @@ LineHandler = Callable[[str, str], Awaitable[None]]  # (stream, line)
 ProgressHandler = Callable[[int, str], Awaitable[None]]
 _PROGRESS_RE = re.compile(r"^PROGRESS:\s*(\d{1,3})(?:\s+(.*))?$")
 _NU_ERROR_RE = re.compile(r"^\s*[x\u00d7]\s+(.+)$")  # the headline of a Nushell error report
+_NU_WRAPPED_RE = re.compile(r"^\s*[|\u2502]\s(.*)$")  # its continuation (no line number)
 MAX_LINE = 4096
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _SWEEP_POLL_S = 0.05
@@ -191,10 +205,16 @@ def _find_program(name: str, path: str) -> str | None:
 
 
 def _error_message(stderr_tail: list[str]) -> str:
-    """The gist of a failure: Nushell's error headline, else the last lines of stderr."""
-    for line in stderr_tail:
+    """The gist of a failure: Nushell's error headline (which it wraps at the terminal's width:
+    the ``|`` lines right under it are the rest), else the last lines of stderr."""
+    for i, line in enumerate(stderr_tail):
         if m := _NU_ERROR_RE.match(line):
-            return m.group(1).strip()[:1000]
+            parts = [m.group(1).strip()]
+            for more in stderr_tail[i + 1 :]:
+                if not (rest := _NU_WRAPPED_RE.match(more)):
+                    break
+                parts.append(rest.group(1).strip())
+            return " ".join(parts)[:1000]
     return "; ".join(line.strip() for line in stderr_tail[-3:] if line.strip())[:1000]
 
 
@@ -209,21 +229,31 @@ class Runner:
         extra_env: Mapping[str, str] | None = None,
         kill_grace_s: float = 5.0,
         result_limit_bytes: int = 256 * 1024,
+        providers: Providers | None = None,
     ) -> None:
         self.nu_binary = nu_binary
         self.data_dir = data_dir
         self.extra_env = dict(extra_env or {})
         self.kill_grace_s = kill_grace_s
         self.result_limit_bytes = result_limit_bytes
+        self.providers = providers or Providers.none()
+        self.redactor = self.providers.redactor
         self._prefix = _pdeathsig_prefix()
 
     def environment(
-        self, action: Action, task_env: Mapping[str, str], workdir: Path
+        self,
+        action: Action,
+        task_env: Mapping[str, str],
+        workdir: Path,
+        args: Mapping[str, Any] | None = None,
     ) -> dict[str, str]:
-        """The child's whole environment: nothing of the parent's leaks in."""
+        """The child's whole environment: nothing of the parent's leaks in, but the variables
+        of the providers the task runs (``args`` name them)."""
         nu_dir = str(Path(resolve_binary(self.nu_binary)).parent)
+        # the project's own tools (the aws command line) are installed beside the interpreter
+        tools = dict.fromkeys([nu_dir, str(Path(sys.executable).parent), *SAFE_PATH.split(":")])
         env = {
-            "PATH": f"{nu_dir}:{SAFE_PATH}",
+            "PATH": ":".join(tools),
             "LANG": "C.UTF-8",
             "HOME": str(workdir),
             "TMPDIR": str(workdir),
@@ -231,6 +261,7 @@ class Runner:
         }
         env["NU_LIB_DIRS"] = os.pathsep.join(action.lib_dirs)
         env.update(self.extra_env)
+        env.update(self.providers.env_for(action.name, args or {}))
         env.update(task_env)
         return env
 
@@ -244,7 +275,9 @@ class Runner:
         on_line: LineHandler,
         on_progress: ProgressHandler,
         cancel: asyncio.Event | None = None,
+        plan: bool = False,
     ) -> RunResult:
+        """Run the action (its read-only plan function with ``plan``) in a fresh process."""
         if action.kind == "nushell":
             argv = [
                 resolve_binary(self.nu_binary),
@@ -252,7 +285,7 @@ class Runner:
                 "--no-std-lib",
                 "--stdin",
                 "-c",
-                action.script(),
+                action.script(plan=plan),
             ]
             stdin = json.dumps(args).encode()
         elif action.kind == "command":
@@ -268,7 +301,7 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="prov-task-") as tmp:
             workdir = Path(tmp)
             result_file = workdir / "result.json"
-            env = self.environment(action, task_env, workdir)
+            env = self.environment(action, task_env, workdir, args)
             env["PROVISIONING_RESULT_FILE"] = str(result_file)
             program = _find_program(argv[0], env["PATH"])
             if program is None:
@@ -296,6 +329,8 @@ class Runner:
             result.duration_s = time.monotonic() - started
             if result.outcome == "completed" and action.kind == "nushell":
                 self._read_result(result, result_file)
+            if result.error:
+                result.error = self.redactor.text(result.error)
             return result
 
     async def _supervise(
@@ -320,13 +355,16 @@ class Runner:
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while True:
+                fragment = False
                 try:
                     raw = await stream.readline()
                 except ValueError:  # a line longer than the reader's limit
-                    raw = await stream.read(MAX_LINE)
+                    raw, fragment = await stream.read(MAX_LINE), True
                 if not raw:
                     return
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")[:MAX_LINE]
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                # masked before it is cut, so no half of a secret survives the cut
+                line = self.redactor.text(text, fragment=fragment)[:MAX_LINE]
                 if name == "stdout" and (progress := parse_progress(line)) is not None:
                     await on_progress(*progress)
                 if name == "stderr":
@@ -400,7 +438,7 @@ class Runner:
             result.error = f"result is {size} bytes, over the {self.result_limit_bytes}-byte limit"
             return
         try:
-            result.output = json.loads(path.read_bytes() or b"null")
+            result.output = self.redactor.value(json.loads(path.read_bytes() or b"null"))
         except ValueError as exc:
             result.outcome, result.reason = "failed", "error"
             result.error = f"result is not JSON: {exc}"

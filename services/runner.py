@@ -13,7 +13,8 @@ from typing import Any
 import click
 from aiohttp import web
 
-from core.registry import load_registry
+from core.providers import Providers
+from core.registry import registry_for
 from core.runner import Runner, resolve_binary
 from shared import __version__
 from shared.bus import Bus
@@ -93,7 +94,7 @@ def _warn(config: Config) -> None:
 
 def _registry(config: Config) -> Any:
     try:
-        return load_registry(config.nushell.registry or None, config.nushell.registry_lib or None)
+        return registry_for(config.nushell)
     except ProvisioningError as exc:
         raise click.ClickException(exc.message) from None
 
@@ -198,6 +199,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
         extra_env=config.nushell.env_vars,
         kill_grace_s=config.executor.kill_grace_seconds,
         result_limit_bytes=config.executor.result_limit_bytes,
+        providers=Providers.from_config(config),  # the environment is captured now, once
     )
 
     async def body(bus: Bus, stop: asyncio.Event) -> None:

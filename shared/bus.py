@@ -43,8 +43,19 @@ from . import subjects
 from .auth import redact_url
 from .config import NatsConfig
 from .errors import BusUnavailable, ProvisioningError, QueueFull
+from .jetstream import (
+    ERR_NO_PLACEMENT,
+    ERR_QUEUE_FULL,
+    ERR_STREAM_IN_USE,
+    HDR_DLQ_AT,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_SOURCE,
+    HDR_DLQ_SUBJECT,
+    HDR_DLQ_TRUNCATED,
+    HDR_MSG_ID,
+)
 
-__all__ = ["Bus", "KVBuckets"]
+__all__ = ["NOT_STORED", "TRANSIENT", "Bus", "KVBuckets"]
 
 T = TypeVar("T")
 
@@ -58,15 +69,28 @@ PUBLISH_RETRY_S = 20.0
 LEASE_TTL_S = 6.0  # a scheduler lease not renewed for this long expires (standby takes over)
 _DLQ_HEADROOM = 4096  # bytes kept for a dead letter's headers within NATS's max payload
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_RETRYABLE = (
+# The one definition of a transient bus error: NATS out of reach for a moment, reconnecting, or
+# a stream or consumer without a leader (an election after a node died). Never the fault of
+# the message in hand; the operation may be tried again (publishes carry a message id, so a
+# retry cannot duplicate).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.TimeoutError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    BusUnavailable,
+    ConnectionError,
+    TimeoutError,
+)
+# A write that failed with one of these stored nothing: even a compare-and-swap can be resent.
+NOT_STORED: tuple[type[BaseException], ...] = (
     nats.js.errors.NoStreamResponseError,
     nats.errors.NoRespondersError,
-    nats.errors.TimeoutError,
-    nats.js.errors.ServiceUnavailableError,
 )
-# Stream placement refused while cluster peers are missing: "no suitable peers for placement",
-# "insufficient resources". Transient while the servers of a cluster are still starting.
-_PLACEMENT_ERRORS = (10005, 10023)
 
 
 class KVBuckets:
@@ -78,6 +102,7 @@ class KVBuckets:
     progress: KeyValue
     executors: KeyValue
     leases: KeyValue
+    keys: KeyValue
 
 
 class Bus:
@@ -233,25 +258,30 @@ class Bus:
             "max_age": cfg.events_max_age_seconds,
         }
         return [
-            StreamConfig(name=subjects.STREAM_COMMANDS, subjects=["prov.cmd.>"], **queue),
-            StreamConfig(name=subjects.STREAM_DISPATCH, subjects=["prov.dispatch.>"], **queue),
-            StreamConfig(name=subjects.STREAM_REPORTS, subjects=["prov.report.>"], **queue),
+            *(
+                StreamConfig(name=name, subjects=[subjects.STREAM_SUBJECTS[name]], **queue)
+                for name in (
+                    subjects.STREAM_COMMANDS,
+                    subjects.STREAM_DISPATCH,
+                    subjects.STREAM_REPORTS,
+                )
+            ),
             StreamConfig(
                 name=subjects.STREAM_EVENTS,
-                subjects=["prov.evt.>"],
+                subjects=[subjects.STREAM_SUBJECTS[subjects.STREAM_EVENTS]],
                 max_bytes=cfg.logs_max_bytes,
                 duplicate_window=DUPLICATE_WINDOW_S,
                 **history,
             ),
             StreamConfig(
                 name=subjects.STREAM_LOGS,
-                subjects=["prov.log.>"],
+                subjects=[subjects.STREAM_SUBJECTS[subjects.STREAM_LOGS]],
                 max_bytes=cfg.logs_max_bytes,
                 **history,
             ),
             StreamConfig(
                 name=subjects.STREAM_DLQ,
-                subjects=["prov.dlq.>"],
+                subjects=[subjects.STREAM_SUBJECTS[subjects.STREAM_DLQ]],
                 max_bytes=cfg.logs_max_bytes,
                 **history,
             ),
@@ -296,6 +326,11 @@ class Bus:
                 subjects.BUCKET_LEASES,
                 KeyValueConfig(bucket=subjects.BUCKET_LEASES, history=1, ttl=LEASE_TTL_S, **common),
             ),
+            (
+                "keys",
+                subjects.BUCKET_KEYS,
+                KeyValueConfig(bucket=subjects.BUCKET_KEYS, history=1, **common),
+            ),
         ]
 
     async def bootstrap(self, *, retry_for_s: float | None = None) -> None:
@@ -313,10 +348,10 @@ class Bus:
                 await self._bootstrap_once()
                 return
             except nats.js.errors.APIError as exc:
-                if not isinstance(exc, _RETRYABLE) and exc.err_code not in _PLACEMENT_ERRORS:
+                if not isinstance(exc, TRANSIENT) and exc.err_code not in ERR_NO_PLACEMENT:
                     raise
-                error: Exception = exc
-            except _RETRYABLE as exc:
+                error: BaseException = exc
+            except TRANSIENT as exc:
                 error = exc
             if deadline is not None and loop.time() + delay > deadline:
                 raise BusUnavailable(f"JetStream not ready: {error!r}") from None
@@ -330,7 +365,7 @@ class Bus:
             try:
                 await jsm.add_stream(stream)
             except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # stream name already in use with a different config
+                if exc.err_code != ERR_STREAM_IN_USE:
                     raise
                 await jsm.update_stream(stream)
                 log.info("updated stream %s to the current configuration", stream.name)
@@ -339,7 +374,7 @@ class Bus:
             try:
                 kv = await jsm.create_key_value(kv_config)
             except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:
+                if exc.err_code != ERR_STREAM_IN_USE:
                     raise
                 await self._update_bucket(kv_config)
                 kv = await jsm.key_value(bucket)
@@ -436,7 +471,7 @@ class Bus:
         """
         hdrs = dict(headers or {})
         if msg_id:
-            hdrs["Nats-Msg-Id"] = msg_id
+            hdrs[HDR_MSG_ID] = msg_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + retry_for_s
         delay = 0.1
@@ -446,15 +481,15 @@ class Bus:
                     subject, data, timeout=timeout_s, headers=dict(hdrs) if hdrs else None
                 )
             except nats.js.errors.APIError as exc:
-                if exc.err_code in (10077, 10078, 10047):  # max msgs / bytes / resources
+                if exc.err_code in ERR_QUEUE_FULL:
                     raise QueueFull(f"queue full: {exc.description}", subject=subject) from None
-                if loop.time() + delay > deadline or not isinstance(exc, _RETRYABLE):
+                if loop.time() + delay > deadline or not isinstance(exc, TRANSIENT):
                     raise BusUnavailable(f"publish to {subject} failed: {exc}") from None
-            except _RETRYABLE as exc:
-                if loop.time() + delay > deadline:
-                    raise BusUnavailable(f"publish to {subject} failed: {exc!r}") from None
             except nats.errors.ConnectionClosedError:
                 raise BusUnavailable("NATS connection closed") from None
+            except TRANSIENT as exc:
+                if loop.time() + delay > deadline:
+                    raise BusUnavailable(f"publish to {subject} failed: {exc!r}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -475,7 +510,7 @@ class Bus:
         while True:
             try:
                 return await write(*args, **kwargs)
-            except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            except NOT_STORED:
                 if loop.time() + delay > deadline:
                     raise
             await asyncio.sleep(delay)
@@ -499,7 +534,7 @@ class Bus:
             ]
             results = await asyncio.gather(
                 *(
-                    self.js.publish(subject, data, timeout=timeout_s, headers={"Nats-Msg-Id": mid})
+                    self.js.publish(subject, data, timeout=timeout_s, headers={HDR_MSG_ID: mid})
                     for subject, data, mid in batch
                 ),
                 return_exceptions=True,
@@ -521,15 +556,15 @@ class Bus:
         """
         reason = _CONTROL.sub(" ", error[:1000]).encode("ascii", "backslashreplace").decode()
         headers = {
-            "Prov-Dlq-Source": source,
-            "Prov-Dlq-Subject": msg.subject,
-            "Prov-Dlq-Error": reason,
-            "Prov-Dlq-At": datetime.now(UTC).isoformat(),
+            HDR_DLQ_SOURCE: source,
+            HDR_DLQ_SUBJECT: msg.subject,
+            HDR_DLQ_ERROR: reason,
+            HDR_DLQ_AT: datetime.now(UTC).isoformat(),
         }
         data = msg.data or b""
         room = (self._nc.max_payload if self._nc is not None else 1 << 20) - _DLQ_HEADROOM
         if len(data) > room:
-            headers["Prov-Dlq-Truncated"] = str(len(data))
+            headers[HDR_DLQ_TRUNCATED] = str(len(data))
             data = data[: max(0, room)]
         try:
             await self.publish(subjects.dlq_subject(source), data, headers=headers, msg_id=msg_id)

@@ -18,8 +18,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .errors import ConfigError
+from .keys import parse_rate
 
 __all__ = [
+    "ConcurrencyConfig",
     "Config",
     "ExecutionConfig",
     "ExecutorConfig",
@@ -27,6 +29,8 @@ __all__ = [
     "NatsConfig",
     "NushellConfig",
     "OrchestratorConfig",
+    "PlansConfig",
+    "ProvidersConfig",
     "SchedulerConfig",
     "TracingConfig",
     "load_config",
@@ -74,12 +78,28 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int
     max_tasks_per_workflow: int
     request_timeout_seconds: float
+    # name -> bearer token of each person who may call the API (approvers among them)
+    users: dict[str, str]
+    allow_self_approval: bool
+    # Definitions other than small JSON are parsed in worker processes, bounded in size per
+    # format (at most max_body_bytes: that one bounds JSON) and in time (shared/parsing.py).
+    max_yaml_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    max_toml_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    max_nickel_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    parse_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)]
+    parse_workers: Annotated[int, msgspec.Meta(ge=1, le=64)]
+
+
+class PlansConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_age_seconds: float  # an older plan is refused at apply
+    check_timeout_seconds: float  # how long an apply waits for the plan to be checked again
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True):
     dispatch_headroom: float
     recovery_batch: int
     report_batch: int
+    max_fanout: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 
 
 class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,6 +113,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
     heartbeat_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=20)]
     shutdown_grace_seconds: float
     log_limit_bytes: int
+    log_attempts_kept: Annotated[int, msgspec.Meta(ge=1, le=100)]
     result_limit_bytes: int
     allow_commands: bool
 
@@ -105,11 +126,23 @@ class NushellConfig(msgspec.Struct, forbid_unknown_fields=True):
     env_vars: dict[str, str]
 
 
+class ConcurrencyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # key -> rate ("20/minute"): how many tasks holding the key may start per window
+    rates: dict[str, str]
+
+
+class ProvidersConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: list[str]
+    env: dict[str, list[str]]  # provider -> the variables its tasks receive
+    secrets: list[str]  # variables whose values are masked in everything a task reports
+
+
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool
     exporter: Literal["none", "otlp-http", "otlp-grpc", "console"]
     endpoint: str
     jaeger_ui: str
+    ui_url: str = ""
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,7 +153,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     scheduler: SchedulerConfig
     executor: ExecutorConfig
     nushell: NushellConfig
+    providers: ProvidersConfig
     tracing: TracingConfig
+    concurrency: ConcurrencyConfig
+    plans: PlansConfig
     # where each "section.key" came from; not part of the file format
     sources: dict[str, str] = msgspec.field(default_factory=dict)
     # things worth telling the operator, such as an unknown PROVISIONING_<SECTION>_<KEY>
@@ -157,8 +193,8 @@ def _parse_env(var: str, text: str, default: Any) -> Any:
             if lowered in {"0", "false", "no", "off", ""}:
                 return False
             raise ValueError(f"expected a boolean, got {text!r}")
-        if isinstance(default, int):
-            return int(text)
+        if isinstance(default, int):  # a float where the key takes one: checked by its type
+            return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
         if isinstance(default, float):
             return float(text)
         if isinstance(default, list):
@@ -242,6 +278,16 @@ def load_config(
         config = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+    if config.gateway.users and not config.gateway.auth_token:
+        raise ConfigError(
+            "[gateway] users needs [gateway] auth_token too (the operators' token, and the "
+            "secret that tasks' own tokens are made from)"
+        )
+    for key, text in config.concurrency.rates.items():
+        try:
+            parse_rate(text)
+        except ValueError as exc:
+            raise ConfigError(f"[concurrency] rates: {key!r}: {exc}", key=key) from None
     config.sources = sources
     config.warnings = warnings
     return config

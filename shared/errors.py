@@ -8,11 +8,15 @@ __all__ = [
     "ActionNotFound",
     "BusUnavailable",
     "ConfigError",
+    "Conflict",
     "DefinitionError",
+    "Forbidden",
+    "MessageError",
     "NotFound",
     "PayloadTooLarge",
     "ProvisioningError",
     "QueueFull",
+    "RequestTimeout",
     "StackError",
 ]
 
@@ -67,6 +71,13 @@ class ActionNotFound(DefinitionError):
         )
 
 
+class MessageError(ProvisioningError):
+    """Raised when a message or record does not decode: malformed, of the wrong shape, or
+    nested too deeply. The one error every consumer catches for input it cannot read."""
+
+    code = "bad_message"
+
+
 class PayloadTooLarge(ProvisioningError):
     """Raised when a body or message exceeds its configured size limit."""
 
@@ -79,6 +90,20 @@ class NotFound(ProvisioningError):
     code = "not_found"
 
 
+class Conflict(ProvisioningError):
+    """Raised when a request does not fit the current state (a plan already applied, a
+    workflow with nothing awaiting approval, ...): a 409."""
+
+    code = "conflict"
+
+
+class Forbidden(ProvisioningError):
+    """Raised when the caller is known but may not do this (approve their own run, approve a
+    gate they are not an approver of): a 403."""
+
+    code = "forbidden"
+
+
 class BusUnavailable(ProvisioningError):
     """Raised when NATS or JetStream cannot be reached or does not answer in time."""
 
@@ -89,6 +114,12 @@ class QueueFull(ProvisioningError):
     """Raised when JetStream refuses a publish because a queue reached its limit."""
 
     code = "queue_full"
+
+
+class RequestTimeout(ProvisioningError):
+    """Raised when a request takes longer than ``[gateway] request_timeout_seconds``."""
+
+    code = "timeout"
 
 
 class StackError(ProvisioningError):

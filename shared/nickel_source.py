@@ -1,7 +1,9 @@
-"""Evaluate user-submitted Nickel source safely: in a child process, bounded in time and memory,
-with imports limited to the shipped schemas (``import "workflow.ncl"``).
+"""Evaluate user-submitted Nickel source safely: in a child process, bounded in time, memory
+and output, with imports limited to the shipped schemas (``import "workflow.ncl"``).
 
-Run as ``python -m shared.nickel_source`` it reads source on stdin and prints JSON on stdout.
+Run as ``python -m shared.nickel_source`` it reads source on stdin, checks its imports and
+prints the JSON of its value on stdout. Everything that costs time in proportion to the
+source (the import check, the evaluation) happens in the child, never on the caller's loop.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import weakref
 from pathlib import Path
 
-from .errors import DefinitionError
+from .errors import DefinitionError, PayloadTooLarge
 
 __all__ = ["SCHEMAS_DIR", "evaluate_nickel"]
 
@@ -25,6 +27,10 @@ _SCHEMA_NAME_RE = re.compile(r"[a-z][a-z0-9_-]*\.ncl")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MEMORY_LIMIT = 1 << 30
+EXIT_NICKEL_ERROR = 2
+EXIT_BAD_IMPORT = 3
+ERROR_LIMIT_BYTES = 64 * 1024  # of the child's error text kept (4,000 characters are shown)
+_CHUNK = 64 * 1024
 # Evaluations at once per process: each may take MEMORY_LIMIT and a core for its whole
 # timeout, so a burst of hostile sources waits its turn instead of exhausting the machine.
 MAX_CONCURRENT = max(1, (os.cpu_count() or 2) // 2)
@@ -94,21 +100,55 @@ def _limits() -> None:  # pragma: no cover - runs in the child
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
-async def evaluate_nickel(source: bytes, *, timeout_s: float = 10.0) -> bytes:
-    """JSON text of the evaluated source; DefinitionError with Nickel's own message otherwise."""
+async def evaluate_nickel(
+    source: bytes, *, timeout_s: float = 10.0, max_output_bytes: int | None = None
+) -> bytes:
+    """JSON text of the evaluated source; DefinitionError with Nickel's own message otherwise,
+    PayloadTooLarge when the JSON would be longer than ``max_output_bytes``."""
     try:
-        text = source.decode("utf-8")
+        source.decode("utf-8")
     except UnicodeDecodeError:
         raise DefinitionError("Nickel source is not UTF-8", reason="malformed") from None
-    _check_imports(text)
     loop = asyncio.get_running_loop()
     if loop not in _SLOTS:
         _SLOTS[loop] = asyncio.Semaphore(MAX_CONCURRENT)
     async with _SLOTS[loop]:
-        return await _evaluate(source, timeout_s)
+        return await _evaluate(source, timeout_s, max_output_bytes)
 
 
-async def _evaluate(source: bytes, timeout_s: float) -> bytes:
+async def _read_output(proc: asyncio.subprocess.Process, limit: int | None) -> bytes | None:
+    """The child's whole output, or None (and the child killed) once it passes ``limit``."""
+    assert proc.stdout is not None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await proc.stdout.read(_CHUNK):
+        size += len(chunk)
+        if limit is not None and size > limit:
+            proc.kill()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_error(stream: asyncio.StreamReader) -> bytes:
+    """The start of the child's error text; the rest is read and dropped."""
+    kept = bytearray()
+    while chunk := await stream.read(_CHUNK):
+        kept += chunk[: max(0, ERROR_LIMIT_BYTES - len(kept))]
+    return bytes(kept)
+
+
+async def _feed(proc: asyncio.subprocess.Process, source: bytes) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(source)
+        await proc.stdin.drain()
+        proc.stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the child stopped reading (it failed early): its exit status says why
+
+
+async def _evaluate(source: bytes, timeout_s: float, max_output_bytes: int | None) -> bytes:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -118,16 +158,34 @@ async def _evaluate(source: bytes, timeout_s: float) -> bytes:
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=_limits,
     )
+    assert proc.stderr is not None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(source), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            _, out, err, _ = await asyncio.gather(
+                _feed(proc, source),
+                _read_output(proc, max_output_bytes),
+                _read_error(proc.stderr),
+                proc.wait(),
+            )
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise DefinitionError(
-            f"Nickel evaluation took longer than {timeout_s:g}s", reason="nickel_timeout"
+            f"Nickel evaluation took longer than {timeout_s:g}s",
+            reason="nickel_timeout",
+            limit=timeout_s,
         ) from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if out is None:
+        raise PayloadTooLarge(
+            f"the Nickel source evaluates to more than {max_output_bytes} bytes of JSON",
+            limit=max_output_bytes,
+        )
+    message = _ANSI_RE.sub("", err.decode("utf-8", "replace")).strip() or "evaluation failed"
+    if proc.returncode == EXIT_BAD_IMPORT:
+        raise DefinitionError(message, reason="bad_import")
     if proc.returncode != 0:
-        message = _ANSI_RE.sub("", err.decode("utf-8", "replace")).strip() or "evaluation failed"
         raise DefinitionError(f"Nickel: {message[:4000]}", reason="nickel_error")
     return out
 
@@ -137,13 +195,18 @@ def _main() -> int:  # pragma: no cover - runs in the child
 
     source = sys.stdin.read()
     try:
+        _check_imports(source)
+    except DefinitionError as exc:
+        sys.stderr.write(exc.message)
+        return EXIT_BAD_IMPORT
+    try:
         sys.stdout.write(nickel.run(source, import_paths=[str(SCHEMAS_DIR)]))
     except nickel.NickelException as exc:
         sys.stderr.write(str(exc))
-        return 2
+        return EXIT_NICKEL_ERROR
     except RecursionError:
         sys.stderr.write("nested too deeply")
-        return 2
+        return EXIT_NICKEL_ERROR
     return 0
 
 

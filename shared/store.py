@@ -1,4 +1,11 @@
-"""Typed access to the checkpointed records in JetStream KV."""
+"""The record store: the only code that reads and writes the JetStream KV buckets.
+
+Workflow and task checkpoints, the active-workflow index, task progress, executor heartbeats
+and the scheduler lease. Keys come from :mod:`shared.subjects`; values are the msgspec records
+of :mod:`shared.messages`. Writes that must not overwrite another writer's change are
+compare-and-swap on the revision the writer last saw (``last=``); every write is sent again
+while the bucket's stream elects a leader (:meth:`shared.bus.Bus.write`).
+"""
 
 from __future__ import annotations
 
@@ -13,24 +20,31 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import subjects
 from .bus import Bus
+from .errors import MessageError
+from .jetstream import HDR_KV_OPERATION, HDR_MARKER_REASON, KV_REMOVED
 from .messages import (
-    DecodeError,
     ExecutorBeat,
+    KeyState,
     Progress,
+    SchedulerLease,
     TaskRecord,
     WorkflowRecord,
     decode_beat,
+    decode_key_state,
+    decode_lease,
     decode_progress,
     decode_task,
     decode_workflow,
+    encode,
 )
 
-__all__ = ["Store", "read_bucket"]
+__all__ = ["Conflict", "Store", "read_bucket"]
 
 log = logging.getLogger(__name__)
 
 READ_BATCH = 1000
-_REMOVED = ("DEL", "PURGE")
+# A compare-and-swap found another revision (or a create found the key): someone else wrote.
+Conflict = nats.js.errors.KeyWrongLastSequenceError
 
 
 async def read_bucket(
@@ -72,7 +86,7 @@ async def read_bucket(
                 meta = msg.metadata
                 pending = meta.num_pending
                 headers = msg.headers or {}
-                if headers.get("KV-Operation") in _REMOVED or "Nats-Marker-Reason" in headers:
+                if headers.get(HDR_KV_OPERATION) in KV_REMOVED or HDR_MARKER_REASON in headers:
                     continue
                 out.append((msg.subject[len(prefix) :], msg.data, meta.sequence.stream))
     finally:
@@ -85,10 +99,12 @@ async def read_bucket(
 
 
 class Store:
-    """Reads (and, for the scheduler, writes) workflow and task records."""
+    """Typed reads and writes of the checkpointed records."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
+
+    # -- workflows --------------------------------------------------------------------------------
 
     async def workflow(self, workflow_id: str) -> tuple[WorkflowRecord, int] | None:
         try:
@@ -99,9 +115,28 @@ class Store:
             return None
         return decode_workflow(entry.value), entry.revision or 0
 
+    async def workflows(self, ids: list[str]) -> list[WorkflowRecord]:
+        found = await asyncio.gather(*(self.workflow(i) for i in ids))
+        return [f[0] for f in found if f is not None]
+
+    async def workflow_ids(self) -> list[str]:
+        found = await read_bucket(self.bus.js, subjects.BUCKET_WORKFLOWS, values=False)
+        return sorted((key for key, _, _ in found), reverse=True)
+
+    async def create_workflow(self, record: WorkflowRecord) -> int:
+        """Write a new workflow's record; raises :data:`Conflict` when it exists already."""
+        return await self.bus.write(self.bus.kv.workflows.create, record.id, encode(record))
+
+    async def update_workflow(self, record: WorkflowRecord, last: int) -> int:
+        return await self.bus.write(
+            self.bus.kv.workflows.update, record.id, encode(record), last=last
+        )
+
+    # -- tasks ------------------------------------------------------------------------------------
+
     async def task(self, workflow_id: str, task_id: str) -> tuple[TaskRecord, int] | None:
         try:
-            entry = await self.bus.kv.tasks.get(f"{workflow_id}.{task_id}")
+            entry = await self.bus.kv.tasks.get(subjects.task_key(workflow_id, task_id))
         except nats.js.errors.KeyNotFoundError:
             return None
         if not entry.value:
@@ -113,35 +148,57 @@ class Store:
         found = await read_bucket(self.bus.js, subjects.BUCKET_TASKS, f"{workflow_id}.*")
         for key, value, rev in found:
             try:
-                out[key.partition(".")[2]] = (decode_task(value), rev)
-            except DecodeError:
+                record = decode_task(value)
+            except MessageError:
                 log.error("undecodable task record %s", key)
+                continue
+            out[record.spec.id] = (record, rev)
         return out
+
+    async def put_task(self, record: TaskRecord) -> int:
+        key = subjects.task_key(record.workflow_id, record.spec.id)
+        return await self.bus.write(self.bus.kv.tasks.put, key, encode(record))
+
+    async def update_task(self, record: TaskRecord, last: int) -> int:
+        key = subjects.task_key(record.workflow_id, record.spec.id)
+        return await self.bus.write(self.bus.kv.tasks.update, key, encode(record), last=last)
+
+    # -- the index of active workflows (the scheduler's recovery list) ---------------------------
+
+    async def active_ids(self) -> list[str]:
+        found = await read_bucket(self.bus.js, subjects.BUCKET_ACTIVE, values=False)
+        return sorted(key for key, _, _ in found)
+
+    async def mark_active(self, workflow_id: str) -> None:
+        await self.bus.write(self.bus.kv.active.put, workflow_id, b"")
+
+    async def unmark_active(self, workflow_id: str) -> None:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await self.bus.write(self.bus.kv.active.delete, workflow_id)
+
+    # -- progress ---------------------------------------------------------------------------------
 
     async def progress(self, workflow_id: str) -> dict[str, Progress]:
         out: dict[str, Progress] = {}
         found = await read_bucket(self.bus.js, subjects.BUCKET_PROGRESS, f"{workflow_id}.*")
         for key, value, _ in found:
             try:
-                out[key.partition(".")[2]] = decode_progress(value)
-            except DecodeError:
+                out[subjects.task_of_token(key.partition(".")[2])] = decode_progress(value)
+            except MessageError:
                 log.error("undecodable progress record %s", key)
         return out
 
     async def task_progress(self, workflow_id: str, task_id: str) -> Progress | None:
         try:
-            entry = await self.bus.kv.progress.get(f"{workflow_id}.{task_id}")
+            entry = await self.bus.kv.progress.get(subjects.task_key(workflow_id, task_id))
         except nats.js.errors.KeyNotFoundError:
             return None
         return decode_progress(entry.value) if entry.value else None
 
-    async def workflow_ids(self) -> list[str]:
-        found = await read_bucket(self.bus.js, subjects.BUCKET_WORKFLOWS, values=False)
-        return sorted((key for key, _, _ in found), reverse=True)
+    async def put_progress(self, workflow_id: str, task_id: str, progress: Progress) -> None:
+        await self.bus.kv.progress.put(subjects.task_key(workflow_id, task_id), encode(progress))
 
-    async def active_ids(self) -> list[str]:
-        found = await read_bucket(self.bus.js, subjects.BUCKET_ACTIVE, values=False)
-        return sorted(key for key, _, _ in found)
+    # -- executor heartbeats ----------------------------------------------------------------------
 
     async def executors(self) -> list[ExecutorBeat]:
         """The last heartbeat of every executor whose key has not expired."""
@@ -149,10 +206,57 @@ class Store:
         for key, value, _ in await read_bucket(self.bus.js, subjects.BUCKET_EXECUTORS):
             try:
                 beats.append(decode_beat(value))
-            except DecodeError:
+            except MessageError:
                 log.error("undecodable executor heartbeat %s", key)
         return beats
 
-    async def workflows(self, ids: list[str]) -> list[WorkflowRecord]:
-        found = await asyncio.gather(*(self.workflow(i) for i in ids))
-        return [f[0] for f in found if f is not None]
+    async def put_beat(self, beat: ExecutorBeat) -> None:
+        await self.bus.kv.executors.put(beat.id, encode(beat))
+
+    async def remove_beat(self, executor_id: str) -> None:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await self.bus.kv.executors.delete(executor_id)
+
+    # -- the scheduler lease ----------------------------------------------------------------------
+
+    async def lease(self) -> SchedulerLease | None:
+        """The active scheduler's lease, if one is held (raises :class:`MessageError` for an
+        unreadable one)."""
+        try:
+            entry = await self.bus.kv.leases.get(subjects.LEASE_SCHEDULER)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return decode_lease(entry.value) if entry.value else None
+
+    async def create_lease(self, lease: SchedulerLease) -> int:
+        """Take the lease; raises :data:`Conflict` while another scheduler holds it."""
+        return await self.bus.kv.leases.create(subjects.LEASE_SCHEDULER, encode(lease))
+
+    async def renew_lease(self, lease: SchedulerLease, last: int) -> int:
+        """Renew it; raises :data:`Conflict` when someone else took it meanwhile."""
+        return await self.bus.kv.leases.update(subjects.LEASE_SCHEDULER, encode(lease), last=last)
+
+    async def release_lease(self, last: int) -> None:
+        await self.bus.kv.leases.delete(subjects.LEASE_SCHEDULER, last=last)
+
+    # -- concurrency keys in use ---------------------------------------------------------------
+
+    async def key_states(self) -> list[tuple[KeyState, int]]:
+        """Every concurrency key in use, with the revision of its record."""
+        out = []
+        for key, value, rev in await read_bucket(self.bus.js, subjects.BUCKET_KEYS):
+            try:
+                out.append((decode_key_state(value), rev))
+            except MessageError:
+                log.error("undecodable concurrency key record %s", key)
+        return out
+
+    async def write_key_state(self, state: KeyState, last: int | None) -> int:
+        """Create (``last`` None) or compare-and-swap a key's record; returns its revision."""
+        kv_key = subjects.concurrency_kv_key(state.key)
+        if last is None:
+            return await self.bus.write(self.bus.kv.keys.create, kv_key, encode(state))
+        return await self.bus.write(self.bus.kv.keys.update, kv_key, encode(state), last=last)
+
+    async def remove_key_state(self, key: str, last: int) -> None:
+        await self.bus.write(self.bus.kv.keys.delete, subjects.concurrency_kv_key(key), last=last)

@@ -6,16 +6,19 @@ Valid and invalid requests are generated for every operation from ``GET /openapi
 answer must be one the document declares (status, content type, headers, body schema), never a
 5xx; invalid input must be refused and valid input accepted; undocumented methods get 405 with
 ``Allow``; the stateful phase follows the document's links from a submission to the workflow,
-its tasks, cancel and retry. ``tests/schemathesis.toml`` says where and why an expectation
-differs from schemathesis' defaults. With auth on, every check runs again with the token, and
-the probes without it or with a wrong one must get 401.
+its tasks, cancel, retry, approve and reject, and from a submission to its plan and the plan's
+apply. ``tests/schemathesis.toml`` says where and why an expectation
+differs from schemathesis' defaults. With auth on (and ``[gateway] users``), every check runs
+again with the token, and the probes without it or with a wrong one must get 401.
 
-Then answers about real workflows (2xx, 409 and 422, finished event and log streams) are checked
-against the document with every check too, and the services must have survived it all.
+Then answers about real workflows (2xx, 403, 409 and 422, finished event and log streams, a
+fan-out's children, plans, approvals, concurrency keys) are checked against the document with
+every check too, and the services must have survived it all.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ import schemathesis
 from shared import subjects
 from shared.messages import LogChunk, encode
 
-from .support import VENV_BIN, Stack, publish, running_stack
+from .support import VENV_BIN, Stack, publish, running_stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +43,11 @@ PHASES = ("examples", "coverage", "fuzzing", "stateful")
 MAX_EXAMPLES = 30
 MAX_EXAMPLES_AUTH = 5
 TOKEN = "contract-test-token-8d1f"
+USERS = '{"alice": "contract-alice-4c2e", "bob": "contract-bob-9a7d"}'
+
+
+def operations(document: dict[str, Any]) -> int:
+    return sum(len(item) for item in document["paths"].values())
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,9 @@ def assert_passed(result: subprocess.CompletedProcess[str]) -> None:
 def test_the_api_keeps_its_openapi_contract(contract_stack: Stack, tmp_path: Path) -> None:
     result = run_schemathesis(contract_stack.http.base, tmp_path, max_examples=MAX_EXAMPLES)
     assert_passed(result)
-    assert "14 selected / 14 total" in result.stdout  # every route but the document's own
+    _, document = contract_stack.http.get("/openapi.json")
+    total = operations(document) - 1  # every route but the document's own
+    assert f"{total} selected / {total} total" in result.stdout, result.stdout[-3000:]
 
 
 def test_the_document_says_auth_is_off(contract_stack: Stack) -> None:
@@ -133,6 +143,45 @@ def test_real_answers_match_the_document(contract_stack: Stack) -> None:
     )
     assert status == 202, running
     holder = running["workflow_id"]
+    # a fan-out: children <name>[<index>] in the views, their own task ids
+    status, fanned = http.post(
+        "/workflows",
+        {
+            "name": "fan",
+            "tasks": [
+                {"id": "list", "action": "builtin.echo", "args": {"items": ["x", "y"]}},
+                {
+                    "id": "each",
+                    "action": "builtin.echo",
+                    "depends_on": ["list"],
+                    "for_each": "${tasks.list.result.items}",
+                    "args": {"item": "${item}"},
+                    "concurrency": [{"key": "contract-${item}", "limit": 1}],
+                },
+            ],
+        },
+    )
+    assert status == 202, fanned
+    fan = fanned["workflow_id"]
+    assert http.wait_workflow(fan)["status"] == "completed"
+    # an approval gate that waits, and a plan that is ready
+    status, gate = http.post(
+        "/workflows",
+        {
+            "name": "gate",
+            "approval": {"timeout_seconds": 600},
+            "tasks": [{"id": "t", "action": "builtin.noop"}],
+        },
+    )
+    assert status == 202, gate
+    gated = gate["workflow_id"]
+    wait_until(lambda: http.get(f"/workflows/{gated}")[1]["status"] == "awaiting_approval")
+    status, planned = http.post(
+        "/workflows?plan=true", {"name": "plan", "tasks": [{"id": "t", "action": "builtin.noop"}]}
+    )
+    assert status == 202 and planned["status"] == "planning", planned
+    plan = planned["plan_id"]
+    wait_until(lambda: http.get(f"/plans/{plan}")[1]["status"] == "ready")
     schema = schemathesis.openapi.from_url(f"{http.base}/openapi.json")
     calls: list[tuple[str, str, dict[str, Any]]] = [
         ("/health", "GET", {}),
@@ -180,6 +229,33 @@ def test_real_answers_match_the_document(contract_stack: Stack) -> None:
         ),
         ("/workflows/{id}/cancel", "POST", {"path_parameters": {"id": holder}}),
         ("/workflows/servers/create", "POST", {"body": {"infra": "nope"}}),  # 422
+        ("/workflows/servers/create", "POST", {"body": {"infra": "wuji"}, "query": {"plan": True}}),
+        ("/workflows/{id}", "GET", {"path_parameters": {"id": fan}}),
+        ("/tasks/{id}", "GET", {"path_parameters": {"id": f"{fan}.each[1]"}}),
+        ("/tasks/{id}", "GET", {"path_parameters": {"id": f"{fan}.each"}}),
+        (
+            "/tasks/{id}/logs",
+            "GET",
+            {"path_parameters": {"id": f"{wf_id}.bad"}, "query": {"attempt": 1, "limit": 1}},
+        ),
+        ("/concurrency", "GET", {}),
+        ("/plans/{id}", "GET", {"path_parameters": {"id": plan}}),
+        ("/plans/{id}", "GET", {"path_parameters": {"id": wf_id}}),  # 404: not a plan
+        ("/plans/{id}/apply", "POST", {"path_parameters": {"id": plan}}),
+        ("/plans/{id}/apply", "POST", {"path_parameters": {"id": plan}}),  # 409: applied
+        ("/plans/{id}", "GET", {"path_parameters": {"id": plan}}),  # applied_by
+        ("/workflows/{id}", "GET", {"path_parameters": {"id": gated}}),
+        (
+            "/workflows/{id}/reject",
+            "POST",
+            {"path_parameters": {"id": wf_id}, "body": {"reason": "x"}},
+        ),
+        ("/workflows/{id}/approve", "POST", {"path_parameters": {"id": gated}, "body": {}}),
+        (
+            "/workflows/{id}/approve",
+            "POST",
+            {"path_parameters": {"id": gated}, "body": {"task": "t"}},
+        ),
     ]
     statuses = []
     for path, method, kwargs in calls:
@@ -188,14 +264,15 @@ def test_real_answers_match_the_document(contract_stack: Stack) -> None:
         case = schema[path][method].Case(**kwargs)
         response = case.call_and_validate(base_url=http.base, timeout=60)  # every check
         statuses.append(response.status_code)
-    assert statuses[5] == 202 and statuses[-4] == 202, statuses  # 3.0 and 14.0 taken
+    assert statuses[5] == 202 and statuses[18] == 202, statuses  # 3.0 and 14.0 taken
     assert 200 in statuses and 409 in statuses and 422 in statuses, statuses
+    assert statuses[-9:] == [200, 404, 202, 409, 200, 200, 409, 202, 409], statuses
     status, logs = http.get(f"/tasks/{wf_id}.bad/logs")
     assert [line["line"] for line in logs["lines"]] == ["line one", "ünïcode ✓"], logs
 
 
 def test_with_auth_on_every_route_but_health_needs_the_token(tmp_path: Path) -> None:
-    env = {"PROVISIONING_GATEWAY_AUTH_TOKEN": TOKEN}
+    env = {"PROVISIONING_GATEWAY_AUTH_TOKEN": TOKEN, "PROVISIONING_GATEWAY_USERS": USERS}
     with running_stack(tmp_path / "stack", executors=1, env=env) as stack:
         status, document = stack.http.get("/openapi.json")
         assert status == 200
@@ -216,6 +293,38 @@ def test_with_auth_on_every_route_but_health_needs_the_token(tmp_path: Path) -> 
         )
         assert_passed(result)
         assert TOKEN not in result.stdout  # the output is sanitized
+        # a gate that names its approver: 403 for another user, 202 for that one
+        status, gate = stack.http.post(
+            "/workflows",
+            {
+                "name": "gate",
+                "approval": {"approvers": ["bob"]},
+                "tasks": [{"id": "t", "action": "builtin.noop"}],
+            },
+        )
+        assert status == 202, gate
+        wf_id = gate["workflow_id"]
+        wait_until(
+            lambda: stack.http.get(f"/workflows/{wf_id}")[1]["status"] == "awaiting_approval"
+        )
+        schema = schemathesis.openapi.from_url(
+            f"{stack.http.base}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        statuses = []
+        for user in ("alice", "bob"):
+            token = json.loads(USERS)[user]
+            case = schema["/workflows/{id}/approve"]["POST"].Case(
+                path_parameters={"id": wf_id},
+                body={"comment": user},
+                media_type="application/json",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            response = case.call_and_validate(base_url=stack.http.base, timeout=60)
+            statuses.append((response.status_code, response.json().get("by")))
+        assert statuses == [(403, None), (202, "bob")], statuses
+        view = stack.http.wait_workflow(wf_id)
+        assert view["status"] == "completed" and view["submitted_by"] == "operator", view
+        assert [(a["decision"], a["by"]) for a in view["approvals"]] == [("approved", "bob")]
 
 
 def test_services_survive_the_contract_run(contract_stack: Stack) -> None:

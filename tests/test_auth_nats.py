@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .otlp import Receiver
+from testkit.otlp import Receiver
+
 from .support import PROBE_ENV, NatsServer, Stack, read_event_stream, wait_until
 
 pytestmark = pytest.mark.e2e

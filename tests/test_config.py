@@ -105,3 +105,33 @@ def test_unknown_section_variable_is_reported() -> None:
         "PROVISIONING_NATS_REPLICA is not a configuration key (typo?); it is ignored"
     ]
     assert config.nats.replicas == 1
+
+
+def test_providers_section_defaults_and_overrides(tmp_path: Path) -> None:
+    config = load_config(environ={"XDG_CONFIG_HOME": "/nonexistent"})
+    assert config.providers.enabled == ["local", "aws"]
+    assert "AWS_SECRET_ACCESS_KEY" in config.providers.env["aws"]
+    assert "AWS_ENDPOINT_URL" in config.providers.env["aws"]
+    assert config.providers.secrets == ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
+
+    file = tmp_path / "config.toml"
+    file.write_text('[providers]\nsecrets = ["MY_TOKEN"]\n[providers.env]\naws = ["AWS_PROFILE"]\n')
+    config = load_config(
+        file,
+        environ={
+            "PROVISIONING_PROVIDERS_ENABLED": "local",
+            "PROVISIONING_PROVIDERS_SECRETS": '["A", "B"]',
+        },
+    )
+    assert config.providers.enabled == ["local"]
+    assert config.providers.env == {"aws": ["AWS_PROFILE"]}
+    assert config.providers.secrets == ["A", "B"]
+    assert config.sources["providers.env"] == f"file:{file}"
+    assert config.sources["providers.enabled"] == "env:PROVISIONING_PROVIDERS_ENABLED"
+
+    file.write_text("[providers]\nenabeld = []\n")
+    with pytest.raises(ConfigError, match=r"unknown key providers\.enabeld"):
+        load_config(file, environ={})
+    file.write_text('[providers.env]\naws = "AWS_PROFILE"\n')
+    with pytest.raises(ConfigError, match=r"providers\.env"):
+        load_config(file, environ={})

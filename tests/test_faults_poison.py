@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from shared import subjects
+from shared.errors import MessageError
 from shared.ids import new_workflow_id
 from shared.messages import (
-    DecodeError,
     SubmitWorkflow,
     TaskDispatch,
     TaskFinished,
@@ -112,7 +112,7 @@ def _poison() -> list[tuple[str, bytes, str]]:
 def _decodes(data: bytes) -> bool:
     try:
         decode_command(data)
-    except (DecodeError, RecursionError):
+    except MessageError:
         return False
     return True
 
@@ -150,10 +150,10 @@ def test_poison_messages_are_dead_lettered_and_consumers_keep_going(stack: Stack
     # histories the gateway replays (SSE, logs): skipped when read, never dead-lettered
     for data in (b"\x00 not json", _nested(200_000)):
         publish(stack, subjects.event_subject(during), data)
-        publish(stack, subjects.log_subject(during, "s1"), data)
+        publish(stack, subjects.log_subject(during, "s1", 1), data)
     assert stack.http.get(f"/tasks/{during}.s1/logs") == (
         200,
-        {"task_id": f"{during}.s1", "lines": []},
+        {"task_id": f"{during}.s1", "attempt": None, "lines": [], "next_cursor": None},
     )
     audit.fault("poison message", len(poison) + 3 + 4)
 
@@ -215,7 +215,7 @@ def test_only_failures_of_the_input_itself_make_it_poison() -> None:
     import nats.errors
     import nats.js.errors
 
-    from services.scheduler.scheduler import POISON_DELIVERIES, _poisonous
+    from services.scheduler.inputs import POISON_DELIVERIES, poisonous
 
     not_the_input = [
         nats.errors.TimeoutError(),
@@ -227,7 +227,7 @@ def test_only_failures_of_the_input_itself_make_it_poison() -> None:
         ConnectionResetError(),
     ]
     for exc in not_the_input:
-        assert not _poisonous(exc, POISON_DELIVERIES * 100), exc
+        assert not poisonous(exc, POISON_DELIVERIES * 100), exc
     for exc in (ValueError("bad"), KeyError("t1"), nats.errors.MaxPayloadError()):
-        assert not _poisonous(exc, POISON_DELIVERIES - 1)
-        assert _poisonous(exc, POISON_DELIVERIES), exc
+        assert not poisonous(exc, POISON_DELIVERIES - 1)
+        assert poisonous(exc, POISON_DELIVERIES), exc

@@ -168,7 +168,9 @@ def test_task_whose_executor_keeps_dying_fails_with_max_deliveries(stack: Stack)
     assert doomed["attempts"][0]["reason"] == "max_deliveries"
     assert tasks["after"]["status"] == "skipped"
     assert task_of(stack.http, wf_id, "doomed")["reason"] == "max_deliveries"
-    assert f"{wf_id}.doomed attempt 1 delivered 3 times; failing it" in executor.log()
+    assert f"{wf_id}.doomed attempt 1 delivered 3 times without a result; failing it" in (
+        executor.log()
+    )
     audit.report("max deliveries")
 
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from shared.errors import MessageError
 from shared.messages import (
     CancelWorkflow,
-    DecodeError,
     RetryWorkflow,
     SubmitWorkflow,
     TaskDispatch,
@@ -76,7 +76,7 @@ def test_reports_round_trip() -> None:
     ],
 )
 def test_commands_decode_strictly(payload: bytes) -> None:
-    with pytest.raises(DecodeError):
+    with pytest.raises(MessageError):
         decode_command(payload)
 
 
@@ -85,7 +85,7 @@ def test_dispatch_rejects_wrong_types() -> None:
     assert decode_dispatch(encode(good)) == good
     raw = msgspec.json.decode(encode(good))
     raw["attempt"] = "1"
-    with pytest.raises(DecodeError):
+    with pytest.raises(MessageError):
         decode_dispatch(msgspec.json.encode(raw))
 
 

@@ -17,14 +17,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from core.registry import load_registry
-from services.gateway import views
+from services.gateway import plans, views
 from services.gateway.app import create_app
 from services.gateway.bodies import ProgressBody, ShortcutBody
 from services.gateway.openapi import EVENT_KINDS, openapi_document
 from services.gateway.responses import RESPONSES, json_response
 from shared.config import GatewayConfig, load_config
+from shared.ids import NAME_RE
 from shared.messages import (
+    Approval,
     AttemptRecord,
+    Decision,
     ExecutorBeat,
     Progress,
     TaskRecord,
@@ -43,7 +46,8 @@ WF = "01a2" + "0" * 28
 
 
 def gateway(auth_token: str = "") -> GatewayConfig:
-    return GatewayConfig(
+    return msgspec.structs.replace(
+        load_config(environ={}).gateway,
         host="127.0.0.1",
         port=9090,
         auth_token=auth_token,
@@ -92,7 +96,7 @@ def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
     for ref in refs(document):
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
     ids = [op["operationId"] for path in document["paths"].values() for op in path.values()]
-    assert len(ids) == len(set(ids)) == 15  # every route of the gateway, each named once
+    assert len(ids) == len(set(ids)) == 20  # every route of the gateway, each named once
     json.dumps(document)  # plain JSON data
 
 
@@ -110,7 +114,8 @@ def test_every_status_of_the_literals_is_in_the_document(document: dict[str, Any
     workflow, task = set(get_args(WorkflowStatus)), set(get_args(TaskStatus))
     assert set(schemas["WorkflowSummary"]["properties"]["status"]["enum"]) == workflow
     assert set(schemas["WorkflowView"]["properties"]["status"]["enum"]) == workflow
-    assert set(schemas["Accepted"]["properties"]["status"]["enum"]) == workflow
+    accepted = schemas["Accepted"]["properties"]["status"]["anyOf"]
+    assert {s for choice in accepted for s in choice["enum"]} == workflow | {"planning"}
     assert set(schemas["TaskView"]["properties"]["status"]["enum"]) == task
     counts = schemas["WorkflowView"]["properties"]["counts"]
     assert set(counts["propertyNames"]["enum"]) == task
@@ -157,7 +162,15 @@ def test_the_gateway_limits_are_in_the_document(document: dict[str, Any]) -> Non
         "getWorkflow",
         "cancelWorkflow",
         "retryWorkflow",
+        "approveWorkflow",
+        "rejectWorkflow",
+        "getPlan",
     }
+    plan = paths["/plans/{id}"]["get"]["responses"]["200"]["links"]
+    assert {link["operationId"] for link in plan.values()} == {"applyPlan"}
+    # a definition's task ids are names: the engine's child and undo ids are for records only
+    assert schemas["TaskSpec"]["properties"]["id"]["pattern"] == NAME_RE.pattern
+    assert "[" in schemas["TaskView"]["properties"]["id"]["pattern"]
 
 
 def spec(task_id: str = "a", **fields: Any) -> TaskSpec:
@@ -183,17 +196,52 @@ def records() -> tuple[WorkflowRecord, dict[str, TaskRecord]]:
     waiting = TaskRecord(
         WF, spec("b", depends_on=["a"], priority=5, retries=2), "retrying", attempt=1
     )
+    fanned = TaskRecord(
+        WF, spec("c", for_each="${a.result}", parallelism=2), "completed", attempt=1, children=2
+    )
+    child = TaskRecord(
+        WF,
+        spec("c[0]"),
+        "waiting",
+        parent="c",
+        keys=[],
+        waiting_for="key host-1 (held by x.a)",
+        waiting_since=NOW,
+        args={"host": "h1"},
+    )
+    gated = TaskRecord(
+        WF,
+        spec("c[1]", approval=Approval(approvers=["alice"])),
+        "awaiting_approval",
+        parent="c",
+        approval_deadline=NOW,
+    )
+    undo = TaskRecord(WF, spec("a[undo]"), "cancelling", compensates="a", handbacks=1, note="x")
     record = WorkflowRecord(
         id=WF,
         name="w",
-        status="running",
+        status="compensating",
         created_at=NOW,
-        task_ids=["a", "b"],
+        task_ids=["a", "b", "c"],
+        on_failure="compensate",
         started_at=NOW,
         trace_id="ab" * 16,
-        counts={"completed": 1, "retrying": 1},
+        counts={"completed": 2, "retrying": 1, "waiting": 1, "awaiting_approval": 1},
+        submitted_by="alice",
+        approval=Approval(approvers=["bob"], timeout_seconds=60),
+        approval_deadline=NOW,
+        approvals=[Decision("approved", "bob", NOW), Decision("rejected", "carol", NOW, "c[1]")],
+        mode="apply",
+        plan_id="ff" * 16,
     )
-    return record, {"a": done, "b": waiting}
+    return record, {
+        "a": done,
+        "b": waiting,
+        "c": fanned,
+        "c[0]": child,
+        "c[1]": gated,
+        "a[undo]": undo,
+    }
 
 
 def test_the_views_answer_what_the_document_says(document: dict[str, Any]) -> None:
@@ -213,6 +261,7 @@ def test_the_views_answer_what_the_document_says(document: dict[str, Any]) -> No
         ("TaskView", views.task_view(tasks["a"], None)),
         ("TaskView", views.task_view(tasks["b"], progress["b"])),
         ("ExecutorView", views.executor_view(beat, NOW + timedelta(seconds=1))),
+        ("PlanView", plans.plan_view(record, tasks, NOW + timedelta(seconds=5), 3600)),
     ]
     for name, body in answers:
         validator(document, name).validate(answer(body))
@@ -223,7 +272,44 @@ def test_views_keep_the_answers_of_before() -> None:
     record, tasks = records()
     view = answer(views.workflow_view(record, tasks, {}))
     assert view["created_at"] == "2026-01-02T03:04:05.678901+00:00"
-    assert view["counts"] == {"completed": 1, "retrying": 1} and view["progress"] == 50
+    assert view["counts"] == {
+        "completed": 2,
+        "retrying": 1,
+        "waiting": 1,
+        "awaiting_approval": 1,
+        "cancelling": 1,
+    }
+    # of every task counted, fan-out children and compensations included (2 of 6), where it
+    # was of the definition's tasks (2 of 3; a fan-out of many children went over 100)
+    assert view["progress"] == 33
+    assert [t["task_id"].split(".", 1)[1] for t in view["tasks"]] == [
+        "a",
+        "b",
+        "c",
+        "c[0]",
+        "c[1]",
+        "a[undo]",
+    ]
+    assert (view["mode"], view["plan_id"], view["submitted_by"]) == ("apply", "ff" * 16, "alice")
+    assert view["approval"] == {"approvers": ["bob"], "timeout_seconds": 60.0}
+    assert view["approval_deadline"] == "2026-01-02T03:04:05.678901+00:00"
+    assert view["approvals"] == [
+        {"decision": "approved", "by": "bob", "at": "2026-01-02T03:04:05.678901Z"},
+        {
+            "decision": "rejected",
+            "by": "carol",
+            "at": "2026-01-02T03:04:05.678901Z",
+            "task_id": "c[1]",
+        },
+    ]
+    child = view["tasks"][3]
+    assert (child["parent"], child["args"], child["waiting_for"]) == (
+        "c",
+        {"host": "h1"},
+        "key host-1 (held by x.a)",
+    )
+    assert (view["tasks"][2]["children"], view["tasks"][5]["compensates"]) == (2, "a")
+    assert view["tasks"][5]["handbacks"] == 1 and view["tasks"][5]["note"] == "x"
     assert view["duration_seconds"] is None and view["error"] is None
     task = view["tasks"][0]
     assert task["attempts"] == [
@@ -257,6 +343,7 @@ def test_views_keep_the_answers_of_before() -> None:
             "id": "a",
             "task_id": f"{WF}.a",
             "action": "builtin.noop",
+            "args": {},
             "status": "pending",
             "attempt": 0,
             "progress": 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from services.stack import RESTART_INITIAL_S, STABLE_AFTER_S
 
 from .support import Http, free_port, wait_until
 
@@ -104,3 +107,188 @@ def test_up_with_external_nats(tmp_path: Path, nats_url: str) -> None:
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output[-3000:]
     assert not (tmp_path / "data" / "nats").exists()
+
+
+# -- supervision: every child on its own, NATS included -----------------------------------------
+
+_BACKOFF_RE = re.compile(r"^up\s*\| (\S+) exited with code (-?\d+).*restarting in ([\d.]+)s$", re.M)
+
+
+def _children(parent: int) -> dict[str, int]:
+    """``up``'s live children by service (``nats``, ``scheduler``, ``executor``, ``gateway``)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" or int(fields[1]) != parent or not argv[0]:
+            continue
+        name = "nats" if argv[0].endswith(b"nats-server") else argv[-2].decode()
+        found[name] = int(entry.name)
+    return found
+
+
+class Up:
+    """``provisioning-orchestrator up`` as a subprocess on free ports with one executor; its
+    output in a file (read while it runs), its children found in ``/proc``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.nats_port, self.port = free_port(), free_port()
+        self.out_path = tmp_path / "up.out"
+        self.marker = str(tmp_path / "data")
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "PYTHONUNBUFFERED": "1"}
+        env.pop("NATS_URL", None)
+        with self.out_path.open("w") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "services", "--data-dir", self.marker, "up"),
+                    *("--nats-port", str(self.nats_port), "--port", str(self.port)),
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.http = Http(f"http://127.0.0.1:{self.port}")
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def backoffs(self, name: str) -> list[float]:
+        """The delay ``up`` announced after each exit of a child, in order."""
+        return [float(d) for n, _, d in _BACKOFF_RE.findall(self.output()) if n == name]
+
+    def pid(self, service: str, *, other_than: int = 0, timeout: float = 30) -> int:
+        """The pid of a service's (new) process."""
+
+        def found() -> int:
+            pid = _children(self.proc.pid).get(service, 0)
+            return pid if pid != other_than else 0
+
+        return int(wait_until(found, timeout, 0.05, what=f"{service} (re)started"))
+
+    def kill(self, service: str) -> int:
+        pid = self.pid(service)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def crash_loop(self, service: str, name: str, *, until_s: float) -> float:
+        """Kill a service as soon as it is back, until ``up`` announces a backoff of at least
+        ``until_s``; that backoff."""
+        while True:
+            count = len(self.backoffs(name))
+            self.kill(service)
+            wait_until(lambda n=count: len(self.backoffs(name)) > n, 10, 0.05, what="the backoff")
+            if (delay := self.backoffs(name)[-1]) >= until_s:
+                return delay
+            self.pid(service, timeout=delay + 30)
+
+    def health_status(self) -> int:
+        try:
+            return self.http.get("/health", timeout=2)[0]
+        except OSError:
+            return 0
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            print(self.output()[-6000:])
+
+
+def test_an_executor_killed_after_running_stably_comes_back_as_fast_each_time(
+    tmp_path: Path,
+) -> None:
+    """Backoff resets: each kill after a stable run is a new incident, not a crash loop."""
+    up = Up(tmp_path)
+    try:
+        up.http.wait_healthy(60)
+        pid, seen = up.pid("executor"), time.monotonic()
+        took = []
+        for kills in (1, 2):
+            time.sleep(max(0.0, seen + STABLE_AFTER_S + 0.5 - time.monotonic()))
+            up.kill("executor")
+            killed = time.monotonic()
+            pid, seen = up.pid("executor", other_than=pid), time.monotonic()
+            took.append(round(seen - killed, 2))
+            assert len(up.backoffs("executor-1")) == kills
+        print(f"\nexecutor back after {took} s; backoffs {up.backoffs('executor-1')}")
+        assert up.backoffs("executor-1") == [RESTART_INITIAL_S, RESTART_INITIAL_S]
+        assert up.proc.poll() is None
+    finally:
+        assert up.stop() == 0
+
+
+def test_a_gateway_killed_while_an_executor_waits_out_a_long_backoff_is_back_at_once(
+    tmp_path: Path,
+) -> None:
+    """Children are supervised independently: no child's backoff delays another's restart."""
+    up = Up(tmp_path)
+    try:
+        up.http.wait_healthy(60)
+        executor_backoff = up.crash_loop("executor", "executor-1", until_s=8)
+        waiting_since = time.monotonic()
+        up.kill("gateway")
+        wait_until(lambda: up.health_status() == 200, 30, 0.05, what="the gateway back")
+        back_after = time.monotonic() - waiting_since
+        print(f"\ngateway back after {back_after:.2f}s; executor waits {executor_backoff:g}s")
+        assert "executor" not in _children(up.proc.pid), "the executor's backoff is over"
+        assert back_after < executor_backoff
+    finally:
+        assert up.stop() == 0
+
+
+def test_sigterm_during_a_long_backoff_stops_up_within_seconds(tmp_path: Path) -> None:
+    up = Up(tmp_path)
+    try:
+        up.http.wait_healthy(60)
+        executor_backoff = up.crash_loop("executor", "executor-1", until_s=8)
+        asked = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        code = up.proc.wait(60)
+        took = time.monotonic() - asked
+        print(f"\nup stopped {took:.2f}s after SIGTERM (executor backoff {executor_backoff:g}s)")
+        assert code == 0
+        assert took < 5
+        time.sleep(0.5)
+        assert _processes_mentioning(up.marker) == [], "processes left behind"
+        assert "executor-1 restarted" not in up.output().rsplit("restarting in", 1)[1]
+    finally:
+        up.stop()
+
+
+def test_up_restarts_its_nats_on_the_same_port_with_the_same_data(tmp_path: Path) -> None:
+    up = Up(tmp_path)
+    try:
+        up.http.wait_healthy(60)
+        status, accepted = up.http.post(
+            "/workflows",
+            {
+                "name": "across a NATS restart",
+                "tasks": [
+                    {"id": "a", "action": "builtin.sleep", "args": {"seconds": 2}},
+                    {"id": "b", "action": "builtin.noop", "depends_on": ["a"]},
+                ],
+            },
+        )
+        assert status == 202, accepted
+        wf_id = accepted["workflow_id"]
+        nats = up.kill("nats")
+        up.pid("nats", other_than=nats)
+        assert up.backoffs("nats") == [RESTART_INITIAL_S]
+        view = up.http.wait_workflow(wf_id, timeout=60)  # the gateway's NATS_URL: same port
+        assert view["status"] == "completed", view
+        assert up.proc.poll() is None, "up exited"
+        assert (
+            up.output().count(f"Listening for client connections on 127.0.0.1:{up.nats_port}") == 2
+        )
+        assert set(_children(up.proc.pid)) == {"nats", "scheduler", "executor", "gateway"}
+    finally:
+        assert up.stop() == 0

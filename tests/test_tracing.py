@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from .otlp import Receiver
+from testkit.otlp import Receiver
+
 from .support import NatsServer, Stack, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -72,12 +73,15 @@ def test_one_trace_across_services_and_subprocess(traced: tuple[Stack, Receiver]
     def complete() -> list[dict[str, Any]] | None:
         spans = receiver.trace(trace_id)
         names = [s["name"] for s in spans]
+        ids = {s["span_id"] for s in spans}
         return (
             spans
             if names.count("execute flaky") == 2
             and "subprocess probe.progress" in names
-            # each service exports on its own schedule: wait for all of them
+            # each service exports on its own schedule: wait for all of them, and for the
+            # dispatch span of every execution (the scheduler's batch may come last)
             and {s["service"] for s in spans} >= SERVICES
+            and all(s["parent_id"] in ids for s in spans if s["name"].startswith("execute "))
             else None
         )
 

@@ -149,7 +149,7 @@ def test_events_of_failure_retry_and_cancel(stack: Stack) -> None:
     retrying = next(e for e in events if e.data.get("status") == "retrying")
     assert retrying.data["reason"] == "error" and retrying.data["error"]
     assert statuses(events, "task", "child") == ["skipped"]
-    assert statuses(events, "task", "long") == ["queued", "running", "cancelled"]
+    assert statuses(events, "task", "long") == ["queued", "running", "cancelling", "cancelled"]
     assert statuses(events, "workflow") == ["queued", "running", "cancelled"]
 
 

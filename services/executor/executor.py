@@ -20,13 +20,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from core.actions import run_action, task_environment
 from core.registry import Registry
 from core.runner import Runner, RunResult
 from shared import __version__, subjects
@@ -34,28 +34,27 @@ from shared.auth import task_token
 from shared.bus import Bus
 from shared.cancellation import cancel_and_wait
 from shared.config import Config
-from shared.errors import ActionNotFound
-from shared.ids import NAME_RE, is_workflow_id
+from shared.errors import MessageError, ProvisioningError
+from shared.ids import NAME_RE, is_task_id, is_workflow_id
 from shared.messages import (
     TERMINAL_TASK,
-    DecodeError,
     ExecutorBeat,
     LogChunk,
     Progress,
     ProgressEvent,
-    Report,
     TaskDispatch,
     TaskFinished,
+    TaskHandedBack,
+    TaskRecord,
     TaskStarted,
     decode_dispatch,
-    decode_report,
+    decode_task_ids,
     encode,
 )
 from shared.metrics import Metrics
 from shared.store import Store
+from shared.streams import Streams
 from shared.tracing import current_traceparent, headers_with_context, message_span
-
-from .builtins import run_builtin
 
 __all__ = ["Executor"]
 
@@ -66,7 +65,6 @@ LOG_FLUSH_LINES = 100
 LOG_FLUSH_BYTES = 128 * 1024
 FETCH_TIMEOUT_S = 1.0
 EXPIRED_BEFORE_START = 0.8  # of the ack wait: a delivery this old is left to its redelivery
-_task_list = msgspec.json.Decoder(list[str])
 
 
 def _now() -> datetime:
@@ -78,7 +76,7 @@ def _not_a_dispatch(subject: str, dispatch: TaskDispatch) -> str | None:
     that does not match them), or None. Such a message is dead-lettered, never run."""
     if not is_workflow_id(dispatch.workflow_id):
         return f"not a dispatch: workflow id {dispatch.workflow_id[:80]!r}"
-    if not (NAME_RE.match(dispatch.task_id) and NAME_RE.match(dispatch.pool)):
+    if not (is_task_id(dispatch.task_id) and NAME_RE.match(dispatch.pool)):
         return f"not a dispatch: task id {dispatch.task_id[:80]!r}, pool {dispatch.pool[:80]!r}"
     if subject != subjects.dispatch_subject(dispatch.pool, dispatch.workflow_id, dispatch.task_id):
         return "not a dispatch: the subject does not match the task"
@@ -115,7 +113,9 @@ class _LogSink:
         self.truncated = False
         self.pending: list[tuple[str, str]] = []
         self.pending_bytes = 0
-        self.subject = subjects.log_subject(dispatch.workflow_id, dispatch.task_id)
+        self.subject = subjects.log_subject(
+            dispatch.workflow_id, dispatch.task_id, dispatch.attempt
+        )
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -185,6 +185,7 @@ class Executor:
         self.config = config
         self.bus = bus
         self.store = Store(bus)
+        self.streams = Streams(bus)
         self.registry = registry
         self.runner = runner
         self.pool = pool or config.executor.pool
@@ -228,7 +229,7 @@ class Executor:
                 self.ack_wait_s,
             )
         sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
-        kill_sub = await self.bus.nc.subscribe(f"{subjects.PREFIX}.kill.*", cb=self._on_kill)
+        kill_sub = await self.bus.nc.subscribe(subjects.kill_filter(), cb=self._on_kill)
         try:  # a leader election in a NATS cluster must not stop us: the loop beats again
             await self._beat()
         except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -268,7 +269,7 @@ class Executor:
                 await asyncio.wait(pending, timeout=self.config.executor.kill_grace_seconds + 5)
         await cancel_and_wait(beats)
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self.bus.kv.executors.delete(self.id)
+            await self.store.remove_beat(self.id)
 
     async def _ensure_consumer(self) -> None:
         """Re-create the pool's consumer if it was deleted (it is then found again by name)."""
@@ -345,21 +346,21 @@ class Executor:
             draining=self._draining,
             interval_seconds=self.config.executor.heartbeat_interval_seconds,
         )
-        await self.bus.kv.executors.put(self.id, encode(beat))
+        await self.store.put_beat(beat)
 
     async def _on_kill(self, msg: Msg) -> None:
-        workflow_id = msg.subject.rsplit(".", 1)[-1]
+        workflow_id = subjects.kill_workflow(msg.subject)
         try:
-            task_ids = _task_list.decode(msg.data)
-        except (DecodeError, RecursionError) as exc:
+            task_ids = decode_task_ids(msg.data)
+        except MessageError as exc:
             # every executor sees a core message: one copy in the dead-letter stream
             digest = hashlib.sha256(msg.subject.encode() + b"\0" + msg.data).hexdigest()[:40]
             await self.bus.dead_letter(
-                "executor", msg, f"undecodable kill request: {exc}", msg_id=f"kill.{digest}"
+                "executor", msg, f"kill request {exc.message}", msg_id=f"kill.{digest}"
             )
             return
         for task_id in task_ids:
-            running = self._running.get(f"{workflow_id}.{task_id}")
+            running = self._running.get(subjects.task_key(workflow_id, task_id))
             if running is not None:
                 log.info("cancelling %s.%s on request", workflow_id, task_id)
                 running.cancel.set()
@@ -370,8 +371,8 @@ class Executor:
         try:
             dispatch = decode_dispatch(msg.data)
             problem = _not_a_dispatch(msg.subject, dispatch)
-        except (DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
-            problem = f"undecodable dispatch: {exc}"
+        except MessageError as exc:
+            problem = f"dispatch {exc.message}"
         if problem is not None:
             if await self.bus.dead_letter("executor", msg, problem):
                 await msg.term()
@@ -379,7 +380,7 @@ class Executor:
                 await msg.nak(delay=5)
             return
         delivery = msg.metadata.num_delivered or 1
-        key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
         log.debug("%s attempt %d delivery %d received", key, dispatch.attempt, delivery)
         current = self._running.get(key)
         if current is not None and current.dispatch.attempt == dispatch.attempt:
@@ -390,29 +391,10 @@ class Executor:
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
             return
-        if delivery > self.config.executor.max_deliveries:
-            log.error(
-                "%s attempt %d delivered %d times; failing it", key, dispatch.attempt, delivery
-            )
-            now = _now()
-            await self._report_finished(
-                dispatch,
-                delivery,
-                RunResult(
-                    "failed",
-                    reason="max_deliveries",
-                    error=f"delivered {delivery} times without a result (executors crashing?)",
-                ),
-                now,
-                now,
-                retryable=False,
-            )
-            await msg.ack()
+        settled = await self._fence(msg, dispatch, delivery)
+        if settled is None:  # deferred: delivered again later
             return
-        done = await self._already_done(msg, dispatch, delivery)
-        if done is None:  # deferred: delivered again later
-            return
-        if done:
+        if settled:
             await msg.ack()
             return
         running = _Running(msg, dispatch, delivery)
@@ -423,17 +405,18 @@ class Executor:
         finally:
             self._running.pop(key, None)
 
-    async def _already_done(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> bool | None:
-        """Fencing: skip (True) an attempt that is stale, finished or whose result is on its way;
-        defer (None: nak, it comes back after the ack wait) a delivery that another executor
-        has already started; else run it (False).
+    async def _fence(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> bool | None:
+        """Fencing: settle (True) an attempt that is stale, finished, cancelled, whose result is
+        on its way, or that was delivered too often without a result; defer (None: nak, it
+        comes back after the ack wait) a delivery that another executor has already started;
+        else run it (False).
 
         The pending report is read before the checkpoint: the scheduler writes the checkpoint
         before it consumes the report, so a report gone by the first read is in the checkpoint
         by the second. (In the other order a result consumed between the two reads is missed
         by both, and the task runs again.)"""
-        key = f"{dispatch.workflow_id}.{dispatch.task_id}"
-        report = await self._pending_report(dispatch)
+        key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
+        report = await self.streams.last_report(dispatch.workflow_id, dispatch.task_id)
         found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -459,23 +442,24 @@ class Executor:
                 record.attempt,
             )
             return True
-        if record.cancel_requested:
-            now = _now()
-            await self._report_finished(
-                dispatch,
-                delivery,
-                RunResult("cancelled", reason="cancelled", error="cancelled"),
-                now,
-                now,
-            )
-            return True
         if (
-            record.status == "running"
+            record.status in ("running", "cancelling")
             and record.delivery >= delivery
             and record.executor_id not in (None, self.id)
         ):
             await self._defer(msg, key, dispatch, delivery, record.executor_id)
             return None
+        if record.cancel_requested:
+            # cancelled before it (re)started here: it ends cancelled without running again
+            now = _now()
+            await self._report_finished(
+                dispatch,
+                delivery,
+                RunResult("cancelled", reason="cancelled", error="cancelled before it started"),
+                now,
+                now,
+            )
+            return True
         if isinstance(report, TaskFinished) and report.attempt == dispatch.attempt:
             log.info("%s attempt %d already finished; not running it again", key, dispatch.attempt)
             return True
@@ -487,21 +471,29 @@ class Executor:
         ):
             await self._defer(msg, key, dispatch, delivery, report.executor_id)
             return None
-        return False
-
-    async def _pending_report(self, dispatch: TaskDispatch) -> Report | None:
-        """The last report of the task not yet consumed by the scheduler, if any."""
-        try:
-            last = await self.bus.js.get_last_msg(
-                subjects.STREAM_REPORTS,
-                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+        crashes = delivery - _handbacks(record, report, dispatch.attempt)
+        if crashes > self.config.executor.max_deliveries:
+            log.error(
+                "%s attempt %d delivered %d times without a result; failing it",
+                key,
+                dispatch.attempt,
+                crashes,
             )
-        except nats.js.errors.NotFoundError:
-            return None
-        try:
-            return decode_report(last.data or b"")
-        except (DecodeError, RecursionError):
-            return None
+            now = _now()
+            await self._report_finished(
+                dispatch,
+                delivery,
+                RunResult(
+                    "failed",
+                    reason="max_deliveries",
+                    error=f"delivered {crashes} times without a result (executors crashing?)",
+                ),
+                now,
+                now,
+                retryable=False,
+            )
+            return True
+        return False
 
     async def _defer(
         self, msg: Msg, key: str, dispatch: TaskDispatch, delivery: int, holder: str | None
@@ -521,7 +513,8 @@ class Executor:
 
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
-        key = f"{dispatch.workflow_id}.{dispatch.task_id}"
+        key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
+        report_subject = subjects.report_subject(dispatch.workflow_id, dispatch.task_id)
         with message_span(
             tracer,
             f"execute {dispatch.task_id}",
@@ -539,7 +532,7 @@ class Executor:
         ) as span:
             started = _now()
             await self.bus.publish(
-                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+                report_subject,
                 encode(
                     TaskStarted(
                         dispatch.workflow_id,
@@ -566,6 +559,7 @@ class Executor:
                 )
                 return
             log.debug("%s attempt %d delivery %d started", key, dispatch.attempt, delivery)
+            await self._bound_logs(dispatch)
             keepalive = asyncio.create_task(self._keepalive(running))
             t0 = time.monotonic()
             try:
@@ -576,10 +570,7 @@ class Executor:
                 await cancel_and_wait(keepalive)
             if running.handed_back and result.outcome == "cancelled":  # stopped by shutdown
                 span.set_attribute("task.handed_back", True)
-                log.info("%s handed back for redelivery", key)
-                with contextlib.suppress(nats.errors.Error):
-                    for handed in (msg, *running.extra):
-                        await handed.nak()
+                await self._hand_back(running)
                 return
             if running.superseded_by or (
                 # a later delivery needs the ack wait to pass first: a task this short has none
@@ -619,27 +610,45 @@ class Executor:
                 f" ({result.error})" if result.error else "",
             )
 
+    async def _hand_back(self, running: _Running) -> None:
+        """Give an attempt stopped by this executor's shutdown back for redelivery, saying so
+        first: a hand-back is not a crash and does not count toward ``max_deliveries``."""
+        dispatch = running.dispatch
+        key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
+        report = TaskHandedBack(
+            dispatch.workflow_id,
+            dispatch.task_id,
+            dispatch.attempt,
+            running.delivery,
+            self.id,
+            _now(),
+        )
+        try:
+            await self.bus.publish(
+                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
+                encode(report),
+                msg_id=subjects.handback_msg_id(
+                    dispatch.workflow_id, dispatch.task_id, dispatch.attempt, running.delivery
+                ),
+            )
+        except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("%s: could not report the hand-back (%s)", key, exc)
+        log.info("%s handed back for redelivery", key)
+        with contextlib.suppress(nats.errors.Error):
+            for handed in (running.msg, *running.extra):
+                await handed.nak()
+
+    async def _bound_logs(self, dispatch: TaskDispatch) -> None:
+        """Keep a task's stored logs bounded across attempts: the first attempt's and the
+        newest ones', ``[executor] log_attempts_kept`` in all."""
+        kept = self.config.executor.log_attempts_kept
+        old = dispatch.attempt - kept + 1
+        if old > 1:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.streams.purge_logs(dispatch.workflow_id, dispatch.task_id, old)
+
     async def _run_action(self, running: _Running, span: trace.Span) -> RunResult:
         dispatch = running.dispatch
-        try:
-            action = self.registry.get(dispatch.action)
-        except ActionNotFound:
-            return RunResult(
-                "failed", reason="refused", error=f"unknown action {dispatch.action!r}"
-            )
-        if action.kind == "builtin":
-            return await run_builtin(
-                action.name,
-                dispatch.args,
-                timeout_s=dispatch.timeout_seconds,
-                cancel=running.cancel,
-            )
-        if action.kind == "command" and not self.config.executor.allow_commands:
-            return RunResult(
-                "failed",
-                reason="refused",
-                error="plain-command tasks are disabled here ([executor] allow_commands)",
-            )
         sink = _LogSink(self.bus, dispatch, self.config.executor.log_limit_bytes)
 
         async def on_progress(percent: int, message: str) -> None:
@@ -647,28 +656,34 @@ class Executor:
             await self._progress(dispatch, percent, message)
 
         with tracer.start_as_current_span(
-            f"subprocess {action.name}", attributes={"process.command": action.kind}
+            f"subprocess {dispatch.action}", attributes={"process.command": dispatch.action}
         ) as sub_span:
-            task_env = {
-                "PROVISIONING_TASK_ID": f"{dispatch.workflow_id}.{dispatch.task_id}",
-                "PROVISIONING_WORKFLOW_ID": dispatch.workflow_id,
-                "PROVISIONING_ATTEMPT": str(dispatch.attempt),
-                "PROVISIONING_GATEWAY_URL": self.config.orchestrator.endpoint,
-            }
-            if traceparent := current_traceparent():
-                task_env["TRACEPARENT"] = traceparent
-            if secret := self.config.gateway.auth_token:  # a capability, never the secret itself
-                task_env["PROVISIONING_TASK_TOKEN"] = task_token(
+            secret = self.config.gateway.auth_token
+            task_env = task_environment(
+                dispatch.workflow_id,
+                dispatch.task_id,
+                dispatch.attempt,
+                gateway_url=self.config.orchestrator.endpoint,
+                traceparent=current_traceparent(),
+                task_token=task_token(
                     secret, dispatch.workflow_id, dispatch.task_id, dispatch.attempt
                 )
-            result = await self.runner.run(
-                action,
+                if secret
+                else None,
+            )
+            result = await run_action(
+                self.registry,
+                self.runner,
+                dispatch.action,
                 dispatch.args,
+                allow_commands=self.config.executor.allow_commands,
                 task_env=task_env,
                 timeout_s=dispatch.timeout_seconds,
+                cancel=running.cancel,
                 on_line=sink.add,
                 on_progress=on_progress,
-                cancel=running.cancel,
+                mode=dispatch.mode,
+                expect_change=dispatch.expect_change,
             )
             await sink.close()
             sub_span.set_attribute(
@@ -730,11 +745,10 @@ class Executor:
         with contextlib.suppress(nats.errors.Error):
             await self.bus.nc.publish(subjects.event_subject(dispatch.workflow_id), encode(event))
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self.bus.kv.progress.put(
-                f"{dispatch.workflow_id}.{dispatch.task_id}",
-                encode(
-                    Progress(percent=percent, at=now, message=message, attempt=dispatch.attempt)
-                ),
+            await self.store.put_progress(
+                dispatch.workflow_id,
+                dispatch.task_id,
+                Progress(percent=percent, at=now, message=message, attempt=dispatch.attempt),
             )
 
     async def _report_finished(
@@ -765,6 +779,21 @@ class Executor:
         await self.bus.publish(
             subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
             encode(report),
-            msg_id=f"{dispatch.workflow_id}.{dispatch.task_id}.{dispatch.attempt}.{delivery}.done",
+            msg_id=subjects.finished_msg_id(
+                dispatch.workflow_id, dispatch.task_id, dispatch.attempt, delivery
+            ),
             headers=headers_with_context(),
         )
+
+
+def _handbacks(record: TaskRecord, report: object, attempt: int) -> int:
+    """Graceful hand-backs of ``attempt`` so far: counted in its checkpoint, plus one reported
+    but not yet applied by the scheduler."""
+    count = record.handbacks if record.attempt == attempt else 0
+    if (
+        isinstance(report, TaskHandedBack)
+        and report.attempt == attempt
+        and report.delivery > record.handback_delivery
+    ):
+        count += 1
+    return count

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,76 +19,105 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from nats.js.api import DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core import infra
+from core.providers import Providers
 from core.registry import Registry
+from engine.bindings import claims_for
 from shared import API_VERSION, __version__, subjects
 from shared.auth import bearer_token, task_token, tokens_equal
 from shared.bus import Bus
 from shared.cancellation import cancel_and_wait
-from shared.config import Config
+from shared.config import Config, GatewayConfig
 from shared.errors import (
     BusUnavailable,
+    Conflict,
     DefinitionError,
+    Forbidden,
+    MessageError,
     NotFound,
     PayloadTooLarge,
     ProvisioningError,
     QueueFull,
+    RequestTimeout,
 )
-from shared.ids import idempotent_workflow_id, is_workflow_id, new_workflow_id, split_task_key
+from shared.ids import split_task_key
+from shared.keys import parse_rate
 from shared.messages import (
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     CancelWorkflow,
-    DecodeError,
+    Mode,
     Progress,
     ProgressEvent,
     RetryWorkflow,
     SubmitWorkflow,
+    TaskRecord,
     WorkflowDefinition,
     WorkflowEvent,
     WorkflowRecord,
     WorkflowStatus,
-    decode_command,
     decode_event,
-    decode_lease,
-    decode_log,
     encode,
-    from_builtins,
 )
 from shared.nickel_source import evaluate_nickel
+from shared.parsing import DefinitionParser
 from shared.store import Store
-from shared.tracing import context_from, headers_with_context, message_span, trace_id_hex
+from shared.streams import Streams
+from shared.tracing import context_from, headers_with_context
 from shared.workflow import (
     format_for_content_type,
     parse_definition,
     validate_definition,
 )
 
-from .bodies import ProgressBody, ShortcutBody
+from . import approvals, plans
+from .bodies import ProgressBody, ShortcutBody, decode_body
+from .common import (
+    BUS,
+    CALLER,
+    CLAIMS,
+    CONFIG,
+    PARSER,
+    RECENT,
+    REDACTOR,
+    REGISTRY,
+    STORE,
+    STREAMS,
+)
+from .common import error_response as _error
+from .common import json_body as _json_body
+from .common import task_ids as _task_ids
+from .common import workflow_id as _workflow_id
+from .console import add_console, is_console_asset
 from .openapi import openapi_document
 from .responses import (
+    LOG_CURSOR_PATTERN,
+    LOG_PAGE_DEFAULT,
+    LOG_PAGE_MAX,
+    MAX_ATTEMPT,
     MAX_OFFSET,
     MAX_PAGE,
-    Accepted,
     Cancelling,
-    Error,
-    ErrorBody,
+    Concurrency,
     Executors,
     Health,
+    KeyView,
     LogLine,
     NatsHealth,
     ProgressAccepted,
+    RateView,
     RetryAccepted,
     SchedulerHealth,
     TaskLogs,
+    TracingHealth,
     WorkflowList,
     WorkflowSummary,
     json_response,
 )
+from .submission import submit as _submit
 from .views import (
     executor_view,
     pending_summary,
@@ -104,32 +132,17 @@ __all__ = ["BUS", "create_app"]
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.gateway")
 
-BUS = web.AppKey("bus", Bus)
-CONFIG = web.AppKey("config", Config)
-REGISTRY = web.AppKey("registry", Registry)
-STORE = web.AppKey("store", Store)
-OPENAPI = web.AppKey("openapi", bytes)  # this app's document, encoded once
-# Submissions this gateway accepted, by workflow id: (name, number of tasks, submitted at).
-# Their summaries are answered from here until the scheduler writes the record, rather than by
-# reading the submission back from JetStream (a 10,000-task definition is about 1 MB).
-RECENT = web.AppKey("recent", dict[str, tuple[str, int, datetime]])
-RECENT_LIMIT = 1024
 SSE_HEARTBEAT_S = 15.0
+INLINE_JSON_MAX_BYTES = 16 * 1024  # JSON definitions up to this size are parsed on the loop
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROGRESS_ROUTE = "/tasks/{id}/progress"
 _EVENT_ID_RE = re.compile(r"[0-9]{1,19}")
+OPENAPI = web.AppKey("openapi", bytes)  # this app's document, encoded once
 _WORKFLOW_STATUSES: frozenset[str] = frozenset(get_args(WorkflowStatus))
 # Query booleans: what OpenAPI sends (true/false), and the spellings accepted before it.
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _UNSIGNED_RE = re.compile(r"[0-9]{1,19}")
-
-
-def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
-    body = ErrorBody(code=code, message=message)
-    if details:
-        body.details = details
-    return json_response(Error(error=body), status=status)
 
 
 _STATUS_FOR: dict[type[ProvisioningError], int] = {
@@ -137,6 +150,9 @@ _STATUS_FOR: dict[type[ProvisioningError], int] = {
     PayloadTooLarge: 413,
     BusUnavailable: 503,
     QueueFull: 503,
+    RequestTimeout: 504,
+    Conflict: 409,
+    Forbidden: 403,
 }
 
 
@@ -187,17 +203,27 @@ async def _task_token_ok(request: web.Request, secret: str, given: str) -> bool:
     return tokens_equal(given, task_token(secret, wf_id, task_id, found[0].attempt))
 
 
-def _auth_middleware(secret: str) -> Any:
+def _auth_middleware(config: Config) -> Any:
+    """Every route but ``/health`` (and the console's static files) needs a bearer token: the
+    operators' ``[gateway] auth_token``, a user's (``[gateway] users``: the caller is then that
+    user, e.g. for approvals), or a task's own capability token for its progress."""
+    secret = config.gateway.auth_token
+    names = {"operator": secret, **config.gateway.users}
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/health":
+        if request.path != "/health" and not is_console_asset(request):
             given = bearer_token(request.headers.get("Authorization", ""))
-            if given is None or not (
-                tokens_equal(given, secret) or await _task_token_ok(request, secret, given)
-            ):
+            who = None
+            if given is not None:
+                who = next((n for n, token in names.items() if tokens_equal(given, token)), None)
+                if who is None and await _task_token_ok(request, secret, given):
+                    who = "task"
+            if who is None:
                 response = _error(401, "unauthorized", "missing or invalid bearer token")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="provisioning"'
                 return response
+            request[CALLER] = who
         return await handler(request)
 
     return auth
@@ -225,9 +251,33 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
 
 
+def _timeout_middleware(seconds: float) -> Any:
+    """Bound every request but the streams (SSE) to ``[gateway] request_timeout_seconds``."""
+
+    @web.middleware
+    async def timeout(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.endswith("/events") or request.query.get("follow"):
+            return await handler(request)
+        try:
+            async with asyncio.timeout(seconds) as deadline:
+                return await handler(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise RequestTimeout(
+                f"the request took longer than {seconds:g}s ([gateway] request_timeout_seconds)"
+            ) from None
+
+    return timeout
+
+
 @web.middleware
 async def bus_ready_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in ("/health", "/openapi.json") and not request.app[BUS].ready:
+    if (
+        request.path not in ("/health", "/openapi.json")
+        and not is_console_asset(request)
+        and not request.app[BUS].ready
+    ):
         return _error(503, "bus_unavailable", "not connected to NATS yet")
     return await handler(request)
 
@@ -253,20 +303,6 @@ _MALFORMED_REQUESTS = _MalformedRequestFilter()
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _workflow_id(request: web.Request) -> str:
-    wf_id = request.match_info["id"]
-    if not is_workflow_id(wf_id):
-        raise NotFound(f"no workflow {wf_id!r}", workflow_id=wf_id[:100])
-    return wf_id
-
-
-def _task_ids(request: web.Request) -> tuple[str, str]:
-    try:
-        return split_task_key(request.match_info["id"])
-    except ValueError:
-        raise NotFound(f"no task {request.match_info['id'][:100]!r}") from None
-
-
 def _query_bool(request: web.Request, name: str, default: bool) -> bool:
     raw = request.query.get(name)
     if raw is None:
@@ -286,115 +322,6 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     return int(raw)
 
 
-async def _json_body(request: web.Request) -> Any:
-    body = await request.read()
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise DefinitionError("malformed JSON body", reason="malformed") from None
-
-
-async def _pending_submission(bus: Bus, wf_id: str) -> SubmitWorkflow | None:
-    try:
-        raw = await bus.js.get_last_msg(
-            subjects.STREAM_COMMANDS, subjects.command_subject("submit", wf_id)
-        )
-    except nats.js.errors.NotFoundError:
-        return None
-    try:
-        command = decode_command(raw.data or b"")
-    except (DecodeError, RecursionError):  # nested too deeply: poison too
-        return None
-    return command if isinstance(command, SubmitWorkflow) else None
-
-
-def _valid_idempotency_key(key: str) -> bool:
-    """1 to 200 printable characters that are valid UTF-8 (aiohttp hands invalid bytes over
-    as lone surrogates, which cannot be hashed into a workflow id)."""
-    if not (0 < len(key) <= 200 and key.isprintable()):
-        return False
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-async def _submit(
-    request: web.Request, definition: WorkflowDefinition, source: str
-) -> web.Response:
-    app = request.app
-    config = app[CONFIG]
-    bus = app[BUS]
-    validate_definition(definition, app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _valid_idempotency_key(key):
-        raise DefinitionError(
-            "Idempotency-Key must be 1 to 200 printable UTF-8 characters", reason="malformed"
-        )
-    wf_id = idempotent_workflow_id(key) if key else new_workflow_id()
-    if key:
-        found = await app[STORE].workflow(wf_id)
-        if found is not None:
-            return json_response(
-                Accepted(workflow_id=wf_id, status=found[0].status, idempotent_replay=True),
-                status=202,
-                headers={"Idempotent-Replayed": "true"},
-            )
-    with message_span(
-        tracer,
-        "gateway.submit",
-        subjects.command_subject("submit", wf_id),
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "workflow.id": wf_id,
-            "workflow.name": definition.name,
-            "workflow.tasks": len(definition.tasks),
-        },
-    ):
-        command = SubmitWorkflow(
-            workflow_id=wf_id,
-            definition=definition,
-            submitted_at=datetime.now(UTC),
-            source=source,
-            idempotency_key=key,
-        )
-        data = encode(command)
-        limit = bus.nc.max_payload - 4096
-        if len(data) > limit:
-            raise PayloadTooLarge(
-                f"the workflow encodes to {len(data)} bytes; NATS accepts {limit}", limit=limit
-            )
-        ack = await bus.publish(
-            subjects.command_subject("submit", wf_id),
-            data,
-            msg_id=f"submit.{wf_id}",
-            headers=headers_with_context(),
-        )
-        trace_id = trace_id_hex()
-    recent = app[RECENT]
-    recent[wf_id] = (definition.name, len(definition.tasks), command.submitted_at)
-    while len(recent) > RECENT_LIMIT:
-        del recent[next(iter(recent))]
-    log.info(
-        "accepted workflow %s %r (%d tasks, %s)",
-        wf_id,
-        definition.name,
-        len(definition.tasks),
-        source,
-    )
-    body = Accepted(
-        workflow_id=wf_id,
-        status="queued",
-        name=definition.name,
-        tasks=len(definition.tasks),
-        trace_id=trace_id,
-    )
-    if ack.duplicate:
-        body.idempotent_replay = True
-    return json_response(body, status=202, headers={"Location": f"/workflows/{wf_id}"})
-
-
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -408,27 +335,27 @@ async def health(request: web.Request) -> web.Response:
         version=__version__,
         api_version=API_VERSION,
         nats=NatsHealth(connected=bus.connected, jetstream=ok, detail=reason),
-        scheduler=await _scheduler_health(bus) if ok else SchedulerHealth(active=False),
+        scheduler=await _scheduler_health(request.app[STORE])
+        if ok
+        else SchedulerHealth(active=False),
     )
+    if ui_url := request.app[CONFIG].tracing.ui_url:  # the console links trace ids there
+        body.tracing = TracingHealth(ui_url=ui_url)
     return json_response(body, status=200 if ok else 503)
 
 
-async def _scheduler_health(bus: Bus) -> SchedulerHealth:
+async def _scheduler_health(store: Store) -> SchedulerHealth:
     """Whether a scheduler holds the lease (submissions are accepted either way; they wait in
     JetStream until one is active)."""
     try:
-        entry = await bus.kv.leases.get(subjects.LEASE_SCHEDULER)
-    except nats.js.errors.KeyNotFoundError:
-        return SchedulerHealth(active=False)
+        lease = await store.lease()
+    except MessageError:
+        return SchedulerHealth(active=False, detail="unreadable lease")
     except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
         detail = f"cannot read the lease: {exc or type(exc).__name__}"
         return SchedulerHealth(active=False, detail=detail)
-    if not entry.value:
+    if lease is None:
         return SchedulerHealth(active=False)
-    try:
-        lease = decode_lease(entry.value)
-    except DecodeError:
-        return SchedulerHealth(active=False, detail="unreadable lease")
     return SchedulerHealth(
         active=True,
         holder=lease.holder,
@@ -444,12 +371,64 @@ async def submit_workflow(request: web.Request) -> web.Response:
         raise web.HTTPUnsupportedMediaType(
             text=f"unsupported Content-Type {content_type!r}: use JSON, TOML, YAML or Nickel"
         )
-    body = await request.read()
+    gateway = request.app[CONFIG].gateway
+    body = await _read_definition(request, fmt)
     if fmt == "nickel":
-        definition = parse_definition(await evaluate_nickel(body), "json")
+        json_text = await evaluate_nickel(
+            body, timeout_s=gateway.parse_timeout_seconds, max_output_bytes=gateway.max_body_bytes
+        )
+        definition = await _parse_definition(request, json_text, "json")
     else:
+        definition = await _parse_definition(request, body, fmt)
+    return await _submit(request, definition, f"api:{fmt}", mode=_mode(request), validated=True)
+
+
+def _body_limit(gateway: GatewayConfig, fmt: str) -> tuple[int, str]:
+    """The size bound of a definition in ``fmt`` and the key that sets it. YAML, TOML and
+    Nickel expand (into more values, or by evaluation) and cost more per byte than JSON."""
+    match fmt:
+        case "yaml":
+            limit, name = gateway.max_yaml_bytes, "max_yaml_bytes"
+        case "toml":
+            limit, name = gateway.max_toml_bytes, "max_toml_bytes"
+        case "nickel":
+            limit, name = gateway.max_nickel_bytes, "max_nickel_bytes"
+        case _:
+            return gateway.max_body_bytes, "max_body_bytes"
+    if limit >= gateway.max_body_bytes:  # no body is ever read past max_body_bytes
+        return gateway.max_body_bytes, "max_body_bytes"
+    return limit, name
+
+
+async def _read_definition(request: web.Request, fmt: str) -> bytes:
+    """The request body, within the size bound of its format (413 past it)."""
+    limit, name = _body_limit(request.app[CONFIG].gateway, fmt)
+    body = await request.read()  # at most max_body_bytes (aiohttp answers 413 past it)
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"a {fmt.upper()} definition may have at most {limit} bytes; this one has "
+            f"{len(body)} ([gateway] {name})",
+            limit=limit,
+            format=fmt,
+        )
+    return body
+
+
+async def _parse_definition(request: web.Request, body: bytes, fmt: str) -> WorkflowDefinition:
+    """Parse and validate a definition: small JSON here, anything else in a parser process,
+    bounded in time ([gateway] parse_timeout_seconds), so that the loop never waits for it."""
+    app = request.app
+    max_tasks = app[CONFIG].gateway.max_tasks_per_workflow
+    if fmt == "json" and len(body) <= INLINE_JSON_MAX_BYTES:
         definition = parse_definition(body, fmt)
-    return await _submit(request, definition, f"api:{fmt}")
+        validate_definition(definition, app[REGISTRY], max_tasks=max_tasks)
+        return definition
+    return await app[PARSER].parse(body, fmt, actions=app[REGISTRY].names(), max_tasks=max_tasks)
+
+
+def _mode(request: web.Request) -> Mode:
+    """``?plan=true`` plans the workflow instead of running it."""
+    return "plan" if _query_bool(request, "plan", False) else "run"
 
 
 def _shortcut(kind: str) -> Handler:
@@ -461,16 +440,23 @@ def _shortcut(kind: str) -> Handler:
 
     async def handler(request: web.Request) -> web.Response:
         raw = await _json_body(request)
-        try:
-            body: ShortcutBody = from_builtins(raw, ShortcutBody)
-        except msgspec.ValidationError as exc:
-            raise DefinitionError(f"{exc}", reason="wrong_field") from None
-        config = request.app[CONFIG]
+        body = decode_body(raw, ShortcutBody)
         params = msgspec.to_builtins(body.params)  # the options given, unset ones left out
-        definition = await asyncio.to_thread(
-            build, body.infra, params, config.orchestrator.infra_dir
+        config = request.app[CONFIG]
+
+        def build_and_validate() -> WorkflowDefinition:
+            # In a thread: the walk over the arguments is Python and yields the GIL to the
+            # loop every few milliseconds (bounded by shared.workflow.MAX_VALUES).
+            definition = build(body.infra, params, config.orchestrator.infra_dir)
+            validate_definition(
+                definition, request.app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow
+            )
+            return definition
+
+        definition = await asyncio.to_thread(build_and_validate)
+        return await _submit(
+            request, definition, f"{kind}/create", mode=_mode(request), validated=True
         )
-        return await _submit(request, definition, f"{kind}/create")
 
     return handler
 
@@ -499,19 +485,32 @@ async def list_workflows(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", 50, 1, MAX_PAGE)
     offset = _query_int(request, "offset", 0, 0, MAX_OFFSET)
     name = request.query.get("name")
-    ids = await _newest_first(store, await store.workflow_ids())
+    recorded = await store.workflow_ids()
+    known = set(recorded)
+    # accepted (202) but not yet taken by the scheduler: listed too, as queued
+    waiting = [i for i in await request.app[STREAMS].pending_submission_ids() if i not in known]
+    ids = await _newest_first(store, recorded + waiting)
     matched: list[WorkflowSummary] = []
     skipped = 0
     for start in range(0, len(ids), 100):
-        for record in await store.workflows(ids[start : start + 100]):
-            if statuses and record.status not in statuses:
+        chunk = ids[start : start + 100]
+        records = {r.id: r for r in await store.workflows([i for i in chunk if i in known])}
+        for wf_id in chunk:
+            summary: WorkflowSummary | None
+            if wf_id in records:
+                summary = workflow_summary(records[wf_id])
+            else:
+                summary = await _summary_of_waiting(request, wf_id)
+            if summary is None:
                 continue
-            if name and name not in record.name:
+            if statuses and summary.status not in statuses:
+                continue
+            if name and name not in summary.name:
                 continue
             if skipped < offset:
                 skipped += 1
                 continue
-            matched.append(workflow_summary(record))
+            matched.append(summary)
         if len(matched) > limit:
             break
     has_more = len(matched) > limit
@@ -523,6 +522,21 @@ async def list_workflows(request: web.Request) -> web.Response:
             next_offset=offset + limit if has_more else None,
         )
     )
+
+
+async def _summary_of_waiting(request: web.Request, wf_id: str) -> WorkflowSummary | None:
+    """The summary of a submission that waited for the scheduler when the listing began: from
+    this gateway's memory, else from the submission, else (taken since) from its record."""
+    if (accepted := request.app[RECENT].get(wf_id)) is not None:
+        return pending_summary(wf_id, *accepted)
+    submission = await request.app[STREAMS].pending_submission(wf_id)
+    if submission is not None:
+        definition = submission.definition
+        return pending_summary(
+            wf_id, definition.name, len(definition.tasks), submission.submitted_at
+        )
+    found = await request.app[STORE].workflow(wf_id)
+    return workflow_summary(found[0]) if found is not None else None
 
 
 async def _lookup(
@@ -537,7 +551,7 @@ async def _lookup(
     found = await store.workflow(wf_id)
     if found is not None:
         return found
-    pending = await _pending_submission(request.app[BUS], wf_id)
+    pending = await request.app[STREAMS].pending_submission(wf_id)
     if pending is not None:
         return pending
     return await store.workflow(wf_id)
@@ -549,9 +563,7 @@ async def _recent_pending(request: web.Request, wf_id: str) -> WorkflowSummary |
     accepted = request.app[RECENT].get(wf_id)
     if accepted is None:
         return None
-    subject = subjects.command_subject("submit", wf_id)
-    info = await request.app[BUS].js.stream_info(subjects.STREAM_COMMANDS, subjects_filter=subject)
-    if not (info.state.subjects or {}).get(subject):
+    if not await request.app[STREAMS].submission_waits(wf_id):
         return None  # taken by the scheduler (or refused): the record, or nothing, says which
     return pending_summary(wf_id, *accepted)
 
@@ -595,23 +607,6 @@ async def _sse_response(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _replay(bus: Bus, subject: str) -> AsyncIterator[tuple[int, int, bytes]]:
-    """Every message on ``subject`` from the start, then live: ``(seq, pending, data)``."""
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=SSE_HEARTBEAT_S)
-            except nats.errors.TimeoutError:
-                yield 0, 0, b""
-                continue
-            meta = msg.metadata
-            yield meta.sequence.stream, meta.num_pending, msg.data
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-
-
 async def workflow_events(request: web.Request) -> web.StreamResponse:
     try:
         return await _workflow_events(request)
@@ -628,7 +623,8 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
     last_id = int(raw_last) if _EVENT_ID_RE.fullmatch(raw_last) else 0
     response = await _sse_response(request)
     terminal_seen = caught_up = False
-    async for seq, pending, data in _replay(request.app[BUS], subjects.event_subject(wf_id)):
+    replay = request.app[STREAMS].replay_events(wf_id, idle_s=SSE_HEARTBEAT_S)
+    async for seq, pending, data in replay:
         if not data:  # quiet for a while: has the workflow ended without its end event?
             if (end := await _recorded_end(request, wf_id)) is not None:
                 await response.write(b"event: workflow\ndata: " + end + b"\n\n")
@@ -637,7 +633,7 @@ async def _workflow_events(request: web.Request) -> web.StreamResponse:
             continue
         try:
             event = decode_event(data)
-        except (DecodeError, RecursionError):  # nested too deeply: poison too
+        except MessageError:
             continue
         kind = type(event).__name__.removesuffix("Event").lower()
         if kind == "workflow":  # also when skipped: a Last-Event-ID past the end still ends
@@ -668,11 +664,15 @@ async def _recorded_end(request: web.Request, wf_id: str) -> bytes | None:
 
 async def cancel_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
+    # A retry accepted (202) but not yet applied makes an ended workflow run again: a cancel
+    # behind it wins. Asked before the record is read: the scheduler writes the record of the
+    # new run before it removes the retry from the queue, so one of the two looks sees it.
+    retry_waits = await request.app[STREAMS].pending_command("retry", wf_id) is not None
     looked_up = await _lookup(request, wf_id)
     if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     found = None if isinstance(looked_up, SubmitWorkflow) else looked_up
-    if found is not None and found[0].status in TERMINAL_WORKFLOW:
+    if found is not None and found[0].status in TERMINAL_WORKFLOW and not retry_waits:
         return _error(
             409,
             "conflict",
@@ -692,20 +692,25 @@ async def retry_workflow(request: web.Request) -> web.Response:
     looked_up = await _lookup(request, wf_id)
     if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
-    # A submission the scheduler has not taken yet is a queued workflow: 409, as for any other.
-    status = "queued" if isinstance(looked_up, SubmitWorkflow) else looked_up[0].status
-    if isinstance(looked_up, SubmitWorkflow) or status not in ("failed", "cancelled"):
+    if isinstance(looked_up, SubmitWorkflow):
         return _error(
             409,
             "conflict",
-            f"only failed or cancelled workflows can be retried; {wf_id} is {status}",
-            workflow_status=status,
+            f"workflow {wf_id} has not run yet (it waits for the scheduler); nothing to retry",
+            workflow_status="queued",
         )
     record = looked_up[0]
+    if record.status not in ("failed", "cancelled"):
+        return _error(
+            409,
+            "conflict",
+            f"only failed or cancelled workflows can be retried; {wf_id} is {record.status}",
+            workflow_status=record.status,
+        )
     await request.app[BUS].publish(
         subjects.command_subject("retry", wf_id),
         encode(RetryWorkflow(workflow_id=wf_id, runs=record.runs)),
-        msg_id=f"retry.{wf_id}.{record.runs}",
+        msg_id=subjects.retry_msg_id(wf_id, record.runs),
         headers=headers_with_context(),
     )
     return json_response(
@@ -718,93 +723,88 @@ async def get_task(request: web.Request) -> web.Response:
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
     if found is None:
-        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        waiting = await _waiting_task(request, wf_id, task_id)
+        if waiting is None:
+            raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        return json_response(task_view(waiting, None))
     return json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
 
 
-def _log_entries(data: bytes) -> list[dict[str, Any]]:
-    try:
-        chunk = decode_log(data)
-    except (DecodeError, RecursionError):  # nested too deeply: poison too
-        return []
-    return [
-        {"attempt": chunk.attempt, "stream": chunk.stream, "line": line, "at": chunk.at.isoformat()}
-        for line in chunk.lines
-    ]
+async def _waiting_task(request: web.Request, wf_id: str, task_id: str) -> TaskRecord | None:
+    """A task of a submission still waiting for the scheduler, as the record it will get."""
+    submission = await request.app[STREAMS].pending_submission(wf_id)
+    if submission is None:
+        found = await request.app[STORE].task(wf_id, task_id)  # taken meanwhile
+        return found[0] if found is not None else None
+    for spec in submission.definition.tasks:
+        if spec.id == task_id:
+            return TaskRecord(workflow_id=wf_id, spec=spec)
+    return None
 
 
-async def _stored_log_lines(bus: Bus, subject: str) -> list[dict[str, Any]]:
-    """Every stored line of one task, oldest first; [] at once when there is none."""
-    try:
-        last = await bus.js.get_last_msg(subjects.STREAM_LOGS, subject)
-    except nats.js.errors.NotFoundError:
-        return []
-    lines: list[dict[str, Any]] = []
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=10)
-            except nats.errors.TimeoutError:  # aged out meanwhile: return what there is
-                break
-            lines += _log_entries(msg.data)
-            if msg.metadata.sequence.stream >= (last.seq or 0):
-                break
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-    return lines
+def _log_query(request: web.Request) -> tuple[int | None, str | None, int]:
+    """``attempt``, ``cursor`` and ``limit`` of a logs request, checked."""
+    attempt = (
+        _query_int(request, "attempt", 1, 1, MAX_ATTEMPT) if "attempt" in request.query else None
+    )
+    limit = _query_int(request, "limit", LOG_PAGE_DEFAULT, 1, LOG_PAGE_MAX)
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and not re.fullmatch(LOG_CURSOR_PATTERN, cursor):
+        raise DefinitionError(
+            "cursor must be a next_cursor from a previous page", reason="malformed"
+        )
+    return attempt, cursor, limit
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:
+    """One page of a task's logs (``attempt``, ``cursor``, ``limit``), or with ``follow`` its
+    lines as Server-Sent Events, live, until the task has ended."""
     wf_id, task_id = _task_ids(request)
-    follow = _query_bool(request, "follow", False)
     store = request.app[STORE]
     found = await store.task(wf_id, task_id)
-    if found is None:
+    if found is None and await _waiting_task(request, wf_id, task_id) is None:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
-    bus = request.app[BUS]
-    subject = subjects.log_subject(wf_id, task_id)
+    attempt, cursor, limit = _log_query(request)
+    streams = request.app[STREAMS]
+    follow = _query_bool(request, "follow", False)
     if not follow:
-        lines = [LogLine(**line) for line in await _stored_log_lines(bus, subject)]
-        return json_response(TaskLogs(task_id=f"{wf_id}.{task_id}", lines=lines))
+        page = await streams.log_page(wf_id, task_id, attempt=attempt, cursor=cursor, limit=limit)
+        body = TaskLogs(
+            task_id=subjects.task_key(wf_id, task_id),
+            attempt=attempt,
+            lines=[msgspec.convert(line, LogLine, from_attributes=True) for line in page.lines],
+            next_cursor=page.next_cursor,
+        )
+        return json_response(body)
     # Follow: replay, then live. When caught up, poll briefly and recheck the task: the stream
     # ends about one poll after the task has ended and no more lines came.
     response = await _sse_response(request)
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     loop = asyncio.get_running_loop()
     last_write = loop.time()
     ended = False
-    try:
-        with contextlib.suppress(ConnectionResetError):
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=LOG_FOLLOW_POLL_S)
-                except nats.errors.TimeoutError:
-                    if ended:
-                        break
-                    current = await store.task(wf_id, task_id)
-                    ended = current is None or current[0].status in TERMINAL_TASK
-                    if loop.time() - last_write >= SSE_HEARTBEAT_S:
-                        await response.write(b": waiting\n\n")
-                        last_write = loop.time()
-                    continue
-                await response.write(b"event: log\ndata: " + msg.data + b"\n\n")
-                last_write = loop.time()
-            await response.write_eof()
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+    chunks = streams.follow_logs(wf_id, task_id, attempt=attempt, cursor=cursor)
+    with contextlib.suppress(ConnectionResetError):
+        async for data in chunks:
+            if data is None:  # quiet for a moment
+                if ended:
+                    break
+                current = await store.task(wf_id, task_id)
+                ended = current is None or current[0].status in TERMINAL_TASK
+                if loop.time() - last_write >= SSE_HEARTBEAT_S:
+                    await response.write(b": waiting\n\n")
+                    last_write = loop.time()
+                continue
+            await response.write(b"event: log\ndata: " + data + b"\n\n")
+            last_write = loop.time()
+        await response.write_eof()
+    await chunks.aclose()
     return response
 
 
 async def post_progress(request: web.Request) -> web.Response:
     wf_id, task_id = _task_ids(request)
     raw = await _json_body(request)
-    try:
-        body: ProgressBody = from_builtins(raw, ProgressBody)  # 0 to 100; 14.0 is 14
-    except msgspec.ValidationError as exc:
-        raise DefinitionError(f"{exc}", reason="wrong_field") from None
+    body = decode_body(raw, ProgressBody)  # 0 to 100; 14.0 is 14; any other key is a 422
     try:
         body.message.encode("utf-8")
     except UnicodeEncodeError:
@@ -817,7 +817,7 @@ async def post_progress(request: web.Request) -> web.Response:
         return _error(409, "conflict", f"task {wf_id}.{task_id} is already {record.status}")
     bus = request.app[BUS]
     now = datetime.now(UTC)
-    message = body.message[:500]
+    message = request.app[REDACTOR].text(body.message[:500])  # a task's own post: mask secrets
     with tracer.start_as_current_span(
         "gateway.progress", attributes={"workflow.id": wf_id, "task.id": task_id}
     ) as span:
@@ -826,11 +826,10 @@ async def post_progress(request: web.Request) -> web.Response:
             subjects.event_subject(wf_id),
             encode(ProgressEvent(wf_id, task_id, body.progress, now, message, record.attempt)),
         )
-        await bus.kv.progress.put(
-            f"{wf_id}.{task_id}",
-            encode(
-                Progress(percent=body.progress, at=now, message=message, attempt=record.attempt)
-            ),
+        await request.app[STORE].put_progress(
+            wf_id,
+            task_id,
+            Progress(percent=body.progress, at=now, message=message, attempt=record.attempt),
         )
     return json_response(
         ProgressAccepted(task_id=f"{wf_id}.{task_id}", progress=body.progress), status=202
@@ -841,6 +840,33 @@ async def list_executors(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
     beats = sorted(await request.app[STORE].executors(), key=lambda b: b.id)
     return json_response(Executors(executors=[executor_view(beat, now) for beat in beats]))
+
+
+async def list_concurrency(request: web.Request) -> web.Response:
+    """Every concurrency key in use: its limit, holders, waiters in order, and rate window."""
+    now = datetime.now(UTC).timestamp()
+    keys = []
+    for state, _ in sorted(await request.app[STORE].key_states(), key=lambda s: s[0].key):
+        entry = KeyView(
+            key=state.key,
+            limit=state.limit,
+            holders=state.holders,
+            waiters=state.waiters,
+            rate=None,
+        )
+        if state.rate:
+            rate = parse_rate(state.rate)
+            recent = sorted(t for t in state.starts if t > now - rate.window_s)
+            entry.rate = RateView(
+                count=rate.count,
+                window_seconds=rate.window_s,
+                started_in_window=len(recent),
+                next_free_at=datetime.fromtimestamp(recent[0] + rate.window_s, UTC).isoformat()
+                if len(recent) >= rate.count
+                else None,
+            )
+        keys.append(entry)
+    return json_response(Concurrency(keys=keys))
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -869,21 +895,37 @@ async def _bus_ctx(app: web.Application) -> AsyncIterator[None]:
     await bus.drain()
 
 
+async def _parser_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[PARSER].close()
+
+
 def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> web.Application:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
-    middlewares: list[Any] = [tracing_middleware, error_middleware]
+    middlewares: list[Any] = [
+        tracing_middleware,
+        error_middleware,
+        _timeout_middleware(config.gateway.request_timeout_seconds),
+    ]
     if config.gateway.auth_token:
-        middlewares.append(_auth_middleware(config.gateway.auth_token))
+        middlewares.append(_auth_middleware(config))
     middlewares.append(bus_ready_middleware)
     app = web.Application(client_max_size=config.gateway.max_body_bytes, middlewares=middlewares)
     the_bus = bus or Bus(config.nats, name="gateway")
     app[BUS] = the_bus
     app[CONFIG] = config
     app[REGISTRY] = registry
+    app[REDACTOR] = Providers.from_config(config).redactor  # secrets as of start (core/redact.py)
     app[STORE] = Store(the_bus)
+    app[STREAMS] = Streams(the_bus)
+    app[CLAIMS] = claims_for(registry, config)
     app[RECENT] = {}
-    app[OPENAPI] = msgspec.json.encode(openapi_document(config.gateway, registry.names()))
+    app[PARSER] = DefinitionParser(
+        workers=config.gateway.parse_workers, timeout_s=config.gateway.parse_timeout_seconds
+    )
     app.cleanup_ctx.append(_bus_ctx)
+    app.cleanup_ctx.append(_parser_ctx)
+    app[OPENAPI] = msgspec.json.encode(openapi_document(config.gateway, registry.names()))
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", get_openapi)
     app.router.add_post("/workflows", submit_workflow)
@@ -899,4 +941,10 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     app.router.add_get("/tasks/{id}/logs", task_logs)
     app.router.add_post(PROGRESS_ROUTE, post_progress)
     app.router.add_get("/executors", list_executors)
+    app.router.add_get("/concurrency", list_concurrency)
+    app.router.add_post("/workflows/{id}/approve", approvals.approve)
+    app.router.add_post("/workflows/{id}/reject", approvals.reject)
+    app.router.add_get("/plans/{id}", plans.get_plan)
+    app.router.add_post("/plans/{id}/apply", plans.apply_plan)
+    add_console(app)
     return app

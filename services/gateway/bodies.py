@@ -1,19 +1,35 @@
 """Request bodies the gateway decodes itself, as msgspec Structs (the workflow definition is
 ``shared.messages.WorkflowDefinition``). ``openapi.py`` generates their schemas; the handlers
-convert with ``shared.messages.from_builtins`` (strict, but ``14.0`` is the integer 14)."""
+decode with :func:`decode_body`: every unknown key is a 422 that names it (no silent drops),
+then ``shared.messages.from_builtins`` converts strictly (but ``14.0`` is the integer 14)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+import msgspec.inspect as mi
 from msgspec import UNSET, UnsetType
 
-from shared.ids import NAME_RE
+from shared.errors import DefinitionError
+from shared.ids import CHILD_RE, NAME_RE
+from shared.messages import from_builtins
 
-__all__ = ["REQUESTS", "ProgressBody", "ShortcutBody", "ShortcutParams"]
+__all__ = [
+    "REQUESTS",
+    "ApproveBody",
+    "ProgressBody",
+    "RejectBody",
+    "ShortcutBody",
+    "ShortcutParams",
+    "decode_body",
+    "unknown_keys",
+]
+
+T = TypeVar("T")
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
+TaskId = Annotated[str, msgspec.Meta(pattern=CHILD_RE.pattern)]
 
 
 class ProgressBody(msgspec.Struct, kw_only=True):
@@ -46,4 +62,77 @@ class ShortcutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     params: ShortcutParams = msgspec.field(default_factory=ShortcutParams)
 
 
-REQUESTS: tuple[type[msgspec.Struct], ...] = (ProgressBody, ShortcutBody)
+class ApproveBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Approve the gate of ``task`` (a task id), or every gate that waits when it is left out
+    (the workflow's own, or its tasks')."""
+
+    task: TaskId | None = None
+    comment: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+
+class RejectBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Reject the gate of ``task``, or every gate that waits; the run is cancelled."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    task: TaskId | None = None
+
+
+REQUESTS: tuple[type[msgspec.Struct], ...] = (
+    ProgressBody,
+    ShortcutBody,
+    ApproveBody,
+    RejectBody,
+)
+
+
+def _struct(info: mi.Type) -> mi.StructType | None:
+    """The Struct ``info`` is (or may be, in a union), if any."""
+    while isinstance(info, mi.Metadata):
+        info = info.type
+    if isinstance(info, mi.StructType):
+        return info
+    if isinstance(info, mi.UnionType):
+        return next((s for t in info.types if (s := _struct(t)) is not None), None)
+    return None
+
+
+def unknown_keys(raw: Any, kind: type[Any], prefix: str = "") -> list[str]:
+    """Every key of ``raw`` that ``kind`` (a Struct) does not have and does not allow, at any
+    depth of nested Structs, as a dotted path (``params.bogus``)."""
+    struct = _struct(mi.type_info(kind))
+    return _unknown(raw, struct, prefix) if struct is not None else []
+
+
+def _unknown(raw: Any, struct: mi.StructType, prefix: str) -> list[str]:
+    if not isinstance(raw, dict):
+        return []
+    fields = {f.encode_name: f.type for f in struct.fields}
+    found: list[str] = []
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            if struct.forbid_unknown_fields:
+                found.append(path)
+        elif (inner := _struct(fields[key])) is not None:
+            found += _unknown(value, inner, f"{path}.")
+    return found
+
+
+def decode_body(raw: Any, kind: type[T]) -> T:
+    """``raw`` (decoded JSON) as ``kind``: a 422 (``unknown_field``, ``details.fields``) naming
+    every key it does not know, else the strict conversion's 422 (``wrong_field``)."""
+    unknown = unknown_keys(raw, kind)
+    if unknown:
+        shown = ", ".join(repr(k[:100]) for k in unknown[:20])
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        raise DefinitionError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {shown}{more}",
+            reason="unknown_field",
+            fields=[k[:100] for k in unknown[:20]],
+        )
+    try:
+        return from_builtins(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise DefinitionError(str(exc), reason="wrong_field") from None
+    except RecursionError:
+        raise DefinitionError("the body is nested too deeply", reason="too_deep") from None

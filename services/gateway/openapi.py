@@ -18,10 +18,21 @@ import msgspec
 
 from shared import __version__
 from shared.config import GatewayConfig
+from shared.ids import NAME_RE
 from shared.messages import Event, LogChunk, WorkflowDefinition, WorkflowStatus
 
 from .bodies import REQUESTS
-from .responses import MAX_OFFSET, MAX_PAGE, RESPONSES, TASK_KEY_PATTERN, WORKFLOW_ID_PATTERN
+from .responses import (
+    LOG_CURSOR_PATTERN,
+    LOG_PAGE_DEFAULT,
+    LOG_PAGE_MAX,
+    MAX_ATTEMPT,
+    MAX_OFFSET,
+    MAX_PAGE,
+    RESPONSES,
+    TASK_KEY_PATTERN,
+    WORKFLOW_ID_PATTERN,
+)
 
 __all__ = ["EVENT_KINDS", "openapi_document"]
 
@@ -49,9 +60,11 @@ def _sse(description: str, schema: str) -> dict[str, Any]:
 _ERRORS = {
     400: "Malformed body, query parameter or header",
     404: "No such workflow or task",
-    413: "Body over [gateway] max_body_bytes, or a workflow too large for NATS",
+    413: "Body over [gateway] max_body_bytes (a YAML, TOML or Nickel definition over its own "
+    "bound), or a workflow too large for NATS",
     415: "Unsupported Content-Type",
     503: "NATS or JetStream unreachable (or not connected yet), or a queue is full",
+    504: "The request took longer than [gateway] request_timeout_seconds (code timeout)",
 }
 _UNAUTHORIZED = {
     "description": "Authentication is on and the bearer token is missing or wrong",
@@ -76,15 +89,20 @@ class _Operations:
         parameters: list[dict[str, Any]] | None = None,
         body: dict[str, Any] | None = None,
         body_description: str = "",
+        body_required: bool = True,
         public: bool = False,
         bus: bool = True,
+        timeout: bool = True,
     ) -> dict[str, Any]:
-        """``errors``: the 4xx this operation answers besides 401 (auth on, unless ``public``)
-        and 503 (unless it needs no ``bus``), each with its description or the usual one."""
+        """``errors``: the 4xx this operation answers besides 401 (auth on, unless ``public``),
+        503 (unless it needs no ``bus``) and 504 (unless it is a stream, which has no
+        ``timeout``), each with its description or the usual one."""
         responses: dict[str, Any] = {str(code): answer for code, answer in answers.items()}
         codes = dict(errors or {})
         if bus:
             codes.setdefault(503, "")
+        if timeout:
+            codes.setdefault(504, "")
         for code, text in sorted(codes.items()):
             responses.setdefault(str(code), _json(text or _ERRORS[code], "Error"))
         if self.auth and not public:
@@ -93,7 +111,7 @@ class _Operations:
         if parameters:
             operation["parameters"] = parameters
         if body is not None:
-            operation["requestBody"] = {"required": True, "content": body}
+            operation["requestBody"] = {"required": body_required, "content": body}
             if body_description:
                 operation["requestBody"]["description"] = body_description
         operation["responses"] = dict(sorted(responses.items()))
@@ -117,7 +135,15 @@ def _query(name: str, schema: dict[str, Any], description: str, **extra: Any) ->
 
 
 _WORKFLOW_ID = _path(WORKFLOW_ID_PATTERN, "A workflow id: 32 lowercase hex digits")
+_PLAN_ID = _path(WORKFLOW_ID_PATTERN, "A plan id (the id of the run that made the plan)")
 _TASK_ID = _path(TASK_KEY_PATTERN, "<workflow_id>.<task id>")
+_PLAN = _query(
+    "plan",
+    {"type": "boolean", "default": False},
+    "true plans the workflow instead of running it (read-only: each task's plan function); "
+    "the answer names the plan, GET /plans/{id}; true or false (also 1/0, yes/no), anything "
+    "else is a 400",
+)
 _BOOLEAN_SPELLINGS = "true or false (also 1/0, yes/no); anything else is a 400"
 # Printable ASCII, 1 to 200 characters once HTTP has dropped the blanks around the value.
 _IDEMPOTENCY_KEY = r"^[ \t]*[!-~]([ -~]{0,198}[!-~])?[ \t]*$"
@@ -133,8 +159,16 @@ def _links(*targets: str, **parameters: Any) -> dict[str, Any]:
 
 
 # The event streams are not linked: a stream lasts as long as its workflow or task runs.
+# A plan's id is the id of the workflow run that makes it: a submission links to its plan too
+# (a 404 when it was not planned).
 _WORKFLOW_LINKS = _links(
-    "getWorkflow", "cancelWorkflow", "retryWorkflow", **{"path.id": "$response.body#/workflow_id"}
+    "getWorkflow",
+    "cancelWorkflow",
+    "retryWorkflow",
+    "approveWorkflow",
+    "rejectWorkflow",
+    "getPlan",
+    **{"path.id": "$response.body#/workflow_id"},
 )
 _TASK_LINKS = {
     **_links("getTask", "postTaskProgress", **{"path.id": "$response.body#/tasks/0/task_id"}),
@@ -154,11 +188,16 @@ def _components(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str, Any
     # Limits of this gateway rather than of the type: its action registry and task limit.
     tasks = components["WorkflowDefinition"]["properties"]["tasks"]
     tasks.update(minItems=1, maxItems=gateway.max_tasks_per_workflow)
-    components["TaskSpec"]["properties"]["action"] = {
+    task_spec = components["TaskSpec"]["properties"]
+    task_spec["action"] = {
         "type": "string",
         "enum": sorted(actions),
         "description": "A registered action (the gateway's action registry)",
     }
+    # Names only: <name>[<index>] and <task>[undo] are the engine's, never a definition's.
+    name = {"type": "string", "pattern": NAME_RE.pattern}
+    task_spec["id"] = name
+    task_spec["depends_on"] = {**task_spec["depends_on"], "items": name}
     # The SSE framing: each event's data is one message of shared.messages as JSON.
     components["WorkflowStreamEvent"] = _stream_event(EVENT_KINDS, "Event", "stream sequence")
     components["LogStreamEvent"] = _stream_event(["log"], "LogChunk", None)
@@ -202,20 +241,37 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
         },
         links=_WORKFLOW_LINKS,
     )
+    decision_errors = {
+        400: "Malformed JSON",
+        403: "The caller may not decide: not an approver of a gate, anonymous where a gate "
+        "names approvers, or the run's submitter when [gateway] allow_self_approval is false",
+        404: "No such workflow",
+        409: "Nothing of the workflow (or of the task named) awaits approval",
+        413: _ERRORS[413],
+    }
+
+    def decision_body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
+        return {"application/json": {"schema": _ref(schema), "example": example}}
+
     submit_errors = {
         400: "Malformed body or Idempotency-Key",
         413: _ERRORS[413],
-        422: "Invalid definition (details.task and details.reason say where and why)",
+        422: "Invalid definition (details.task and details.reason say where and why), or a "
+        "YAML, TOML or Nickel definition whose parsing took too long (parse_timeout)",
     }
-    shortcut_body = {"application/json": {"schema": _ref("ShortcutBody")}}
 
     def shortcut(operation_id: str, summary: str) -> dict[str, Any]:
         return op(
             operation_id,
             summary,
             {202: accepted},
-            errors={**submit_errors, 422: "Unknown infra or server, or invalid params"},
-            body=shortcut_body,
+            errors={
+                **submit_errors,
+                422: "Unknown infra or server, unknown keys (details.fields names them), or "
+                "invalid params",
+            },
+            parameters=[_PLAN],
+            body={"application/json": {"schema": _ref("ShortcutBody")}},
         )
 
     document: dict[str, Any] = {
@@ -257,8 +313,12 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                     "submitWorkflow",
                     "Submit a workflow definition (JSON, YAML, TOML or Nickel source)",
                     {202: accepted},
-                    errors={**submit_errors, 415: _ERRORS[415]},
+                    errors={
+                        **submit_errors,
+                        415: _ERRORS[415],
+                    },
                     parameters=[
+                        _PLAN,
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
@@ -266,7 +326,7 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                             "runs the work once: 1 to 200 printable characters, not counting "
                             "the blanks around it (they are not part of a header value)",
                             "schema": {"type": "string", "pattern": _IDEMPOTENCY_KEY},
-                        }
+                        },
                     ],
                     body_description="The definition as JSON, YAML or TOML, or a Nickel "
                     "program that evaluates to it",
@@ -340,6 +400,8 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                                 **_links(
                                     "cancelWorkflow",
                                     "retryWorkflow",
+                                    "approveWorkflow",
+                                    "rejectWorkflow",
                                     **{"path.id": "$response.body#/workflow_id"},
                                 ),
                                 **_TASK_LINKS,
@@ -363,6 +425,7 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                     "The workflow's events from the start, then live, until it ends",
                     {200: _sse("Server-Sent Events", "WorkflowStreamEvent")},
                     errors={404: "No such workflow"},
+                    timeout=False,
                     parameters=[
                         _WORKFLOW_ID,
                         {
@@ -390,7 +453,10 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                             ),
                         )
                     },
-                    errors={404: "No such workflow", 409: "The workflow has finished"},
+                    errors={
+                        404: "No such workflow",
+                        409: "The workflow has finished (and no retry of it waits)",
+                    },
                     parameters=[_WORKFLOW_ID],
                 )
             },
@@ -411,7 +477,8 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                     },
                     errors={
                         404: "No such workflow",
-                        409: "The workflow is not failed or cancelled",
+                        409: "The workflow is not failed or cancelled (a submission the "
+                        "scheduler has not taken yet is queued)",
                     },
                     parameters=[_WORKFLOW_ID],
                 )
@@ -437,11 +504,11 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
             "/tasks/{id}/logs": {
                 "get": op(
                     "getTaskLogs",
-                    "A task's output",
+                    "A task's output, page by page",
                     {
                         200: {
-                            "description": "The stored lines; with follow=true, Server-Sent "
-                            "Events (event: log) until the task ends",
+                            "description": "A page of the stored lines; with follow=true, "
+                            "Server-Sent Events (event: log) until the task ends",
                             "content": {
                                 "application/json": {"schema": _ref("TaskLogs")},
                                 "text/event-stream": {"schema": _ref("LogStreamEvent")},
@@ -456,6 +523,26 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                             {"type": "boolean", "default": False},
                             f"Stream the lines as they come; {_BOOLEAN_SPELLINGS}",
                         ),
+                        _query(
+                            "attempt",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT},
+                            "Only this attempt's lines (all attempts, in order, without it)",
+                        ),
+                        _query(
+                            "cursor",
+                            {"type": "string", "pattern": LOG_CURSOR_PATTERN},
+                            "Continue after the last page: its next_cursor",
+                        ),
+                        _query(
+                            "limit",
+                            {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": LOG_PAGE_MAX,
+                                "default": LOG_PAGE_DEFAULT,
+                            },
+                            "Lines per page",
+                        ),
                     ],
                 )
             },
@@ -469,7 +556,7 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                         404: "No such task",
                         409: "The task has finished",
                         413: _ERRORS[413],
-                        422: "Invalid progress or message",
+                        422: "Invalid progress or message, or an unknown key",
                     },
                     parameters=[_TASK_ID],
                     body={
@@ -485,6 +572,88 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                     "listExecutors",
                     "Executors that sent a heartbeat recently, and their load",
                     {200: _json("The executors", "Executors")},
+                )
+            },
+            "/concurrency": {
+                "get": op(
+                    "getConcurrency",
+                    "Concurrency keys in use: limits, holders, waiters in order, rates",
+                    {200: _json("The keys", "Concurrency")},
+                )
+            },
+            "/workflows/{id}/approve": {
+                "post": op(
+                    "approveWorkflow",
+                    "Approve the gates that wait: the workflow's own, or its tasks' (or one "
+                    "task's)",
+                    {
+                        202: _json(
+                            "Sent to the scheduler",
+                            "Approving",
+                            links=_links(
+                                "getWorkflow", **{"path.id": "$response.body#/workflow_id"}
+                            ),
+                        )
+                    },
+                    errors={**decision_errors, 422: "Invalid body, or an unknown key"},
+                    parameters=[_WORKFLOW_ID],
+                    body=decision_body("ApproveBody", {"comment": "looks right"}),
+                    body_required=False,
+                )
+            },
+            "/workflows/{id}/reject": {
+                "post": op(
+                    "rejectWorkflow",
+                    "Reject the gates that wait (or one task's): the run is cancelled",
+                    {
+                        202: _json(
+                            "Sent to the scheduler",
+                            "Rejecting",
+                            links=_links(
+                                "getWorkflow",
+                                "retryWorkflow",
+                                **{"path.id": "$response.body#/workflow_id"},
+                            ),
+                        )
+                    },
+                    errors={
+                        **decision_errors,
+                        422: "Invalid body (a reason is required), or an unknown key",
+                    },
+                    parameters=[_WORKFLOW_ID],
+                    body=decision_body("RejectBody", {"reason": "not this week"}),
+                )
+            },
+            "/plans/{id}": {
+                "get": op(
+                    "getPlan",
+                    "A plan: what each task would change",
+                    {
+                        200: _json(
+                            "The plan",
+                            "PlanView",
+                            links=_links("applyPlan", **{"path.id": "$response.body#/plan_id"}),
+                        )
+                    },
+                    errors={404: "No such plan"},
+                    parameters=[_PLAN_ID],
+                )
+            },
+            "/plans/{id}/apply": {
+                "post": op(
+                    "applyPlan",
+                    "Run exactly what a ready plan planned, once",
+                    {202: accepted},
+                    errors={
+                        404: "No such plan",
+                        409: "The plan is not ready, was applied already, expired "
+                        "(plan_expired), or what it planned changed (plan_changed: its "
+                        "definition, infra files or targets; details say what)",
+                        413: _ERRORS[413],
+                        422: "The plan's definition no longer passes validation (e.g. an "
+                        "action since removed from the registry, a provider disabled)",
+                    },
+                    parameters=[_PLAN_ID],
                 )
             },
         },

@@ -17,6 +17,7 @@ from shared.messages import (
     TaskStatus,
     WorkflowDefinition,
     WorkflowRecord,
+    display_order,
 )
 
 from .responses import AttemptView, ExecutorView, TaskView, WorkflowSummary, WorkflowView
@@ -40,7 +41,10 @@ def _duration(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def _progress(counts: dict[TaskStatus, int], total: int) -> int:
-    return round(100 * counts.get("completed", 0) / max(1, total))
+    """Completed tasks in percent. Fan-out children and compensations are counted among the
+    tasks once they exist (a workflow's ``tasks_total`` is its definition's), so the share is
+    of all the tasks counted when there are more of them."""
+    return round(100 * counts.get("completed", 0) / max(1, total, sum(counts.values())))
 
 
 def _counts(counts: dict[str, int]) -> dict[TaskStatus, int]:
@@ -80,6 +84,7 @@ def task_view(record: TaskRecord, progress: Progress | None) -> TaskView:
         task_id=f"{record.workflow_id}.{spec.id}",
         workflow_id=record.workflow_id,
         action=spec.action,
+        args=record.args if record.args is not None else spec.args,  # as dispatched: resolved
         status=record.status,
         attempt=record.attempt,
         max_attempts=spec.retries + 1,
@@ -99,6 +104,16 @@ def task_view(record: TaskRecord, progress: Progress | None) -> TaskView:
         next_attempt_at=_iso(record.next_attempt_at),
         duration_seconds=_duration(record.started_at, record.finished_at),
         attempts=[_attempt_view(a) for a in record.attempts],
+        handbacks=record.handbacks,
+        note=record.note,
+        keys=record.keys,
+        parent=record.parent,
+        children=record.children,
+        waiting_for=record.waiting_for,
+        waiting_since=_iso(record.waiting_since),
+        approved_by=record.approved_by,
+        approval_deadline=_iso(record.approval_deadline),
+        compensates=record.compensates,
     )
 
 
@@ -116,7 +131,10 @@ def workflow_summary(record: WorkflowRecord) -> WorkflowSummary:
         runs=record.runs,
         trace_id=record.trace_id,
         error=record.error,
+        mode=record.mode,
     )
+    if record.plan_id:
+        summary.plan_id = record.plan_id
     if record.counts is not None:  # written by the scheduler since it took the workflow
         summary.counts = _counts(record.counts)
         summary.progress = _progress(summary.counts, len(record.task_ids))
@@ -144,9 +162,14 @@ def workflow_view(
         on_failure=cast(OnFailure, record.on_failure),  # as the definition said
         description=record.description,
         cancel_requested=record.cancel_requested,
+        submitted_by=record.submitted_by,
+        approval=record.approval,
+        approval_deadline=_iso(record.approval_deadline),
+        approvals=record.approvals,
     )
-    if tasks is not None and include_tasks:
-        view.tasks = [task_view(tasks[t], progress.get(t)) for t in record.task_ids if t in tasks]
+    if tasks is not None and include_tasks:  # fan-out children and compensations included
+        order = display_order(record.task_ids, tasks)
+        view.tasks = [task_view(tasks[t], progress.get(t)) for t in order]
     return view
 
 
@@ -185,6 +208,7 @@ def pending_view(
                 id=t.id,
                 task_id=f"{workflow_id}.{t.id}",
                 action=t.action,
+                args=t.args,
                 status="pending",
                 attempt=0,
                 progress=0,

@@ -1,5 +1,5 @@
 """The scheduler: turns workflows into DAGs, dispatches ready tasks, checkpoints every step."""
 
-from .scheduler import Scheduler
+from .service import Scheduler
 
 __all__ = ["Scheduler"]

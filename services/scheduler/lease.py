@@ -16,11 +16,10 @@ import time
 
 import nats.errors
 import nats.js.errors
-from nats.js.kv import KeyValue
 
 from shared.cancellation import cancel_and_wait
-from shared.messages import SchedulerLease, encode
-from shared.subjects import LEASE_SCHEDULER
+from shared.messages import SchedulerLease
+from shared.store import Conflict, Store
 
 __all__ = ["Lease"]
 
@@ -30,8 +29,8 @@ log = logging.getLogger(__name__)
 class Lease:
     """``await lease.acquire(stop)``; then ``lease.lost`` is set if it is ever lost."""
 
-    def __init__(self, kv: KeyValue, holder: str, *, ttl_s: float, renew_s: float) -> None:
-        self.kv = kv
+    def __init__(self, store: Store, holder: str, *, ttl_s: float, renew_s: float) -> None:
+        self.store = store
         self.holder = holder
         self.ttl_s = ttl_s
         self.renew_s = renew_s
@@ -49,16 +48,16 @@ class Lease:
             and time.monotonic() - self._renewed < self.ttl_s - self.renew_s
         )
 
-    def _value(self, acquired_at: float) -> bytes:
-        return encode(SchedulerLease(self.holder, acquired_at, time.time()))
+    def _value(self, acquired_at: float) -> SchedulerLease:
+        return SchedulerLease(self.holder, acquired_at, time.time())
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this process holds the lease (True) or ``stop`` is set (False)."""
         announced = False
         while not stop.is_set():
             try:
-                self._revision = await self.kv.create(LEASE_SCHEDULER, self._value(time.time()))
-            except nats.js.errors.KeyWrongLastSequenceError:
+                self._revision = await self.store.create_lease(self._value(time.time()))
+            except Conflict:
                 if not announced:
                     log.info("another scheduler is active; standing by")
                     announced = True
@@ -77,11 +76,11 @@ class Lease:
         while True:
             await asyncio.sleep(self.renew_s)
             try:
-                self._revision = await self.kv.update(
-                    LEASE_SCHEDULER, self._value(acquired_at), last=self._revision
+                self._revision = await self.store.renew_lease(
+                    self._value(acquired_at), last=self._revision
                 )
                 self._renewed = time.monotonic()
-            except nats.js.errors.KeyWrongLastSequenceError:
+            except Conflict:
                 log.error("lost the scheduler lease to another scheduler; stepping down")
                 self.lost.set()
                 return
@@ -98,6 +97,6 @@ class Lease:
             await cancel_and_wait(self._task)
         if self._revision and not self.lost.is_set():
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, OSError):
-                await self.kv.delete(LEASE_SCHEDULER, last=self._revision)
+                await self.store.release_lease(last=self._revision)
                 log.info("released the scheduler lease")
         self._revision = 0

@@ -1,53 +1,81 @@
 """Messages and records as tagged msgspec Structs, one module per concern."""
 
 from .codec import (
-    DecodeError,
     decode_beat,
     decode_command,
     decode_dispatch,
     decode_event,
+    decode_key_state,
     decode_lease,
     decode_log,
     decode_progress,
     decode_report,
     decode_task,
+    decode_task_ids,
     decode_workflow,
     encode,
     from_builtins,
 )
-from .commands import CancelWorkflow, Command, RetryWorkflow, SubmitWorkflow
-from .definition import Backoff, OnFailure, TaskSpec, WorkflowDefinition
+from .commands import (
+    ApproveWorkflow,
+    CancelWorkflow,
+    Command,
+    RejectWorkflow,
+    RetryWorkflow,
+    SubmitWorkflow,
+)
+from .definition import Approval, Backoff, Compensation, OnFailure, TaskSpec, WorkflowDefinition
 from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
+from .keys import KeyState
 from .leases import SchedulerLease
 from .records import (
+    BUSY_TASK,
     TERMINAL_TASK,
     TERMINAL_WORKFLOW,
     AttemptRecord,
+    Decision,
+    Mode,
     Progress,
     TaskRecord,
     TaskStatus,
     WorkflowRecord,
     WorkflowStatus,
+    display_order,
 )
-from .tasks import FailureReason, Outcome, Report, TaskDispatch, TaskFinished, TaskStarted
+from .tasks import (
+    FailureReason,
+    Outcome,
+    Report,
+    TaskDispatch,
+    TaskFinished,
+    TaskHandedBack,
+    TaskStarted,
+)
 
 __all__ = [
+    "BUSY_TASK",
     "TERMINAL_TASK",
     "TERMINAL_WORKFLOW",
+    "Approval",
+    "ApproveWorkflow",
     "AttemptRecord",
     "Backoff",
     "CancelWorkflow",
     "Command",
-    "DecodeError",
+    "Compensation",
+    "Decision",
     "Event",
     "ExecutorBeat",
     "FailureReason",
+    "KeyState",
     "LogChunk",
+    "Mode",
     "OnFailure",
     "Outcome",
     "Progress",
     "ProgressEvent",
+    "RejectWorkflow",
     "Report",
     "RetryWorkflow",
     "SchedulerLease",
@@ -55,6 +83,7 @@ __all__ = [
     "TaskDispatch",
     "TaskEvent",
     "TaskFinished",
+    "TaskHandedBack",
     "TaskRecord",
     "TaskSpec",
     "TaskStarted",
@@ -67,12 +96,15 @@ __all__ = [
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_key_state",
     "decode_lease",
     "decode_log",
     "decode_progress",
     "decode_report",
     "decode_task",
+    "decode_task_ids",
     "decode_workflow",
+    "display_order",
     "encode",
     "from_builtins",
 ]

@@ -1,4 +1,9 @@
-"""Encoding and strict decoding: one decoder per message family, built once."""
+"""Encoding and strict decoding: one decoder per message family, built once.
+
+Every decode goes through :func:`_decode`, the one place where a failure to decode (malformed
+JSON, a wrong shape, nesting deep enough to exhaust the stack) becomes the project's own
+:class:`~shared.errors.MessageError`. Consumers catch that and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +12,33 @@ from typing import Any, TypeVar
 import msgspec
 import msgspec.inspect as mi
 
+from ..errors import MessageError
 from .commands import Command
 from .events import Event, LogChunk
 from .executors import ExecutorBeat
+from .keys import KeyState
 from .leases import SchedulerLease
 from .records import Progress, TaskRecord, WorkflowRecord
 from .tasks import Report, TaskDispatch
 
 __all__ = [
-    "DecodeError",
     "decode_beat",
     "decode_command",
     "decode_dispatch",
     "decode_event",
+    "decode_key_state",
     "decode_lease",
     "decode_log",
     "decode_progress",
     "decode_report",
     "decode_task",
+    "decode_task_ids",
     "decode_workflow",
     "encode",
     "from_builtins",
 ]
 
 T = TypeVar("T")
-DecodeError = msgspec.DecodeError
 
 _encoder = msgspec.json.Encoder()
 _commands: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)
@@ -44,50 +51,69 @@ _tasks = msgspec.json.Decoder(TaskRecord)
 _progress = msgspec.json.Decoder(Progress)
 _beats = msgspec.json.Decoder(ExecutorBeat)
 _leases = msgspec.json.Decoder(SchedulerLease)
+_task_ids = msgspec.json.Decoder(list[str])
+_key_states = msgspec.json.Decoder(KeyState)  # a kill request: the tasks of one workflow
 
 
 def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-def decode_command(data: bytes) -> Command:
-    return _commands.decode(data)
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes | None) -> T:
+    try:
+        return decoder.decode(data or b"")
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise MessageError(f"undecodable: {exc}") from None
+    except RecursionError:
+        raise MessageError("undecodable: nested too deeply") from None
 
 
-def decode_dispatch(data: bytes) -> TaskDispatch:
-    return _dispatch.decode(data)
+def decode_command(data: bytes | None) -> Command:
+    return _decode(_commands, data)
 
 
-def decode_report(data: bytes) -> Report:
-    return _reports.decode(data)
+def decode_dispatch(data: bytes | None) -> TaskDispatch:
+    return _decode(_dispatch, data)
 
 
-def decode_event(data: bytes) -> Event:
-    return _events.decode(data)
+def decode_report(data: bytes | None) -> Report:
+    return _decode(_reports, data)
 
 
-def decode_log(data: bytes) -> LogChunk:
-    return _logs.decode(data)
+def decode_event(data: bytes | None) -> Event:
+    return _decode(_events, data)
 
 
-def decode_workflow(data: bytes) -> WorkflowRecord:
-    return _workflows.decode(data)
+def decode_log(data: bytes | None) -> LogChunk:
+    return _decode(_logs, data)
 
 
-def decode_task(data: bytes) -> TaskRecord:
-    return _tasks.decode(data)
+def decode_workflow(data: bytes | None) -> WorkflowRecord:
+    return _decode(_workflows, data)
 
 
-def decode_progress(data: bytes) -> Progress:
-    return _progress.decode(data)
+def decode_task(data: bytes | None) -> TaskRecord:
+    return _decode(_tasks, data)
 
 
-def decode_beat(data: bytes) -> ExecutorBeat:
-    return _beats.decode(data)
+def decode_progress(data: bytes | None) -> Progress:
+    return _decode(_progress, data)
 
 
-def decode_lease(data: bytes) -> SchedulerLease:
-    return _leases.decode(data)
+def decode_beat(data: bytes | None) -> ExecutorBeat:
+    return _decode(_beats, data)
+
+
+def decode_lease(data: bytes | None) -> SchedulerLease:
+    return _decode(_leases, data)
+
+
+def decode_task_ids(data: bytes | None) -> list[str]:
+    return _decode(_task_ids, data)
+
+
+def decode_key_state(data: bytes | None) -> KeyState:
+    return _decode(_key_states, data)
 
 
 def from_builtins(data: Any, type: type[T]) -> T:

@@ -26,6 +26,7 @@ class TaskEvent(msgspec.Struct, tag="task", omit_defaults=True):
     executor_id: str | None = None
     error: str | None = None
     reason: str | None = None
+    detail: str | None = None  # e.g. what a waiting task waits for
     v: int = 1
 
 

@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["FailureReason", "Outcome", "Report", "TaskDispatch", "TaskFinished", "TaskStarted"]
+__all__ = [
+    "FailureReason",
+    "Outcome",
+    "Report",
+    "TaskDispatch",
+    "TaskFinished",
+    "TaskHandedBack",
+    "TaskStarted",
+]
 
 Outcome = Literal["completed", "failed", "cancelled"]
 FailureReason = Literal[
@@ -32,6 +40,10 @@ class TaskDispatch(msgspec.Struct, tag="dispatch", forbid_unknown_fields=True):
     timeout_seconds: float
     pool: str = "default"
     dispatched_at: datetime | None = None
+    # "plan": run the action's read-only plan function instead; with expect_change (applying
+    # a plan), plan first and run only if the change is still the one planned
+    mode: Literal["run", "plan"] = "run"
+    expect_change: str | None = None
     v: int = 1
 
 
@@ -62,4 +74,17 @@ class TaskFinished(msgspec.Struct, tag="finished", forbid_unknown_fields=True):
     v: int = 1
 
 
-Report = TaskStarted | TaskFinished
+class TaskHandedBack(msgspec.Struct, tag="handed_back", forbid_unknown_fields=True):
+    """An executor shutting down gracefully stopped the attempt and gave its message back for
+    redelivery: not a crash, so the delivery does not count toward ``max_deliveries``."""
+
+    workflow_id: str
+    task_id: str
+    attempt: int
+    delivery: int
+    executor_id: str
+    at: datetime
+    v: int = 1
+
+
+Report = TaskStarted | TaskFinished | TaskHandedBack

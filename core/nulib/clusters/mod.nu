@@ -117,3 +117,46 @@ export def deploy-app [args: record]: nothing -> record {
     progress 100 $"($app) deployed on ($name)"
     {app: $app, cluster: $name, infra: $infra, state: "deployed", deployed_at: (now-utc), existed: $existed}
 }
+
+# args: as create. Read-only: what cluster.create would change.
+# -> {change: create | update | none, detail}
+export def plan-create [args: record]: nothing -> record {
+    let cluster = (check-record $args.cluster? "cluster")
+    let name = (check-name $cluster.name? "cluster.name")
+    let servers = (check-names $cluster.servers? "cluster.servers")
+    let existing = (local load clusters $name)
+    if $existing == null {
+        return {change: "create", detail: {name: $name, servers: $servers}}
+    }
+    let differences = ([["field" "current" "wanted"]; ["servers" ($existing.servers | sort) ($servers | sort)]]
+        | where {|d| $d.current != $d.wanted })
+    if ($differences | is-empty) {
+        {change: "none", detail: $"cluster ($name) is as wanted"}
+    } else {
+        {change: "update", detail: {name: $name, differences: $differences}}
+    }
+}
+
+# args: as delete. Read-only: what cluster.delete would change.
+export def plan-delete [args: record]: nothing -> record {
+    let name = (check-name ($args.name? | default $args.cluster?) "name")
+    if (local load clusters $name) == null {
+        {change: "none", detail: $"cluster ($name) does not exist"}
+    } else {
+        {change: "delete", detail: {name: $name}}
+    }
+}
+
+# args: as deploy-app. Read-only: what app.deploy would change.
+export def plan-deploy [args: record]: nothing -> record {
+    let name = (check-name $args.cluster? "cluster")
+    let app = (check-name $args.app? "app")
+    let cluster = (local load clusters $name)
+    if $cluster == null {
+        {change: "create", detail: {app: $app, cluster: $name, cluster_state: "not there yet"}}
+    } else if $app in $cluster.apps {
+        {change: "none", detail: $"($app) is deployed on ($name)"}
+    } else {
+        {change: "create", detail: {app: $app, cluster: $name}}
+    }
+}

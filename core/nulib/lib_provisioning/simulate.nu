@@ -32,3 +32,16 @@ export def run-steps [args: record, steps: table<percent: int, message: string>]
         sleep $pause
     }
 }
+
+# The same knobs for a provider that does real work (aws): call it at each
+# step, before the step's work; it fails there when the knobs say so (`fail`
+# alone: at the first step; `fail_at`: at the first step at or past it).
+# Nothing is simulated: a step past the start of real work tests the clean-up.
+export def fail-point [args: record, percent: int]: nothing -> nothing {
+    let message = ($args.fail? | default "" | into string)
+    let fail_at = ($args.fail_at? | default null)
+    let hit = if $fail_at != null { $percent >= ($fail_at | into int) } else { $message != "" }
+    if $hit {
+        error make {msg: (if $message != "" { $message } else { $"simulated failure at ($percent)%" })}
+    }
+}

@@ -15,7 +15,8 @@ const DEFAULT_VERSIONS = {
     cilium: "1.16.5"
 }
 
-# args: {infra, taskserv, server, version?, delay_seconds?, fail?, fail_at?}
+# args: {infra, taskserv, server, version?, address?, delay_seconds?, fail?, fail_at?}
+# `address`, when given, must be the server's (e.g. passed on from its creation's result).
 # The server must exist. Installing an installed taskserv returns it with existed: true.
 export def create [args: record]: nothing -> record {
     let infra = (check-name $args.infra? "infra")
@@ -27,6 +28,11 @@ export def create [args: record]: nothing -> record {
     if $server == null { error make {msg: $"server ($hostname) does not exist"} }
     if $server.infra != $infra {
         error make {msg: $"server ($hostname) belongs to infra ($server.infra), not ($infra)"}
+    }
+    # the address to install against, e.g. passed on from the server step's result
+    let address = ($args.address? | default $server.ip?)
+    if $address != $server.ip? {
+        error make {msg: $"address ($address) is not the address of server ($hostname) \(($server.ip?)\)"}
     }
     let key = $"($hostname)--($name)"
     let existing = (local load taskservs $key)
@@ -46,6 +52,7 @@ export def create [args: record]: nothing -> record {
     let record = {
         taskserv: $name
         server: $hostname
+        address: $address
         infra: $infra
         version: $version
         state: "installed"
@@ -87,4 +94,32 @@ export def list [args: record]: nothing -> record {
         | where {|ts| $server == null or $ts.server == $server }
         | where {|ts| $infra == null or $ts.infra == $infra })
     {taskservs: $taskservs}
+}
+
+# args: as create. Read-only: what taskserv.create would change.
+# -> {change: create | update | none, detail}
+export def plan-create [args: record]: nothing -> record {
+    let name = (check-name $args.taskserv? "taskserv")
+    let hostname = (check-name $args.server? "server")
+    let version = (check-string $args.version? "version" ($DEFAULT_VERSIONS | get --optional $name | default "latest"))
+    let existing = (local load taskservs $"($hostname)--($name)")
+    if $existing == null {
+        let server = if (local load servers $hostname) == null { "not there yet" } else { "exists" }
+        return {change: "create", detail: {taskserv: $name, server: $hostname, version: $version, server_state: $server}}
+    }
+    if $existing.version != $version {
+        return {change: "update", detail: {taskserv: $name, server: $hostname, current: $existing.version, wanted: $version}}
+    }
+    {change: "none", detail: $"($name) ($version) is installed on ($hostname)"}
+}
+
+# args: as delete. Read-only: what taskserv.delete would change.
+export def plan-delete [args: record]: nothing -> record {
+    let name = (check-name $args.taskserv? "taskserv")
+    let hostname = (check-name $args.server? "server")
+    if (local load taskservs $"($hostname)--($name)") == null {
+        {change: "none", detail: $"($name) is not installed on ($hostname)"}
+    } else {
+        {change: "delete", detail: {taskserv: $name, server: $hostname}}
+    }
 }

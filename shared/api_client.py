@@ -110,6 +110,19 @@ class ApiClient:
                 f"no orchestrator answers at {self.endpoint} ({getattr(exc, 'reason', exc)})"
             ) from None
 
+    def log_lines(
+        self, task_id: str, *, attempt: int | None = None, page: int = 5000
+    ) -> Iterator[dict[str, Any]]:
+        """Every stored log line of a task (of one attempt), page by page, oldest first."""
+        query = f"limit={page}" + (f"&attempt={attempt}" if attempt else "")
+        cursor = ""
+        while True:
+            body = self.get(f"/tasks/{task_id}/logs?{query}{cursor}")
+            yield from body["lines"]
+            if not body.get("next_cursor") or not body["lines"]:
+                return
+            cursor = f"&cursor={body['next_cursor']}"
+
     def stream(
         self, path: str, *, reconnect_for_s: float = 30
     ) -> Iterator[tuple[str, dict[str, Any]]]:

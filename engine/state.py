@@ -1,36 +1,29 @@
-"""One active workflow held in the scheduler's memory, mirroring its KV checkpoints.
+"""One active workflow held in memory: its record, its tasks' records and its dependency graph.
 
 Readiness and completion are kept as counters (dependencies not yet completed per task, tasks
-in an end state), so the cost of one transition does not grow with the size of the workflow:
-a fan-in over 10,000 tasks costs O(1) per finished dependency, not O(10,000).
+in an end state, tasks per status), so the cost of one transition does not grow with the size of
+the workflow: a fan-in over 10,000 tasks costs O(1) per finished dependency, not O(10,000).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from shared.messages import TERMINAL_TASK, TaskRecord, WorkflowRecord
+from shared.messages import BUSY_TASK, TERMINAL_TASK, TaskRecord, WorkflowRecord, display_order
 
 __all__ = ["WorkflowState"]
 
 
 class WorkflowState:
-    """A workflow's record, its tasks' records and KV revisions, and its dependency graph.
+    """A workflow's record and its tasks' records, with counters kept in step.
 
     Change a task's status only through :meth:`set_status`, which keeps the counters right.
     """
 
-    def __init__(
-        self,
-        record: WorkflowRecord,
-        revision: int,
-        tasks: dict[str, TaskRecord],
-        revisions: dict[str, int],
-    ) -> None:
+    def __init__(self, record: WorkflowRecord, tasks: dict[str, TaskRecord]) -> None:
         self.record = record
-        self.revision = revision
         self.tasks = tasks
-        self.revisions = revisions
+        self.order = display_order(record.task_ids, tasks)  # fan-out children, undos included
         self.dependents: dict[str, list[str]] = defaultdict(list)
         self.waiting: dict[str, int] = {}  # dependencies not completed yet, per task
         self.terminal = 0  # tasks in an end state
@@ -73,7 +66,44 @@ class WorkflowState:
         return self.tasks[task_id].status == "pending" and self.waiting[task_id] == 0
 
     def ready(self) -> list[str]:
-        return [t for t in self.record.task_ids if self.is_ready(t)]
+        return [t for t in self.order if self.is_ready(t)]
+
+    def busy(self) -> list[str]:
+        """Tasks whose current attempt is out with an executor (dispatched, not yet reported)."""
+        return [
+            t
+            for t in self.order
+            if self.tasks[t].status in BUSY_TASK and self.tasks[t].children is None
+        ]
+
+    def children(self, parent: str) -> list[str]:
+        count = self.tasks[parent].children or 0
+        return [f"{parent}[{i}]" for i in range(count)]
+
+    def add_tasks(self, records: list[TaskRecord]) -> None:
+        """Tasks made while the workflow runs (compensations), at the end, their
+        dependencies among themselves wired."""
+        for record in records:
+            task_id = record.spec.id
+            self.tasks[task_id] = record
+            self.counts[record.status] += 1
+            self.waiting[task_id] = 0
+            self.order.append(task_id)
+        for record in records:
+            for dep in record.spec.depends_on:
+                self.dependents[dep].append(record.spec.id)
+                if self.tasks[dep].status != "completed":
+                    self.waiting[record.spec.id] += 1
+
+    def add_children(self, parent: str, records: list[TaskRecord]) -> None:
+        """A fan-out's children, placed right after it."""
+        for record in records:
+            task_id = record.spec.id
+            self.tasks[task_id] = record
+            self.waiting[task_id] = 0
+            self.counts[record.status] += 1
+        at = self.order.index(parent) + 1
+        self.order[at:at] = [r.spec.id for r in records]
 
     def descendants(self, task_id: str) -> list[str]:
         out: list[str] = []
@@ -90,14 +120,19 @@ class WorkflowState:
     def all_terminal(self) -> bool:
         return self.terminal == len(self.tasks)
 
+    def count_snapshot(self) -> dict[str, int]:
+        """Tasks per status, for the workflow record (summaries never read the tasks)."""
+        return {status: n for status, n in sorted(self.counts.items()) if n}
+
     def final_status(self) -> str:
-        statuses = {t.status for t in self.tasks.values()}
-        if statuses == {"completed"}:
+        """The workflow's end status once every task has ended: completed only if every task
+        completed; cancelled when a cancel was asked for; otherwise failed."""
+        if self.counts.get("completed", 0) == len(self.tasks):
             return "completed"
         if self.record.cancel_requested:
             return "cancelled"
-        if "failed" in statuses:
+        if self.counts.get("failed", 0):
             return "failed"
-        if "cancelled" in statuses:
+        if self.counts.get("cancelled", 0):
             return "cancelled"
         return "failed"

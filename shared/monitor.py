@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from typing import IO, Any
 
-from .client import ApiClient
+from .api_client import ApiClient
 
 __all__ = ["monitor_workflow", "render_summary"]
 

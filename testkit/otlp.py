@@ -30,6 +30,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
+        self.raw_traces: list[bytes] = []  # every export as received (decompressed)
         self.metrics: dict[str, set[str]] = {}
         self.lock = threading.Lock()
         receiver = self
@@ -74,6 +75,8 @@ class Receiver:
         self.server.server_close()
 
     def _traces(self, body: bytes) -> None:
+        with self.lock:
+            self.raw_traces.append(body)
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
         spans = []

@@ -1,0 +1,213 @@
+"""Performing the engine's effects against JetStream, in an order that survives any crash.
+
+One step's :class:`~engine.effects.Effects` are applied in this order:
+
+1. new workflows: every task record, the active marker, then the workflow record (created
+   only if absent: the record is what says the submission was taken);
+2. task checkpoints, each a compare-and-swap on the revision last written;
+3. together: workflow checkpoints (with their counts of tasks per status) and what the task
+   checkpoints allow: kill requests and dispatches;
+4. events (acknowledged publishes), after the records, so a client that sees a workflow's end
+   event finds its final record;
+5. the end of finished workflows (the active marker goes, memory is freed);
+6. only then the acks of the inputs of the step.
+
+A crash anywhere in between means the inputs are redelivered and re-applied from the last
+checkpoints, never that a dispatch is ahead of its checkpoint. The revisions of every record
+held in memory are kept here: the engine knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from engine import Effects, WorkflowState
+from engine.effects import Dispatch
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import encode
+from shared.metrics import Metrics
+from shared.store import Store
+from shared.tracing import context_from, headers_with_context, message_span
+
+__all__ = ["WRITE_CHUNK", "Flusher"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("provisioning.scheduler")
+
+WRITE_CHUNK = 512  # concurrent KV writes or publishes at a time
+
+
+class Flusher:
+    def __init__(self, bus: Bus, store: Store, metrics: Metrics) -> None:
+        self.bus = bus
+        self.store = store
+        self.metrics = metrics
+        self.revisions: dict[str, int] = {}  # KV key -> revision last read or written
+        self.key_revisions: dict[str, int] = {}  # concurrency key -> revision of its record
+
+    def remember(self, state: WorkflowState, revision: int, tasks: dict[str, int]) -> None:
+        """The revisions of a workflow's records as loaded from their checkpoints."""
+        self.revisions[state.id] = revision
+        for task_id, rev in tasks.items():
+            self.revisions[subjects.task_key(state.id, task_id)] = rev
+
+    def forget(self, state: WorkflowState | None = None) -> None:
+        """Drop the revisions of one workflow (all of them with no argument)."""
+        if state is None:
+            self.revisions.clear()
+            self.key_revisions.clear()
+            return
+        self.revisions.pop(state.id, None)
+        for task_id in state.order:
+            self.revisions.pop(subjects.task_key(state.id, task_id), None)
+
+    async def flush(self, effects: Effects, acks: list[Msg], *, active: int = 0) -> None:
+        """Apply one step's effects, then ack its inputs. ``active``: workflows still in memory
+        (for the log line of each one that ended)."""
+        await self._create(effects)
+        for wf_id in effects.reopened:
+            await self.store.mark_active(wf_id)
+        await self._write_tasks(effects)
+        # what the task checkpoints allow (dispatches, kills) goes out together with the
+        # workflow records and the keys' records: one round trip, not three, per task
+        await asyncio.gather(
+            self._write_workflows(effects), self._write_keys(effects), self._send_work(effects)
+        )
+        # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
+        # leader would otherwise be lost (and an SSE stream would wait for its end forever).
+        await self.bus.publish_all(
+            [(subjects.event_subject(e.workflow_id), encode(e)) for e in effects.events]
+        )
+        for state in effects.ended.values():
+            await self.store.unmark_active(state.id)
+            self.forget(state)
+            record = state.record
+            log.info(
+                "workflow %s %s: %d tasks in %.3fs; %d workflows active",
+                record.id,
+                record.status,
+                len(record.task_ids),
+                ((record.finished_at or record.created_at) - record.created_at).total_seconds(),
+                active,
+            )
+        for msg in acks:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
+        self._record_metrics(effects)
+
+    async def _create(self, effects: Effects) -> None:
+        for state in effects.created.values():
+            tasks = [state.tasks[t] for t in state.record.task_ids]
+            for start in range(0, len(tasks), WRITE_CHUNK):
+                chunk = tasks[start : start + WRITE_CHUNK]
+                revs = await asyncio.gather(*(self.store.put_task(t) for t in chunk))
+                for task, rev in zip(chunk, revs, strict=True):
+                    self.revisions[subjects.task_key(state.id, task.spec.id)] = rev
+            await self.store.mark_active(state.id)
+            self.revisions[state.id] = await self.store.create_workflow(state.record)
+            log.info(
+                "accepted workflow %s %r with %d tasks",
+                state.id,
+                state.record.name,
+                len(state.record.task_ids),
+            )
+
+    async def _write_tasks(self, effects: Effects) -> None:
+        # fan-out children first: new records, then every change (parents say how many
+        # children they have only once the children exist)
+        new = {(state.id, task_id) for state, task_id in effects.new_tasks}
+        children = list(effects.new_tasks)
+        for start in range(0, len(children), WRITE_CHUNK):
+            chunk = children[start : start + WRITE_CHUNK]
+            revs = await asyncio.gather(*(self.store.put_task(s.tasks[t]) for s, t in chunk))
+            for (state, task_id), rev in zip(chunk, revs, strict=True):
+                self.revisions[subjects.task_key(state.id, task_id)] = rev
+        writes = [
+            (state, task_id)
+            for (wf_id, task_id), state in effects.tasks.items()
+            if wf_id not in effects.created and (wf_id, task_id) not in new  # written whole
+        ]
+        for start in range(0, len(writes), WRITE_CHUNK):
+            chunk = writes[start : start + WRITE_CHUNK]
+            keys = [subjects.task_key(state.id, task_id) for state, task_id in chunk]
+            revisions = await asyncio.gather(
+                *(
+                    self.store.update_task(state.tasks[task_id], last=self.revisions[key])
+                    for (state, task_id), key in zip(chunk, keys, strict=True)
+                )
+            )
+            self.revisions.update(zip(keys, revisions, strict=True))
+
+    async def _write_workflows(self, effects: Effects) -> None:
+        states = [s for s in effects.workflows.values() if s.id not in effects.created]
+        revisions = await asyncio.gather(
+            *(self.store.update_workflow(s.record, last=self.revisions[s.id]) for s in states)
+        )
+        for state, revision in zip(states, revisions, strict=True):
+            self.revisions[state.id] = revision
+
+    async def _write_keys(self, effects: Effects) -> None:
+        """The concurrency keys whose state changed: shown by ``GET /concurrency``, and their
+        rate windows kept across a failover."""
+        for key, state in effects.keys.items():
+            last = self.key_revisions.pop(key, None)
+            if state is None:
+                if last is not None:
+                    await self.store.remove_key_state(key, last)
+                continue
+            self.key_revisions[key] = await self.store.write_key_state(state, last)
+
+    async def _send_work(self, effects: Effects) -> None:
+        """Kill requests and dispatches of the step (their task checkpoints are written)."""
+        for wf_id, task_ids in effects.kills.items():
+            await self.bus.nc.publish(subjects.cancel_subject(wf_id), encode(sorted(set(task_ids))))
+        dispatches = effects.dispatches
+        for start in range(0, len(dispatches), WRITE_CHUNK):
+            await asyncio.gather(
+                *(self._publish_dispatch(d) for d in dispatches[start : start + WRITE_CHUNK])
+            )
+
+    async def _publish_dispatch(self, dispatch: Dispatch) -> None:
+        message = dispatch.message
+        subject = subjects.dispatch_subject(message.pool, message.workflow_id, message.task_id)
+        parent: dict[str, Any] = (
+            {"traceparent": dispatch.traceparent} if dispatch.traceparent else {}
+        )
+        with message_span(
+            tracer,
+            f"dispatch {message.task_id}",
+            subject,
+            kind=SpanKind.PRODUCER,
+            context=context_from(parent),
+            attributes={
+                "workflow.id": message.workflow_id,
+                "task.id": message.task_id,
+                "task.attempt": message.attempt,
+                "task.action": message.action,
+            },
+        ):
+            await self.bus.publish(
+                subject,
+                encode(message),
+                msg_id=subjects.dispatch_msg_id(
+                    message.workflow_id, message.task_id, message.attempt
+                ),
+                headers=headers_with_context(),
+            )
+
+    def _record_metrics(self, effects: Effects) -> None:
+        for pool, status in effects.transitions:
+            self.metrics.tasks.add(1, {"status": status, "pool": pool})
+            if status == "retrying":
+                self.metrics.retries.add(1, {"pool": pool})
+        for pool, latency in effects.start_latencies:
+            self.metrics.dispatch_latency.record(latency, {"pool": pool})

@@ -1,0 +1,78 @@
+"""Rebuilding the engine's memory from checkpoints, and repairing what a crash left half done.
+
+On taking over (and after a step could not be written) the scheduler lists the active
+workflows, loads each one's records and hands them to the engine (:meth:`Engine.adopt`), which
+puts ready tasks back in their heaps, re-arms retry timers and ends workflows whose tasks have
+all ended. A task whose attempt is out with an executor (``queued``, ``running``,
+``cancelling``) is checked: if neither its dispatch message is still in ``PROV_DISPATCH`` nor a
+report of it waits in ``PROV_REPORTS``, the dispatch was lost between its checkpoint and its
+publish, and is sent again (same attempt, same message id: it cannot be stored twice).
+Workflows are loaded ``[scheduler] recovery_batch`` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from engine import Engine, WorkflowState
+from shared.store import Store
+from shared.streams import Streams
+
+from .flush import Flusher
+
+__all__ = ["Recovery"]
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    def __init__(
+        self, engine: Engine, store: Store, streams: Streams, flusher: Flusher, *, batch: int
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.streams = streams
+        self.flusher = flusher
+        self.batch = max(1, batch)
+
+    async def load(self, workflow_id: str) -> WorkflowState | None:
+        """Bring one workflow back from its checkpoints; None if it is unknown or has ended."""
+        if (state := self.engine.get(workflow_id)) is not None:
+            return state
+        found = await self.store.workflow(workflow_id)
+        if found is None:
+            return None
+        record, revision = found
+        if record.status in ("completed", "failed", "cancelled"):
+            await self.store.unmark_active(workflow_id)  # ended, but the marker stayed
+            return None
+        loaded = await self.store.tasks(workflow_id)
+        tasks = {task_id: rec for task_id, (rec, _) in loaded.items()}
+        now = datetime.now(UTC)
+        busy = self.engine.adopt(record, tasks, now)
+        state = self.engine.get(workflow_id)
+        if state is None:
+            return None
+        self.flusher.remember(state, revision, {t: rev for t, (_, rev) in loaded.items()})
+        for task_id in busy:
+            task = state.tasks[task_id]
+            if not await self.streams.dispatch_outstanding(task.spec.pool, workflow_id, task_id):
+                log.info(
+                    "re-publishing dispatch of %s.%s attempt %d", workflow_id, task_id, task.attempt
+                )
+                self.engine.redispatch(workflow_id, task_id, now)
+        return state
+
+    async def load_all(self) -> int:
+        """Load the concurrency keys' rate windows, then every active workflow (whose tasks
+        say who holds and who waits for each key); returns how many are active."""
+        if not self.engine.workflows:
+            for state, revision in await self.store.key_states():
+                self.engine.restore_key(state)
+                self.flusher.key_revisions[state.key] = revision
+        ids = [i for i in await self.store.active_ids() if self.engine.get(i) is None]
+        for start in range(0, len(ids), self.batch):
+            await asyncio.gather(*(self.load(i) for i in ids[start : start + self.batch]))
+        return len(self.engine.workflows)

@@ -1,0 +1,241 @@
+"""Reading the JetStream streams: event replay, task logs (paged and followed), commands still
+waiting for the scheduler, and what is still queued for a task.
+
+The gateway's handlers, the scheduler's recovery and the executors' fencing read streams only
+through here; the record store (:mod:`shared.store`) owns the KV buckets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from . import subjects
+from .bus import Bus
+from .errors import MessageError
+from .messages import (
+    LogChunk,
+    Report,
+    SubmitWorkflow,
+    decode_command,
+    decode_log,
+    decode_report,
+)
+
+__all__ = ["LogLine", "LogPage", "Streams"]
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNKS_PER_PAGE = 1000  # stream reads one page of logs may cost, whatever its size
+
+
+class LogLine(msgspec.Struct):
+    attempt: int
+    stream: str
+    line: str
+    at: str
+
+
+class LogPage(msgspec.Struct):
+    """Lines of one task, oldest first; ``next_cursor`` continues after the last one (None
+    when there were no more when the page was read)."""
+
+    lines: list[LogLine]
+    next_cursor: str | None
+
+
+def _cursor(value: str | None) -> tuple[int, int]:
+    """``<stream sequence>.<line index in that chunk>``; raises ValueError when malformed."""
+    if not value:
+        return 1, 0
+    seq, _, index = value.partition(".")
+    if not (seq.isdigit() and index.isdigit() and len(seq) <= 19 and len(index) <= 6):
+        raise ValueError(f"not a log cursor: {value[:40]!r}")
+    return max(1, int(seq)), int(index)
+
+
+def _lines(chunk: LogChunk, start: int, count: int) -> list[LogLine]:
+    at = chunk.at.isoformat()
+    return [
+        LogLine(chunk.attempt, chunk.stream, line, at)
+        for line in chunk.lines[start : start + count]
+    ]
+
+
+class Streams:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    # -- commands waiting for the scheduler ------------------------------------------------------
+
+    async def pending_command(self, kind: str, workflow_id: str) -> bytes | None:
+        """The payload of a ``kind`` command for the workflow still in the queue, if any."""
+        try:
+            raw = await self.bus.js.get_last_msg(
+                subjects.STREAM_COMMANDS, subjects.command_subject(kind, workflow_id)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return raw.data or b""
+
+    async def pending_submission(self, workflow_id: str) -> SubmitWorkflow | None:
+        """A submission accepted (durable) but not yet taken by the scheduler."""
+        data = await self.pending_command("submit", workflow_id)
+        if data is None:
+            return None
+        try:
+            command = decode_command(data)
+        except MessageError:  # poison: the scheduler will dead-letter it
+            return None
+        return command if isinstance(command, SubmitWorkflow) else None
+
+    async def pending_submission_ids(self) -> list[str]:
+        """Ids of every workflow whose submission waits in the queue."""
+        info = await self.bus.js.stream_info(
+            subjects.STREAM_COMMANDS, subjects_filter=subjects.command_filter("submit")
+        )
+        return [subjects.workflow_of_command(s) for s in (info.state.subjects or {})]
+
+    async def submission_waits(self, workflow_id: str) -> bool:
+        """Whether the workflow's submission is still in the queue, without reading it."""
+        subject = subjects.command_subject("submit", workflow_id)
+        info = await self.bus.js.stream_info(subjects.STREAM_COMMANDS, subjects_filter=subject)
+        return bool((info.state.subjects or {}).get(subject))
+
+    # -- what is out for a task ------------------------------------------------------------------
+
+    async def dispatch_outstanding(self, pool: str, workflow_id: str, task_id: str) -> bool:
+        """Whether the task's dispatch is still in the queue, or a report of it waits for the
+        scheduler. Checked in this order: an executor publishes its report before it acks."""
+        for stream, subject in (
+            (subjects.STREAM_DISPATCH, subjects.dispatch_subject(pool, workflow_id, task_id)),
+            (subjects.STREAM_REPORTS, subjects.report_subject(workflow_id, task_id)),
+        ):
+            try:
+                await self.bus.js.get_last_msg(stream, subject)
+                return True
+            except nats.js.errors.NotFoundError:
+                continue
+        return False
+
+    async def last_report(self, workflow_id: str, task_id: str) -> Report | None:
+        """The last report of the task not yet consumed by the scheduler, if any."""
+        try:
+            last = await self.bus.js.get_last_msg(
+                subjects.STREAM_REPORTS, subjects.report_subject(workflow_id, task_id)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        try:
+            return decode_report(last.data)
+        except MessageError:
+            return None
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def replay_events(
+        self, workflow_id: str, *, idle_s: float
+    ) -> AsyncIterator[tuple[int, int, bytes]]:
+        """Every event of a workflow from the start, then live: ``(seq, pending, data)``; a
+        ``(0, 0, b"")`` after each ``idle_s`` without one (for keepalives)."""
+        sub = await self.bus.js.subscribe(
+            subjects.event_subject(workflow_id),
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_s)
+                except nats.errors.TimeoutError:
+                    yield 0, 0, b""
+                    continue
+                meta = msg.metadata
+                yield meta.sequence.stream, meta.num_pending, msg.data
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    # -- logs ------------------------------------------------------------------------------------
+
+    async def log_page(
+        self,
+        workflow_id: str,
+        task_id: str,
+        *,
+        attempt: int | None,
+        cursor: str | None,
+        limit: int,
+    ) -> LogPage:
+        """Up to ``limit`` lines of a task (of one ``attempt``, or of all in order), from
+        ``cursor``. Reads chunk by chunk, so memory is bounded by the page, not by the log."""
+        seq, index = _cursor(cursor)
+        subject = (
+            subjects.log_subject(workflow_id, task_id, attempt)
+            if attempt is not None
+            else subjects.log_filter(workflow_id, task_id)
+        )
+        lines: list[LogLine] = []
+        for _ in range(MAX_CHUNKS_PER_PAGE):
+            if len(lines) >= limit:
+                break
+            try:
+                raw = await self.bus.js.get_msg(
+                    subjects.STREAM_LOGS, seq=seq, subject=subject, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                return LogPage(lines, None)
+            found = raw.seq or seq
+            try:
+                chunk = decode_log(raw.data)
+            except MessageError:
+                seq, index = found + 1, 0
+                continue
+            taken = _lines(chunk, index, limit - len(lines))
+            lines += taken
+            if index + len(taken) < len(chunk.lines):
+                return LogPage(lines, f"{found}.{index + len(taken)}")
+            seq, index = found + 1, 0
+        return LogPage(lines, f"{seq}.{index}")
+
+    async def follow_logs(
+        self, workflow_id: str, task_id: str, *, attempt: int | None, cursor: str | None
+    ) -> AsyncGenerator[bytes | None, None]:
+        """The task's log chunks from ``cursor`` on, then live, as raw ``LogChunk`` JSON;
+        ``None`` after each quiet half second (so the caller can check whether the task ended)."""
+        seq, _ = _cursor(cursor)
+        subject = (
+            subjects.log_subject(workflow_id, task_id, attempt)
+            if attempt is not None
+            else subjects.log_filter(workflow_id, task_id)
+        )
+        sub = await self.bus.js.subscribe(
+            subject,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq
+            ),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    yield None
+                    continue
+                yield msg.data
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def purge_logs(self, workflow_id: str, task_id: str, attempt: int) -> None:
+        """Drop the stored lines of one attempt of a task."""
+        await self.bus.js.purge_stream(
+            subjects.STREAM_LOGS, subject=subjects.log_subject(workflow_id, task_id, attempt)
+        )

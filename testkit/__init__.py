@@ -1,0 +1,1 @@
+"""Real processes for tests and benchmarks (not shipped in the package)."""
