@@ -133,7 +133,7 @@ def test_real_answers_match_the_document(contract_stack: Stack) -> None:
     wf_id = accepted["workflow_id"]
     assert http.wait_workflow(wf_id)["status"] == "failed"
     chunk = LogChunk(wf_id, "bad", 1, "stdout", ["line one", "ünïcode ✓"], datetime.now(UTC))
-    publish(contract_stack, subjects.log_subject(wf_id, "bad"), encode(chunk))
+    publish(contract_stack, subjects.log_subject(wf_id, "bad", 1), encode(chunk))
     status, running = http.post(
         "/workflows",
         {
@@ -156,7 +156,7 @@ def test_real_answers_match_the_document(contract_stack: Stack) -> None:
                     "depends_on": ["list"],
                     "for_each": "${tasks.list.result.items}",
                     "args": {"item": "${item}"},
-                    "concurrency": [{"key": "contract-${item}", "limit": 1}],
+                    "concurrency": [{"key": "contract-{args.item}", "limit": 1}],
                 },
             ],
         },

@@ -402,3 +402,61 @@ async def test_the_served_document_is_this_gateways_and_405_names_the_methods() 
         assert (await response.json())["error"]["code"] == "method_not_allowed"
     finally:
         await client.close()
+
+
+def test_named_priorities_one_mapping_in_the_schema_and_the_parser(
+    document: dict[str, Any],
+) -> None:
+    from shared.errors import DefinitionError
+    from shared.priority import PRIORITY_NAMES, parse_priority
+
+    schemas = document["components"]["schemas"]
+    for schema in (
+        schemas["WorkflowDefinition"]["properties"]["priority"],
+        schemas["TaskSpec"]["properties"]["priority"],
+        schemas["ShortcutBody"]["properties"]["priority"],
+        schemas["ShortcutParams"]["properties"]["priority"],
+    ):
+        check = jsonschema.Draft202012Validator(schema)
+        for name, number in PRIORITY_NAMES.items():
+            for spelling in (name, name.upper(), name.capitalize()):
+                assert check.is_valid(spelling) and parse_priority(spelling) == number
+        for bad in ("urgent", "", "High ", 1001, 1.5, True):
+            assert not check.is_valid(bad), bad
+            with pytest.raises(DefinitionError):
+                parse_priority(bad)
+    assert [parse_priority(n) for n in ("Low", "Normal", "High", "Critical")] == [-10, 0, 10, 100]
+    assert parse_priority(7.0) == 7 and parse_priority(-1000) == -1000
+    definition = definition_from_data(
+        {
+            "name": "n",
+            "priority": "HIGH",
+            "tasks": [{"id": "a", "action": "x.y", "priority": "low"}],
+        }
+    )
+    assert (definition.priority, definition.tasks[0].priority) == (10, -10)
+
+
+def test_shortcut_bodies_in_the_document_and_unknown_keys(document: dict[str, Any]) -> None:
+    from services.gateway.bodies import ApproveBody, RejectBody, unknown_keys
+
+    paths = document["paths"]
+    for path, kind in (
+        ("/workflows/servers/create", "server_create"),
+        ("/workflows/taskserv/create", "taskserv_create"),
+        ("/workflows/cluster/create", "cluster_create"),
+    ):
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["allOf"][1]["properties"]["type"] == {"const": kind}
+    body = document["components"]["schemas"]["ShortcutBody"]
+    assert body["anyOf"] == [{"required": ["infra"]}, {"required": ["infra_name"]}]
+    assert body["additionalProperties"] is False
+    assert document["components"]["schemas"]["ShortcutParams"]["additionalProperties"] is False
+    raw = {"infra": "w", "zone": 1, "params": {"plan": "large", "retries": 1, "bogus": 1}}
+    assert unknown_keys(raw, ShortcutBody) == ["zone", "params.plan", "params.bogus"]
+    assert unknown_keys({"progress": 1, "status": "x", "percent": 2}, ProgressBody) == ["percent"]
+    assert unknown_keys({"comment": "", "by": "x"}, ApproveBody) == ["by"]
+    assert unknown_keys({"reason": "r", "task": None}, RejectBody) == []
+    assert (
+        unknown_keys([1, 2], ShortcutBody) == [] and unknown_keys({"params": 5}, ShortcutBody) == []
+    )

@@ -64,6 +64,7 @@ from shared.messages import (
 )
 from shared.nickel_source import evaluate_nickel
 from shared.parsing import DefinitionParser
+from shared.priority import parse_priority
 from shared.store import Store
 from shared.streams import Streams
 from shared.tracing import context_from, headers_with_context
@@ -74,7 +75,7 @@ from shared.workflow import (
 )
 
 from . import approvals, plans
-from .bodies import ProgressBody, ShortcutBody, decode_body
+from .bodies import SHORTCUT_TYPES, ProgressBody, ShortcutBody, decode_body
 from .common import (
     BUS,
     CALLER,
@@ -137,6 +138,7 @@ INLINE_JSON_MAX_BYTES = 16 * 1024  # JSON definitions up to this size are parsed
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROGRESS_ROUTE = "/tasks/{id}/progress"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"  # curl's default for -d
 _EVENT_ID_RE = re.compile(r"[0-9]{1,19}")
 OPENAPI = web.AppKey("openapi", bytes)  # this app's document, encoded once
 _WORKFLOW_STATUSES: frozenset[str] = frozenset(get_args(WorkflowStatus))
@@ -364,13 +366,21 @@ async def _scheduler_health(store: Store) -> SchedulerHealth:
     )
 
 
+def _unsupported(content_type: str) -> web.HTTPUnsupportedMediaType:
+    return web.HTTPUnsupportedMediaType(
+        text=f"unsupported Content-Type {content_type[:100]!r}: use JSON, TOML, YAML or Nickel"
+    )
+
+
 async def submit_workflow(request: web.Request) -> web.Response:
-    content_type = request.headers.get("Content-Type", "application/json")
+    content_type = request.headers.get("Content-Type", "").strip() or "application/json"
     fmt = format_for_content_type(content_type)
+    # curl's default for -d: the body is JSON if it parses as JSON, else it is a 415
+    form = fmt is None and content_type.split(";", 1)[0].strip().lower() == FORM_CONTENT_TYPE
+    if form:
+        fmt = "json"
     if fmt is None:
-        raise web.HTTPUnsupportedMediaType(
-            text=f"unsupported Content-Type {content_type!r}: use JSON, TOML, YAML or Nickel"
-        )
+        raise _unsupported(content_type)
     gateway = request.app[CONFIG].gateway
     body = await _read_definition(request, fmt)
     if fmt == "nickel":
@@ -379,7 +389,12 @@ async def submit_workflow(request: web.Request) -> web.Response:
         )
         definition = await _parse_definition(request, json_text, "json")
     else:
-        definition = await _parse_definition(request, body, fmt)
+        try:
+            definition = await _parse_definition(request, body, fmt)
+        except DefinitionError as exc:
+            if form and exc.reason == "malformed":  # not JSON: a form, as its type says
+                raise _unsupported(content_type) from None
+            raise
     return await _submit(request, definition, f"api:{fmt}", mode=_mode(request), validated=True)
 
 
@@ -431,6 +446,48 @@ def _mode(request: web.Request) -> Mode:
     return "plan" if _query_bool(request, "plan", False) else "run"
 
 
+def _shortcut_request(kind: str, body: ShortcutBody) -> tuple[str, dict[str, Any]]:
+    """The infra and the params of a shortcut's body, in the seed's forms too: its ``type``
+    must be this endpoint's, ``infra_name`` names the infra as ``infra`` does, and the
+    workflow's ``priority`` may be given at the top or in ``params`` (a number or a named
+    level: both given, they must be the same)."""
+    expected = SHORTCUT_TYPES[kind]
+    if body.type is not msgspec.UNSET and body.type != expected:
+        raise DefinitionError(
+            f"type {body.type!r} is not this endpoint's: POST /workflows/{kind}/create creates "
+            f"{expected!r}",
+            reason="wrong_field",
+            field="type",
+            expected=expected,
+        )
+    names = {n for n in (body.infra, body.infra_name) if isinstance(n, str)}
+    if not names:
+        raise DefinitionError("infra (or infra_name) is required", reason="wrong_field")
+    if len(names) > 1:
+        raise DefinitionError(
+            f"infra {body.infra!r} and infra_name {body.infra_name!r} name different infras: "
+            "give one of them",
+            reason="wrong_field",
+            field="infra_name",
+        )
+    params: dict[str, Any] = msgspec.to_builtins(body.params)  # the options given, no others
+    priorities = {}
+    if body.priority is not msgspec.UNSET:
+        priorities["priority"] = parse_priority(body.priority)
+    if "priority" in params:
+        priorities["params.priority"] = parse_priority(params["priority"], field="params.priority")
+    if len(set(priorities.values())) > 1:
+        raise DefinitionError(
+            f"priority and params.priority differ ({body.priority!r}, {params['priority']!r}): "
+            "give one of them",
+            reason="wrong_field",
+            field="priority",
+        )
+    if priorities:
+        params["priority"] = next(iter(priorities.values()))
+    return names.pop(), params
+
+
 def _shortcut(kind: str) -> Handler:
     build = {
         "servers": infra.servers_workflow,
@@ -440,14 +497,13 @@ def _shortcut(kind: str) -> Handler:
 
     async def handler(request: web.Request) -> web.Response:
         raw = await _json_body(request)
-        body = decode_body(raw, ShortcutBody)
-        params = msgspec.to_builtins(body.params)  # the options given, unset ones left out
+        name, params = _shortcut_request(kind, decode_body(raw, ShortcutBody))
         config = request.app[CONFIG]
 
         def build_and_validate() -> WorkflowDefinition:
             # In a thread: the walk over the arguments is Python and yields the GIL to the
             # loop every few milliseconds (bounded by shared.workflow.MAX_VALUES).
-            definition = build(body.infra, params, config.orchestrator.infra_dir)
+            definition = build(name, params, config.orchestrator.infra_dir)
             validate_definition(
                 definition, request.app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow
             )

@@ -5,7 +5,7 @@ then ``shared.messages.from_builtins`` converts strictly (but ``14.0`` is the in
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import msgspec.inspect as mi
@@ -14,10 +14,13 @@ from msgspec import UNSET, UnsetType
 from shared.errors import DefinitionError
 from shared.ids import CHILD_RE, NAME_RE
 from shared.messages import from_builtins
+from shared.priority import PRIORITY_MAX, PRIORITY_MIN, PRIORITY_NAME_PATTERN
 
 __all__ = [
     "REQUESTS",
+    "SHORTCUT_TYPES",
     "ApproveBody",
+    "PriorityValue",
     "ProgressBody",
     "RejectBody",
     "ShortcutBody",
@@ -30,35 +33,60 @@ T = TypeVar("T")
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
 TaskId = Annotated[str, msgspec.Meta(pattern=CHILD_RE.pattern)]
+PriorityValue = (
+    Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
+    | Annotated[
+        str,
+        msgspec.Meta(
+            pattern=PRIORITY_NAME_PATTERN,
+            description="A named level, any case: Low (-10), Normal (0), High (10), Critical (100)",
+        ),
+    ]
+)
+# The seed's task types, one per shortcut (``{"type": "server_create", "infra": ...}``).
+SHORTCUT_TYPES = {
+    "servers": "server_create",
+    "taskserv": "taskserv_create",
+    "cluster": "cluster_create",
+}
+ShortcutType = Literal["server_create", "taskserv_create", "cluster_create"]
 
 
-class ProgressBody(msgspec.Struct, kw_only=True):
-    """A running task's progress (the seed's pattern 3). Other keys are ignored."""
+class ProgressBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A running task's progress (the seed's pattern 3)."""
 
     progress: Annotated[int, msgspec.Meta(ge=0, le=100)]
     message: Annotated[str, msgspec.Meta(description="Kept to 500 characters")] = ""
     status: Annotated[str, msgspec.Meta(description="Ignored (the seed's scripts send it)")] = ""
 
 
-class ShortcutParams(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Options of the shortcuts, all optional; other keys are ignored. ``servers``: only these
-    hostnames; ``taskserv``: only this task service; ``apps``: what cluster/create deploys;
-    ``retries`` per task; ``delay_seconds``, ``fail``, ``fail_at``: the local provider's test
+class ShortcutParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Options of the shortcuts, all optional; any other key is a 422 naming it. ``servers``:
+    only these hostnames; ``taskserv``: only this task service; ``apps``: what cluster/create
+    deploys; ``retries`` per task; ``priority`` of the workflow (as the seed's CLI sends it with
+    ``-p priority=High``); ``delay_seconds``, ``fail``, ``fail_at``: the local provider's test
     knobs, passed to every task."""
 
     servers: list[str] | UnsetType = UNSET
     taskserv: Name | UnsetType = UNSET
     apps: list[str] | UnsetType = UNSET
     retries: Annotated[int, msgspec.Meta(ge=0, le=100)] | UnsetType = UNSET
+    priority: PriorityValue | UnsetType = UNSET
     delay_seconds: Annotated[float, msgspec.Meta(ge=0)] | UnsetType = UNSET
     fail: Any | UnsetType = UNSET
     fail_at: Any | UnsetType = UNSET
 
 
 class ShortcutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``POST /workflows/{servers,taskserv,cluster}/create``: an infra of ``core/infra``."""
+    """``POST /workflows/{servers,taskserv,cluster}/create``: an infra of ``core/infra``, named
+    by ``infra`` or (the seed's name) ``infra_name``: one of them, or both the same. ``type``,
+    the seed's task type, must be the endpoint's when given. ``priority``: the workflow's (also
+    accepted as ``params.priority``; both given, they must agree)."""
 
-    infra: Name
+    type: ShortcutType | UnsetType = UNSET
+    infra: Name | UnsetType = UNSET
+    infra_name: Name | UnsetType = UNSET
+    priority: PriorityValue | UnsetType = UNSET
     params: ShortcutParams = msgspec.field(default_factory=ShortcutParams)
 
 

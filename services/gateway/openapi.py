@@ -21,7 +21,7 @@ from shared.config import GatewayConfig
 from shared.ids import NAME_RE
 from shared.messages import Event, LogChunk, WorkflowDefinition, WorkflowStatus
 
-from .bodies import REQUESTS
+from .bodies import REQUESTS, SHORTCUT_TYPES, PriorityValue
 from .responses import (
     LOG_CURSOR_PATTERN,
     LOG_PAGE_DEFAULT,
@@ -198,6 +198,15 @@ def _components(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str, Any
     name = {"type": "string", "pattern": NAME_RE.pattern}
     task_spec["id"] = name
     task_spec["depends_on"] = {**task_spec["depends_on"], "items": name}
+    # A priority may be a named level too (shared.priority), in definitions as in shortcuts.
+    priority = msgspec.json.schema(PriorityValue)
+    components["WorkflowDefinition"]["properties"]["priority"] = {**priority, "default": 0}
+    task_spec["priority"] = {
+        "anyOf": [*priority["anyOf"], {"type": "null"}],
+        "default": None,
+    }
+    # The infra is named by infra or (the seed's name) infra_name.
+    components["ShortcutBody"]["anyOf"] = [{"required": ["infra"]}, {"required": ["infra_name"]}]
     # The SSE framing: each event's data is one message of shared.messages as JSON.
     components["WorkflowStreamEvent"] = _stream_event(EVENT_KINDS, "Event", "stream sequence")
     components["LogStreamEvent"] = _stream_event(["log"], "LogChunk", None)
@@ -260,18 +269,35 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
         "YAML, TOML or Nickel definition whose parsing took too long (parse_timeout)",
     }
 
-    def shortcut(operation_id: str, summary: str) -> dict[str, Any]:
+    def shortcut(kind: str, operation_id: str, summary: str) -> dict[str, Any]:
+        # The seed's type, when given, must be this endpoint's.
+        schema = {
+            "allOf": [
+                _ref("ShortcutBody"),
+                {"properties": {"type": {"const": SHORTCUT_TYPES[kind]}}},
+            ]
+        }
         return op(
             operation_id,
             summary,
             {202: accepted},
             errors={
                 **submit_errors,
-                422: "Unknown infra or server, unknown keys (details.fields names them), or "
-                "invalid params",
+                422: "Unknown infra or server, unknown keys (details.fields names them), "
+                "infra and infra_name that differ, or invalid params",
             },
             parameters=[_PLAN],
-            body={"application/json": {"schema": _ref("ShortcutBody")}},
+            body={
+                "application/json": {
+                    "schema": schema,
+                    "example": {
+                        "type": SHORTCUT_TYPES[kind],
+                        "infra": "wuji",
+                        "priority": "High",
+                        "params": {"delay_seconds": 0},
+                    },
+                }
+            },
         )
 
     document: dict[str, Any] = {
@@ -315,7 +341,8 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                     {202: accepted},
                     errors={
                         **submit_errors,
-                        415: _ERRORS[415],
+                        415: "Unsupported Content-Type (application/x-www-form-urlencoded, "
+                        "curl's default, is taken as JSON when the body parses as JSON)",
                     },
                     parameters=[
                         _PLAN,
@@ -380,13 +407,17 @@ def openapi_document(gateway: GatewayConfig, actions: Iterable[str]) -> dict[str
                 ),
             },
             "/workflows/servers/create": {
-                "post": shortcut("createServers", "Create an infra's servers, in parallel")
+                "post": shortcut(
+                    "servers", "createServers", "Create an infra's servers, in parallel"
+                )
             },
             "/workflows/taskserv/create": {
-                "post": shortcut("createTaskservs", "Install an infra's task services")
+                "post": shortcut("taskserv", "createTaskservs", "Install an infra's task services")
             },
             "/workflows/cluster/create": {
-                "post": shortcut("createCluster", "Servers, task services, cluster and apps")
+                "post": shortcut(
+                    "cluster", "createCluster", "Servers, task services, cluster and apps"
+                )
             },
             "/workflows/{id}": {
                 "get": op(
