@@ -270,7 +270,10 @@ def wrong_types() -> list[Case]:
         ("depends_on string", wf(task(depends_on="b"))),
         ("depends_on ints", wf(task(depends_on=[1]))),
         ("depends_on null", wf(task(depends_on=None))),
-        ("priority string", wf(task(priority="high"))),
+        ("priority string", wf(task(priority="highest"))),  # not a named level
+        ("priority name padded", wf(task(priority=" high"))),
+        ("priority name in a list", wf(task(priority=["high"]))),
+        ("workflow priority string", wf(priority="urgent")),
         ("priority huge", wf(task(priority=10**10))),
         ("priority float", wf(task(priority=1.5))),
         ("priority bool", wf(task(priority=True))),
@@ -826,17 +829,25 @@ def content_type_cases(h: Hostile) -> list[Case]:
         for ct in (
             "text/plain",
             "multipart/form-data; boundary=x",
-            "application/x-www-form-urlencoded",
             "application/xml",
-            "",
             "json",
             "application/json-patch+json",
             "*/*",
             "application/octet-stream",
         )
     ]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
     cases += [
         Case("no Content-Type (JSON assumed)", "POST", p, valid, {}, (202,)),
+        Case(
+            "an empty Content-Type (JSON assumed)", "POST", p, valid, {"Content-Type": ""}, (202,)
+        ),
+        Case("an empty Content-Type, not JSON", "POST", p, b"a=b", {"Content-Type": ""}, (400,)),
+        # curl's default for -d: a definition when the body is JSON, else what it says, a form
+        Case("JSON as curl -d sends it", "POST", p, valid, form, (202,)),
+        Case("a form", "POST", p, b"name=x&tasks=a", form, (415,)),
+        Case("a form of JSON and more", "POST", p, valid + b"&x=1", form, (415,)),
+        Case("an empty form", "POST", p, b"", form, (415,)),
         Case("uppercase type", "POST", p, valid, {"Content-Type": "APPLICATION/JSON"}, (202,)),
         Case(
             "charset latin-1",
