@@ -28,12 +28,15 @@ from shared.config import Config
 from shared.errors import DefinitionError
 from shared.ids import NAME_RE
 from shared.messages import TaskSpec, WorkflowDefinition
+from shared.priority import parse_priority
 
 from . import INFRA_DIR
 from .providers import DEVELOPMENT_PROVIDER, Providers, effective_provider
 
 __all__ = [
     "KNOBS",
+    "PARAMS",
+    "check_params",
     "cluster_workflow",
     "infra_hashes",
     "load_infra",
@@ -46,6 +49,8 @@ __all__ = [
 
 # Arguments passed through from "params" to every task (the local provider's test knobs).
 KNOBS = ("delay_seconds", "fail", "fail_at")
+# Every key of "params" the builders read; any other is refused, never dropped silently.
+PARAMS = ("servers", "taskserv", "apps", "retries", "priority", *KNOBS)
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -78,6 +83,26 @@ def load_infra(name: str, infra_dir: str = "") -> dict[str, Any]:
     if not path.is_file():
         raise DefinitionError(f"unknown infra {name!r} (no {path})", reason="unknown_infra")
     return _evaluate(path, path.stat().st_mtime)
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Refuse (422, ``unknown_field``) any key of ``params`` the builders do not read."""
+    unknown = [str(k) for k in params if k not in PARAMS]
+    if unknown:
+        fields = [f"params.{k[:100]}" for k in unknown[:20]]
+        raise DefinitionError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, fields))} "
+            f"(params takes {', '.join(PARAMS)})",
+            reason="unknown_field",
+            fields=fields,
+        )
+
+
+def _priority(params: dict[str, Any]) -> int:
+    """``params.priority``: the workflow's, a number or a named level (shared.priority)."""
+    if "priority" not in params:
+        return 0
+    return parse_priority(params["priority"], field="params.priority")
 
 
 def _retries(params: dict[str, Any]) -> int:
@@ -132,11 +157,13 @@ def _server_tasks(name: str, infra: dict[str, Any], params: dict[str, Any]) -> l
 
 
 def servers_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> WorkflowDefinition:
+    check_params(params)
     infra = load_infra(name, infra_dir)
     return WorkflowDefinition(
         name=f"{name}: create servers",
         tasks=_server_tasks(name, infra, params),
         on_failure="continue",
+        priority=_priority(params),
     )
 
 
@@ -167,15 +194,18 @@ def _taskserv_tasks(
 
 
 def taskserv_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> WorkflowDefinition:
+    check_params(params)
     infra = load_infra(name, infra_dir)
     return WorkflowDefinition(
         name=f"{name}: install task services",
         tasks=_taskserv_tasks(name, infra, params, after_servers=False),
+        priority=_priority(params),
     )
 
 
 def cluster_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> WorkflowDefinition:
     """Servers in parallel -> task services per server -> the cluster -> its applications."""
+    check_params(params)
     infra = load_infra(name, infra_dir)
     servers = _server_tasks(name, infra, params)
     taskservs = _taskserv_tasks(name, infra, params, after_servers=True)
@@ -213,6 +243,7 @@ def cluster_workflow(name: str, params: dict[str, Any], infra_dir: str = "") -> 
     return WorkflowDefinition(
         name=f"{name}: create cluster {cluster_name}",
         tasks=[*servers, *taskservs, cluster_task, *app_tasks],
+        priority=_priority(params),
     )
 
 

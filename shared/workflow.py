@@ -20,7 +20,8 @@ import yaml
 
 from .errors import ActionNotFound, DefinitionError
 from .ids import NAME_RE
-from .messages import WorkflowDefinition
+from .messages import WorkflowDefinition, from_builtins
+from .priority import parse_priority
 from .refs import check_refs, find_refs, parse_ref
 
 if TYPE_CHECKING:
@@ -77,8 +78,9 @@ def definition_from_data(data: Any) -> WorkflowDefinition:
     """Convert decoded data (any format) into a definition, strictly typed."""
     if not isinstance(data, dict):
         raise DefinitionError("a workflow definition must be an object", reason="wrong_type")
+    data = _named_priorities(data)
     try:
-        return msgspec.convert(data, WorkflowDefinition, strict=True)
+        return from_builtins(data, WorkflowDefinition)  # 14.0 is an integer, as in JSON Schema
     except RecursionError:
         raise DefinitionError("the definition is nested too deeply", reason="too_deep") from None
     except msgspec.ValidationError as exc:
@@ -89,6 +91,31 @@ def definition_from_data(data: Any) -> WorkflowDefinition:
             task = _task_named(data, int(m.group(1)))
         where = f"task {task!r}: " if task else ""
         raise DefinitionError(f"{where}{text}", task=task, reason="wrong_field") from None
+
+
+def _named_priorities(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the named priorities (``High``, ...) of the workflow and of its tasks as
+    their numbers (shared.priority); numbers are left to the strict conversion."""
+    if isinstance(data.get("priority"), str):
+        data = {**data, "priority": parse_priority(data["priority"])}
+    tasks = data.get("tasks")
+    if isinstance(tasks, list) and any(
+        isinstance(t, dict) and isinstance(t.get("priority"), str) for t in tasks
+    ):
+        named = []
+        for index, task in enumerate(tasks):
+            if isinstance(task, dict) and isinstance(task.get("priority"), str):
+                task_id = task.get("id") if isinstance(task.get("id"), str) else None
+                try:
+                    task = {**task, "priority": parse_priority(task["priority"])}
+                except DefinitionError as exc:
+                    where = f"task {task_id!r}: " if task_id else f"tasks[{index}]: "
+                    raise DefinitionError(
+                        where + exc.message, task=task_id, reason="wrong_field", field="priority"
+                    ) from None
+            named.append(task)
+        data = {**data, "tasks": named}
+    return data
 
 
 def parse_definition(body: bytes, fmt: str) -> WorkflowDefinition:

@@ -270,7 +270,10 @@ def wrong_types() -> list[Case]:
         ("depends_on string", wf(task(depends_on="b"))),
         ("depends_on ints", wf(task(depends_on=[1]))),
         ("depends_on null", wf(task(depends_on=None))),
-        ("priority string", wf(task(priority="high"))),
+        ("priority string", wf(task(priority="highest"))),  # not a named level
+        ("priority name padded", wf(task(priority=" high"))),
+        ("priority name in a list", wf(task(priority=["high"]))),
+        ("workflow priority string", wf(priority="urgent")),
         ("priority huge", wf(task(priority=10**10))),
         ("priority float", wf(task(priority=1.5))),
         ("priority bool", wf(task(priority=True))),
@@ -596,12 +599,33 @@ def injections(h: Hostile) -> list[str]:
     return [*injection_payloads(h.marker), *EXTRA_INJECTIONS]
 
 
+BAD_REFERENCE = "args holding ${ that is not a reference"
+
+
+def escaped(value: Any) -> Any:
+    """``value`` with every ``${`` in its strings (not keys) written ``$${``: literal text."""
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    if isinstance(value, list):
+        return [escaped(v) for v in value]
+    if isinstance(value, dict):
+        return {k: escaped(v) for k, v in value.items()}
+    return value
+
+
 def injection_cases(h: Hostile) -> list[Case]:
     p = "/workflows"
     cases = []
     for i, text in enumerate(injections(h)):
-        accepted = wf(task(args={text: text, "nested": [text, {"k": text}]}), name=text[:200])
+        args = {text: text, "nested": [text, {"k": text}]}
+        accepted = wf(task(args=args), name=text[:200])
         accepted["description"] = text
+        if "${" in text:
+            # In an argument's value, ${...} is a reference to a dependency's result: a payload
+            # that is not one is a clean 422 (bad_reference) and is never evaluated; escaped
+            # ($${ for a literal ${) it is plain text again, as everywhere else.
+            cases.append(post_json(p, accepted, f"injection {i}: {BAD_REFERENCE}", 422))
+            accepted = wf(task(args=escaped(args)), name=text[:200], description=text)
         cases.append(post_json(p, accepted, f"injection {i}: name, description, args", 202))
         for name, body in (
             ("id", wf(task(id=text))),
@@ -619,12 +643,16 @@ def injection_cases(h: Hostile) -> list[Case]:
             f"/tasks/{quoted}",
             f"/tasks/{quoted}/logs",
             f"/tasks/{h.done_wf}.{quoted}",
+            f"/plans/{quoted}",
         ):
             cases.append(Case(f"injection {i} in path {path[:30]}", "GET", path, expect=(404,)))
         for path in (
             f"/workflows/{quoted}/cancel",
             f"/workflows/{quoted}/retry",
+            f"/workflows/{quoted}/approve",
+            f"/workflows/{quoted}/reject",
             f"/tasks/{quoted}/progress",
+            f"/plans/{quoted}/apply",
         ):
             cases.append(post_json(path, {"progress": 1}, f"injection {i} in POST path", 404))
         cases.append(
@@ -644,7 +672,7 @@ def injection_cases(h: Hostile) -> list[Case]:
                 f"injection {i} in ?tasks",
                 "GET",
                 f"/workflows/{h.done_wf}?tasks={quoted}",
-                expect=(200,),
+                expect=(400,),  # a boolean, as the OpenAPI document says
             )
         )
         cases.append(
@@ -652,7 +680,7 @@ def injection_cases(h: Hostile) -> list[Case]:
                 f"injection {i} in ?follow",
                 "GET",
                 f"/tasks/{h.done_task}/logs?follow={quoted}",
-                expect=(200,),
+                expect=(400,),
             )
         )
         for path in ("/workflows/servers/create", "/workflows/taskserv/create"):
@@ -801,17 +829,25 @@ def content_type_cases(h: Hostile) -> list[Case]:
         for ct in (
             "text/plain",
             "multipart/form-data; boundary=x",
-            "application/x-www-form-urlencoded",
             "application/xml",
-            "",
             "json",
             "application/json-patch+json",
             "*/*",
             "application/octet-stream",
         )
     ]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
     cases += [
         Case("no Content-Type (JSON assumed)", "POST", p, valid, {}, (202,)),
+        Case(
+            "an empty Content-Type (JSON assumed)", "POST", p, valid, {"Content-Type": ""}, (202,)
+        ),
+        Case("an empty Content-Type, not JSON", "POST", p, b"a=b", {"Content-Type": ""}, (400,)),
+        # curl's default for -d: a definition when the body is JSON, else what it says, a form
+        Case("JSON as curl -d sends it", "POST", p, valid, form, (202,)),
+        Case("a form", "POST", p, b"name=x&tasks=a", form, (415,)),
+        Case("a form of JSON and more", "POST", p, valid + b"&x=1", form, (415,)),
+        Case("an empty form", "POST", p, b"", form, (415,)),
         Case("uppercase type", "POST", p, valid, {"Content-Type": "APPLICATION/JSON"}, (202,)),
         Case(
             "charset latin-1",
@@ -899,11 +935,11 @@ def query_cases(h: Hostile) -> list[Case]:
         get("name=" + "n" * 4000, 200),
         get("%zz=%zz", 200),
         get("a[b]=c&&&=&", 200),
-        get("tasks=maybe", 200, path=f"/workflows/{h.done_wf}"),
+        get("tasks=maybe", 400, path=f"/workflows/{h.done_wf}"),  # true/false/1/0/yes/no only
         get("tasks=false", 200, path=f"/workflows/{h.done_wf}"),
-        get("follow=maybe", 200, path=f"/tasks/{h.done_task}/logs"),
+        get("follow=maybe", 400, path=f"/tasks/{h.done_task}/logs"),
         get("follow=true", 200, path=f"/tasks/{h.done_task}/logs"),
-        get("follow=%00", 200, path=f"/tasks/{h.done_task}/logs"),
+        get("follow=%00", 400, path=f"/tasks/{h.done_task}/logs"),
         get("x=" + "y" * 7000, 200, 400, 414),
     ]
 
@@ -1013,6 +1049,63 @@ def progress_cases(h: Hostile) -> list[Case]:
         post_json(f"/tasks/{'0' * 32}.a/progress", {"progress": 1}, "unknown workflow", 404),
         post_json("/tasks/nope/progress", {"progress": 1}, "malformed task id", 404),
     ]
+    return cases
+
+
+def decision_and_plan_cases(h: Hostile) -> list[Case]:
+    """Approvals, rejections, plans and concurrency keys: bodies, ids and states they refuse."""
+    done, running = f"/workflows/{h.done_wf}", f"/workflows/{h.holder_wf}"
+    unknown = f"/workflows/{'0' * 32}"
+    cases = [
+        post_json(f"{done}/approve", {}, "approve: nothing awaits", 409),
+        post_json(f"{running}/approve", {}, "approve a running workflow", 409),
+        post_json(f"{done}/approve", {"task": "a"}, "approve a task that does not wait", 409),
+        post_json(f"{done}/approve", {"task": "a[0]"}, "approve a child's gate", 409),
+        post_json(f"{unknown}/approve", {}, "approve an unknown workflow", 404),
+        post_json("/workflows/nope/approve", {}, "approve a malformed id", 404),
+        post_json(f"{done}/approve", b"{", "approve: malformed JSON", 400),
+        post_json(f"{done}/approve", b"\xff", "approve: not UTF-8", 400),
+        post_json(f"{done}/approve", [], "approve: an array", 422),
+        post_json(f"{done}/approve", "yes", "approve: a string", 422),
+        post_json(f"{done}/approve", {"task": 5}, "approve: task a number", 422),
+        post_json(f"{done}/approve", {"task": "../x"}, "approve: task not a task id", 422),
+        post_json(f"{done}/approve", {"comment": "c" * 1001}, "approve: long comment", 422),
+        post_json(f"{done}/approve", {"comment": ["x"]}, "approve: comment a list", 422),
+        post_json(f"{done}/approve", {"by": "admin"}, "approve: who decides is the caller", 422),
+        Case("approve without a body", "POST", f"{done}/approve", b"", expect=(409,)),
+        post_json(f"{done}/reject", {}, "reject without a reason", 422),
+        post_json(f"{done}/reject", {"reason": ""}, "reject: empty reason", 422),
+        post_json(f"{done}/reject", {"reason": "r" * 1001}, "reject: long reason", 422),
+        post_json(f"{done}/reject", {"reason": None}, "reject: null reason", 422),
+        post_json(f"{done}/reject", {"reason": "no", "x": 1}, "reject: unknown key", 422),
+        post_json(f"{done}/reject", {"reason": "no"}, "reject: nothing awaits", 409),
+        post_json(f"{done}/reject", b"{", "reject: malformed JSON", 400),
+        post_json(f"{unknown}/reject", {"reason": "no"}, "reject an unknown workflow", 404),
+        Case("reject without a body", "POST", f"{done}/reject", b"", expect=(422,)),
+        Case("GET approve", "GET", f"{done}/approve", expect=(405,)),
+        Case("GET reject", "GET", f"{done}/reject", expect=(405,)),
+        Case("plan of a run", "GET", f"/plans/{h.done_wf}", expect=(404,)),
+        Case("unknown plan", "GET", f"/plans/{'0' * 32}", expect=(404,)),
+        Case("malformed plan id", "GET", "/plans/..%2f..%2fetc", expect=(404,)),
+        Case("plan id with a query", "GET", f"/plans/{h.done_wf}?x=%00", expect=(404,)),
+        Case("apply a run", "POST", f"/plans/{h.done_wf}/apply", b"", expect=(404,)),
+        Case("apply an unknown plan", "POST", f"/plans/{'0' * 32}/apply", b"{}", expect=(404,)),
+        Case("apply a malformed id", "POST", "/plans/nope/apply", b"", expect=(404,)),
+        Case("GET apply", "GET", f"/plans/{h.done_wf}/apply", expect=(405,)),
+        Case("DELETE plan", "DELETE", f"/plans/{h.done_wf}", expect=(405,)),
+        Case("concurrency", "GET", "/concurrency", expect=(200,)),
+        Case("concurrency query", "GET", "/concurrency?key=%00%ff&limit=-1", expect=(200,)),
+        Case("POST concurrency", "POST", "/concurrency", b"{}", expect=(405,)),
+        Case(
+            "concurrency with a garbage traceparent",
+            "GET",
+            "/concurrency",
+            headers={"traceparent": "00-zz-zz-zz"},
+            expect=(200,),
+        ),
+    ]
+    for query in ("plan=maybe", "plan=%00", "plan=" + "t" * 5000):
+        cases.append(post_json(f"/workflows?{query}", VALID, f"submit ?{query[:20]}", 400))
     return cases
 
 
@@ -1212,10 +1305,15 @@ def test_injection_and_traversal_in_every_field(hostile: Hostile) -> None:
         for case, reply in run_cases(stack, cases, category):
             if reply.status == 202 and case.path == "/workflows":
                 hostile.accepted.append(reply.json()["workflow_id"])
-    # the strings also reach a real Nushell task as plain data
+            if case.name.endswith(BAD_REFERENCE):
+                details = reply.json()["error"]["details"]
+                assert details["reason"] == "bad_reference", (case.name, details)
+    assert any(c.name.endswith(BAD_REFERENCE) for c in injection_cases(hostile))
+    # the strings also reach a real Nushell task as plain data (${ escaped as $${ in values:
+    # the task gets the text itself, and nothing evaluates it)
     payloads = injections(hostile)
     tasks = [
-        {"id": f"echo{i}", "action": "probe.echo", "args": {"text": p, p: p}}
+        {"id": f"echo{i}", "action": "probe.echo", "args": escaped({"text": p, p: p})}
         for i, p in enumerate(payloads)
     ]
     status, accepted = stack.http.post("/workflows", wf(*tasks, on_failure="continue"))
@@ -1236,6 +1334,7 @@ def test_bad_query_parameters_headers_and_methods(hostile: Hostile) -> None:
         ("Last-Event-ID", last_event_id_cases(hostile)),
         ("progress bodies", progress_cases(hostile)),
         ("methods and routes", method_and_route_cases(hostile)),
+        ("approvals, plans, keys", decision_and_plan_cases(hostile)),
     ):
         for case, reply in run_cases(stack, cases, category):
             if reply.status == 202 and case.path == "/workflows":
@@ -1322,6 +1421,7 @@ def test_every_route_was_attacked(hostile: Hostile) -> None:
         *last_event_id_cases(hostile),
         *progress_cases(hostile),
         *method_and_route_cases(hostile),
+        *decision_and_plan_cases(hostile),
     ]
     hit: Counter[tuple[str, str]] = Counter()
     for template, methods in document["paths"].items():

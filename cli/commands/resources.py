@@ -11,7 +11,9 @@ import msgspec
 
 from core import infra
 from core.infra import server_delete_args, server_list_args
+from shared.errors import DefinitionError
 from shared.messages import TaskSpec, WorkflowDefinition
+from shared.priority import parse_priority
 
 from ..context import (
     EXIT_FAILED,
@@ -42,6 +44,8 @@ def _shortcut_op(
         params = parse_params(kw.pop("params", ()))
         if kw.get("servers"):
             params["servers"] = list(kw["servers"])
+        if kw.get("priority") is not None:
+            params["priority"] = kw["priority"]
         for extra in ("taskserv", "apps"):
             if kw.get(extra):
                 params[extra] = list(kw[extra]) if extra == "apps" else kw[extra]
@@ -80,6 +84,24 @@ def _plan(state: State, path: str, body: Any, output: str) -> None:
 
 plan_option = click.option(
     "--plan", is_flag=True, help="Only plan: show what it would change, change nothing."
+)
+
+
+def _priority(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_priority(int(value) if value.lstrip("-").isdigit() else value)
+    except DefinitionError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+priority_option = click.option(
+    "--priority",
+    callback=_priority,
+    metavar="LEVEL",
+    help="Low, Normal, High, Critical (any case), or an integer from -1000 to 1000: higher "
+    "runs first when executors are saturated.",
 )
 
 
@@ -133,6 +155,7 @@ def server() -> None:
 @wait_option
 @output_option
 @plan_option
+@priority_option
 @click.pass_obj
 def server_create(state: State, /, **kw: Any) -> None:
     """Create the servers of an infra."""
@@ -193,6 +216,7 @@ def taskserv() -> None:
 @wait_option
 @output_option
 @plan_option
+@priority_option
 @click.pass_obj
 def taskserv_create(state: State, /, **kw: Any) -> None:
     """Install a task service (default: all of the infra's) on its servers."""
@@ -212,6 +236,7 @@ def cluster() -> None:
 @wait_option
 @output_option
 @plan_option
+@priority_option
 @click.pass_obj
 def cluster_create(state: State, /, **kw: Any) -> None:
     """Servers, then task services, then the cluster and its applications (seed Example 3)."""

@@ -64,6 +64,7 @@ from shared.messages import (
 )
 from shared.nickel_source import evaluate_nickel
 from shared.parsing import DefinitionParser
+from shared.priority import parse_priority
 from shared.store import Store
 from shared.streams import Streams
 from shared.tracing import context_from, headers_with_context
@@ -74,6 +75,7 @@ from shared.workflow import (
 )
 
 from . import approvals, plans
+from .bodies import SHORTCUT_TYPES, ProgressBody, ShortcutBody, decode_body
 from .common import (
     BUS,
     CALLER,
@@ -92,8 +94,39 @@ from .common import task_ids as _task_ids
 from .common import workflow_id as _workflow_id
 from .console import add_console, is_console_asset
 from .openapi import openapi_document
+from .responses import (
+    LOG_CURSOR_PATTERN,
+    LOG_PAGE_DEFAULT,
+    LOG_PAGE_MAX,
+    MAX_ATTEMPT,
+    MAX_OFFSET,
+    MAX_PAGE,
+    Cancelling,
+    Concurrency,
+    Executors,
+    Health,
+    KeyView,
+    LogLine,
+    NatsHealth,
+    ProgressAccepted,
+    RateView,
+    RetryAccepted,
+    SchedulerHealth,
+    TaskLogs,
+    TracingHealth,
+    WorkflowList,
+    WorkflowSummary,
+    json_response,
+)
 from .submission import submit as _submit
-from .views import pending_summary, pending_view, task_view, workflow_summary, workflow_view
+from .views import (
+    executor_view,
+    pending_summary,
+    pending_view,
+    task_view,
+    workflow_summary,
+    workflow_view,
+)
 
 __all__ = ["BUS", "create_app"]
 
@@ -105,18 +138,13 @@ INLINE_JSON_MAX_BYTES = 16 * 1024  # JSON definitions up to this size are parsed
 LOG_FOLLOW_POLL_S = 0.5  # how soon a caught-up log follower notices that its task ended
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROGRESS_ROUTE = "/tasks/{id}/progress"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"  # curl's default for -d
 _EVENT_ID_RE = re.compile(r"[0-9]{1,19}")
-
-
-class _ProgressBody(msgspec.Struct, forbid_unknown_fields=False):
-    progress: int
-    message: str = ""
-    status: str = ""
-
-
-class _ShortcutBody(msgspec.Struct, forbid_unknown_fields=True):
-    infra: str
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
+OPENAPI = web.AppKey("openapi", bytes)  # this app's document, encoded once
+_WORKFLOW_STATUSES: frozenset[str] = frozenset(get_args(WorkflowStatus))
+# Query booleans: what OpenAPI sends (true/false), and the spellings accepted before it.
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_UNSIGNED_RE = re.compile(r"[0-9]{1,19}")
 
 
 _STATUS_FOR: dict[type[ProvisioningError], int] = {
@@ -147,7 +175,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return _error(exc.status, code, exc.text or exc.reason)
+        response = _error(exc.status, code, exc.text or exc.reason)
+        if "Allow" in exc.headers:  # 405: the methods the resource has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         log.warning("bus error on %s %s: %s", request.method, request.path, exc)
         return _error(503, "bus_unavailable", f"NATS/JetStream error: {exc or type(exc).__name__}")
@@ -274,6 +305,25 @@ _MALFORMED_REQUESTS = _MalformedRequestFilter()
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def _query_bool(request: web.Request, name: str, default: bool) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = _BOOLEANS.get(raw.lower())
+    if value is None:
+        raise DefinitionError(f"{name} must be true or false", reason="malformed")
+    return value
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not _UNSIGNED_RE.fullmatch(raw) or not low <= int(raw) <= high:
+        raise DefinitionError(f"{name} must be an integer from {low} to {high}", reason="malformed")
+    return int(raw)
+
+
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -282,44 +332,55 @@ async def health(request: web.Request) -> web.Response:
     ok, reason = await bus.healthy()
     if ok and not bus.ready:  # connected, but other routes still answer 503 until bootstrapped
         ok, reason = False, "connected to NATS; setting up streams and buckets"
-    body = {
-        "status": "healthy" if ok else "unhealthy",
-        "version": __version__,
-        "api_version": API_VERSION,
-        "nats": {"connected": bus.connected, "jetstream": ok, "detail": reason},
-        "scheduler": await _scheduler_health(request.app[STORE]) if ok else {"active": False},
-    }
+    body = Health(
+        status="healthy" if ok else "unhealthy",
+        version=__version__,
+        api_version=API_VERSION,
+        nats=NatsHealth(connected=bus.connected, jetstream=ok, detail=reason),
+        scheduler=await _scheduler_health(request.app[STORE])
+        if ok
+        else SchedulerHealth(active=False),
+    )
     if ui_url := request.app[CONFIG].tracing.ui_url:  # the console links trace ids there
-        body["tracing"] = {"ui_url": ui_url}
-    return web.json_response(body, status=200 if ok else 503)
+        body.tracing = TracingHealth(ui_url=ui_url)
+    return json_response(body, status=200 if ok else 503)
 
 
-async def _scheduler_health(store: Store) -> dict[str, Any]:
+async def _scheduler_health(store: Store) -> SchedulerHealth:
     """Whether a scheduler holds the lease (submissions are accepted either way; they wait in
     JetStream until one is active)."""
     try:
         lease = await store.lease()
     except MessageError:
-        return {"active": False, "detail": "unreadable lease"}
+        return SchedulerHealth(active=False, detail="unreadable lease")
     except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-        return {"active": False, "detail": f"cannot read the lease: {exc or type(exc).__name__}"}
+        detail = f"cannot read the lease: {exc or type(exc).__name__}"
+        return SchedulerHealth(active=False, detail=detail)
     if lease is None:
-        return {"active": False}
-    return {
-        "active": True,
-        "holder": lease.holder,
-        "since": datetime.fromtimestamp(lease.acquired_at, UTC).isoformat(),
-        "renewed_seconds_ago": round(max(0.0, datetime.now(UTC).timestamp() - lease.renewed_at), 3),
-    }
+        return SchedulerHealth(active=False)
+    return SchedulerHealth(
+        active=True,
+        holder=lease.holder,
+        since=datetime.fromtimestamp(lease.acquired_at, UTC).isoformat(),
+        renewed_seconds_ago=round(max(0.0, datetime.now(UTC).timestamp() - lease.renewed_at), 3),
+    )
+
+
+def _unsupported(content_type: str) -> web.HTTPUnsupportedMediaType:
+    return web.HTTPUnsupportedMediaType(
+        text=f"unsupported Content-Type {content_type[:100]!r}: use JSON, TOML, YAML or Nickel"
+    )
 
 
 async def submit_workflow(request: web.Request) -> web.Response:
-    content_type = request.headers.get("Content-Type", "application/json")
+    content_type = request.headers.get("Content-Type", "").strip() or "application/json"
     fmt = format_for_content_type(content_type)
+    # curl's default for -d: the body is JSON if it parses as JSON, else it is a 415
+    form = fmt is None and content_type.split(";", 1)[0].strip().lower() == FORM_CONTENT_TYPE
+    if form:
+        fmt = "json"
     if fmt is None:
-        raise web.HTTPUnsupportedMediaType(
-            text=f"unsupported Content-Type {content_type!r}: use JSON, TOML, YAML or Nickel"
-        )
+        raise _unsupported(content_type)
     gateway = request.app[CONFIG].gateway
     body = await _read_definition(request, fmt)
     if fmt == "nickel":
@@ -328,7 +389,12 @@ async def submit_workflow(request: web.Request) -> web.Response:
         )
         definition = await _parse_definition(request, json_text, "json")
     else:
-        definition = await _parse_definition(request, body, fmt)
+        try:
+            definition = await _parse_definition(request, body, fmt)
+        except DefinitionError as exc:
+            if form and exc.reason == "malformed":  # not JSON: a form, as its type says
+                raise _unsupported(content_type) from None
+            raise
     return await _submit(request, definition, f"api:{fmt}", mode=_mode(request), validated=True)
 
 
@@ -377,7 +443,49 @@ async def _parse_definition(request: web.Request, body: bytes, fmt: str) -> Work
 
 def _mode(request: web.Request) -> Mode:
     """``?plan=true`` plans the workflow instead of running it."""
-    return "plan" if request.query.get("plan", "").lower() in ("1", "true", "yes") else "run"
+    return "plan" if _query_bool(request, "plan", False) else "run"
+
+
+def _shortcut_request(kind: str, body: ShortcutBody) -> tuple[str, dict[str, Any]]:
+    """The infra and the params of a shortcut's body, in the seed's forms too: its ``type``
+    must be this endpoint's, ``infra_name`` names the infra as ``infra`` does, and the
+    workflow's ``priority`` may be given at the top or in ``params`` (a number or a named
+    level: both given, they must be the same)."""
+    expected = SHORTCUT_TYPES[kind]
+    if body.type is not msgspec.UNSET and body.type != expected:
+        raise DefinitionError(
+            f"type {body.type!r} is not this endpoint's: POST /workflows/{kind}/create creates "
+            f"{expected!r}",
+            reason="wrong_field",
+            field="type",
+            expected=expected,
+        )
+    names = {n for n in (body.infra, body.infra_name) if isinstance(n, str)}
+    if not names:
+        raise DefinitionError("infra (or infra_name) is required", reason="wrong_field")
+    if len(names) > 1:
+        raise DefinitionError(
+            f"infra {body.infra!r} and infra_name {body.infra_name!r} name different infras: "
+            "give one of them",
+            reason="wrong_field",
+            field="infra_name",
+        )
+    params: dict[str, Any] = msgspec.to_builtins(body.params)  # the options given, no others
+    priorities = {}
+    if body.priority is not msgspec.UNSET:
+        priorities["priority"] = parse_priority(body.priority)
+    if "priority" in params:
+        priorities["params.priority"] = parse_priority(params["priority"], field="params.priority")
+    if len(set(priorities.values())) > 1:
+        raise DefinitionError(
+            f"priority and params.priority differ ({body.priority!r}, {params['priority']!r}): "
+            "give one of them",
+            reason="wrong_field",
+            field="priority",
+        )
+    if priorities:
+        params["priority"] = next(iter(priorities.values()))
+    return names.pop(), params
 
 
 def _shortcut(kind: str) -> Handler:
@@ -389,16 +497,13 @@ def _shortcut(kind: str) -> Handler:
 
     async def handler(request: web.Request) -> web.Response:
         raw = await _json_body(request)
-        try:
-            body = msgspec.convert(raw, _ShortcutBody, strict=True)
-        except msgspec.ValidationError as exc:
-            raise DefinitionError(f"{exc}", reason="wrong_field") from None
+        name, params = _shortcut_request(kind, decode_body(raw, ShortcutBody))
         config = request.app[CONFIG]
 
         def build_and_validate() -> WorkflowDefinition:
             # In a thread: the walk over the arguments is Python and yields the GIL to the
             # loop every few milliseconds (bounded by shared.workflow.MAX_VALUES).
-            definition = build(body.infra, body.params, config.orchestrator.infra_dir)
+            definition = build(name, params, config.orchestrator.infra_dir)
             validate_definition(
                 definition, request.app[REGISTRY], max_tasks=config.gateway.max_tasks_per_workflow
             )
@@ -428,37 +533,35 @@ async def _newest_first(store: Store, ids: list[str]) -> list[str]:
 async def list_workflows(request: web.Request) -> web.Response:
     store = request.app[STORE]
     status = request.query.get("status")
-    allowed = set(get_args(WorkflowStatus))
     statuses = set(status.split(",")) if status else None
-    if statuses and not statuses <= allowed:
-        raise DefinitionError(f"status must be among {sorted(allowed)}", reason="malformed")
-    try:
-        limit = min(500, max(1, int(request.query.get("limit", "50"))))
-        offset = max(0, int(request.query.get("offset", "0")))
-    except ValueError:
-        raise DefinitionError("limit and offset must be integers", reason="malformed") from None
+    if statuses and not statuses <= _WORKFLOW_STATUSES:
+        raise DefinitionError(
+            f"status must be among {sorted(_WORKFLOW_STATUSES)}", reason="malformed"
+        )
+    limit = _query_int(request, "limit", 50, 1, MAX_PAGE)
+    offset = _query_int(request, "offset", 0, 0, MAX_OFFSET)
     name = request.query.get("name")
     recorded = await store.workflow_ids()
     known = set(recorded)
     # accepted (202) but not yet taken by the scheduler: listed too, as queued
     waiting = [i for i in await request.app[STREAMS].pending_submission_ids() if i not in known]
     ids = await _newest_first(store, recorded + waiting)
-    matched: list[dict[str, Any]] = []
+    matched: list[WorkflowSummary] = []
     skipped = 0
     for start in range(0, len(ids), 100):
         chunk = ids[start : start + 100]
         records = {r.id: r for r in await store.workflows([i for i in chunk if i in known])}
         for wf_id in chunk:
-            summary: dict[str, Any] | None
+            summary: WorkflowSummary | None
             if wf_id in records:
                 summary = workflow_summary(records[wf_id])
             else:
                 summary = await _summary_of_waiting(request, wf_id)
             if summary is None:
                 continue
-            if statuses and summary["status"] not in statuses:
+            if statuses and summary.status not in statuses:
                 continue
-            if name and name not in summary["name"]:
+            if name and name not in summary.name:
                 continue
             if skipped < offset:
                 skipped += 1
@@ -467,17 +570,17 @@ async def list_workflows(request: web.Request) -> web.Response:
         if len(matched) > limit:
             break
     has_more = len(matched) > limit
-    return web.json_response(
-        {
-            "workflows": matched[:limit],
-            "limit": limit,
-            "offset": offset,
-            "next_offset": offset + limit if has_more else None,
-        }
+    return json_response(
+        WorkflowList(
+            workflows=matched[:limit],
+            limit=limit,
+            offset=offset,
+            next_offset=offset + limit if has_more else None,
+        )
     )
 
 
-async def _summary_of_waiting(request: web.Request, wf_id: str) -> dict[str, Any] | None:
+async def _summary_of_waiting(request: web.Request, wf_id: str) -> WorkflowSummary | None:
     """The summary of a submission that waited for the scheduler when the listing began: from
     this gateway's memory, else from the submission, else (taken since) from its record."""
     if (accepted := request.app[RECENT].get(wf_id)) is not None:
@@ -510,7 +613,7 @@ async def _lookup(
     return await store.workflow(wf_id)
 
 
-async def _recent_pending(request: web.Request, wf_id: str) -> dict[str, Any] | None:
+async def _recent_pending(request: web.Request, wf_id: str) -> WorkflowSummary | None:
     """The summary of a submission accepted here and still waiting in the queue, if it is one;
     whether it waits is asked of JetStream without reading the submission back."""
     accepted = request.app[RECENT].get(wf_id)
@@ -524,26 +627,24 @@ async def _recent_pending(request: web.Request, wf_id: str) -> dict[str, Any] | 
 async def get_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
     store = request.app[STORE]
-    include = request.query.get("tasks", "true").lower() not in ("false", "0", "no")
+    include = _query_bool(request, "tasks", True)
     found: tuple[WorkflowRecord, int] | SubmitWorkflow | None = await store.workflow(wf_id)
     if found is None:
         if not include and (summary := await _recent_pending(request, wf_id)) is not None:
-            return web.json_response(summary)
+            return json_response(summary)
         found = await _lookup(request, wf_id)
     if found is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(found, SubmitWorkflow):
         view = pending_view(wf_id, found.definition, found.submitted_at, include_tasks=include)
-        return web.json_response(view)
+        return json_response(view)
     request.app[RECENT].pop(wf_id, None)  # the scheduler has it: the record answers from now
     record = found[0]
     if not include and record.counts is not None:  # the summary: one read, however many tasks
-        return web.json_response(workflow_view(record, None, {}))
+        return json_response(workflow_view(record, None, {}))
     tasks, progress = await asyncio.gather(store.tasks(wf_id), store.progress(wf_id))
-    view = workflow_view(record, {k: v[0] for k, v in tasks.items()}, progress)
-    if not include:
-        del view["tasks"]
-    return web.json_response(view)
+    records = {k: v[0] for k, v in tasks.items()}
+    return json_response(workflow_view(record, records, progress, include_tasks=include))
 
 
 async def _workflow_exists(request: web.Request, wf_id: str) -> bool:
@@ -639,7 +740,7 @@ async def cancel_workflow(request: web.Request) -> web.Response:
         encode(CancelWorkflow(workflow_id=wf_id)),
         headers=headers_with_context(),
     )
-    return web.json_response({"workflow_id": wf_id, "status": "cancelling"}, status=202)
+    return json_response(Cancelling(workflow_id=wf_id, status="cancelling"), status=202)
 
 
 async def retry_workflow(request: web.Request) -> web.Response:
@@ -668,8 +769,8 @@ async def retry_workflow(request: web.Request) -> web.Response:
         msg_id=subjects.retry_msg_id(wf_id, record.runs),
         headers=headers_with_context(),
     )
-    return web.json_response(
-        {"workflow_id": wf_id, "status": "queued", "run": record.runs + 1}, status=202
+    return json_response(
+        RetryAccepted(workflow_id=wf_id, status="queued", run=record.runs + 1), status=202
     )
 
 
@@ -681,8 +782,8 @@ async def get_task(request: web.Request) -> web.Response:
         waiting = await _waiting_task(request, wf_id, task_id)
         if waiting is None:
             raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
-        return web.json_response(task_view(waiting, None))
-    return web.json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
+        return json_response(task_view(waiting, None))
+    return json_response(task_view(found[0], await store.task_progress(wf_id, task_id)))
 
 
 async def _waiting_task(request: web.Request, wf_id: str, task_id: str) -> TaskRecord | None:
@@ -697,24 +798,14 @@ async def _waiting_task(request: web.Request, wf_id: str, task_id: str) -> TaskR
     return None
 
 
-LOG_PAGE_DEFAULT = 1000
-LOG_PAGE_MAX = 10_000
-
-
 def _log_query(request: web.Request) -> tuple[int | None, str | None, int]:
     """``attempt``, ``cursor`` and ``limit`` of a logs request, checked."""
-    query = request.query
-    try:
-        attempt = int(query["attempt"]) if "attempt" in query else None
-        limit = int(query.get("limit", LOG_PAGE_DEFAULT))
-    except ValueError:
-        raise DefinitionError("attempt and limit must be integers", reason="malformed") from None
-    if attempt is not None and not 1 <= attempt <= 1_000_000:
-        raise DefinitionError("attempt must be 1 or more", reason="malformed")
-    if not 1 <= limit <= LOG_PAGE_MAX:
-        raise DefinitionError(f"limit must be within 1..{LOG_PAGE_MAX}", reason="malformed")
-    cursor = query.get("cursor") or None
-    if cursor is not None and not re.fullmatch(r"[0-9]{1,19}\.[0-9]{1,6}", cursor):
+    attempt = (
+        _query_int(request, "attempt", 1, 1, MAX_ATTEMPT) if "attempt" in request.query else None
+    )
+    limit = _query_int(request, "limit", LOG_PAGE_DEFAULT, 1, LOG_PAGE_MAX)
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and not re.fullmatch(LOG_CURSOR_PATTERN, cursor):
         raise DefinitionError(
             "cursor must be a next_cursor from a previous page", reason="malformed"
         )
@@ -731,16 +822,16 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
     attempt, cursor, limit = _log_query(request)
     streams = request.app[STREAMS]
-    follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
+    follow = _query_bool(request, "follow", False)
     if not follow:
         page = await streams.log_page(wf_id, task_id, attempt=attempt, cursor=cursor, limit=limit)
-        body = {
-            "task_id": subjects.task_key(wf_id, task_id),
-            "attempt": attempt,
-            "lines": msgspec.to_builtins(page.lines),
-            "next_cursor": page.next_cursor,
-        }
-        return web.json_response(body)
+        body = TaskLogs(
+            task_id=subjects.task_key(wf_id, task_id),
+            attempt=attempt,
+            lines=[msgspec.convert(line, LogLine, from_attributes=True) for line in page.lines],
+            next_cursor=page.next_cursor,
+        )
+        return json_response(body)
     # Follow: replay, then live. When caught up, poll briefly and recheck the task: the stream
     # ends about one poll after the task has ended and no more lines came.
     response = await _sse_response(request)
@@ -769,12 +860,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 async def post_progress(request: web.Request) -> web.Response:
     wf_id, task_id = _task_ids(request)
     raw = await _json_body(request)
-    try:
-        body = msgspec.convert(raw, _ProgressBody, strict=True)
-    except msgspec.ValidationError as exc:
-        raise DefinitionError(f"{exc}", reason="wrong_field") from None
-    if not 0 <= body.progress <= 100:
-        raise DefinitionError("progress must be within 0..100", reason="wrong_field")
+    body = decode_body(raw, ProgressBody)  # 0 to 100; 14.0 is 14; any other key is a 422
     try:
         body.message.encode("utf-8")
     except UnicodeEncodeError:
@@ -801,34 +887,15 @@ async def post_progress(request: web.Request) -> web.Response:
             task_id,
             Progress(percent=body.progress, at=now, message=message, attempt=record.attempt),
         )
-    return web.json_response(
-        {"task_id": f"{wf_id}.{task_id}", "progress": body.progress}, status=202
+    return json_response(
+        ProgressAccepted(task_id=f"{wf_id}.{task_id}", progress=body.progress), status=202
     )
 
 
 async def list_executors(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
-    executors = []
-    for beat in sorted(await request.app[STORE].executors(), key=lambda b: b.id):
-        age = (now - beat.at).total_seconds()
-        executors.append(
-            {
-                "id": beat.id,
-                "pool": beat.pool,
-                "hostname": beat.hostname,
-                "pid": beat.pid,
-                "slots": beat.max_concurrent_tasks,
-                "running": beat.running,
-                "running_tasks": beat.running_tasks,
-                "draining": beat.draining,
-                "alive": age <= 3 * beat.interval_seconds,
-                "last_beat": beat.at.isoformat(),
-                "last_beat_age_seconds": round(age, 1),
-                "started_at": beat.started_at.isoformat(),
-                "version": beat.version,
-            }
-        )
-    return web.json_response({"executors": executors})
+    beats = sorted(await request.app[STORE].executors(), key=lambda b: b.id)
+    return json_response(Executors(executors=[executor_view(beat, now) for beat in beats]))
 
 
 async def list_concurrency(request: web.Request) -> web.Response:
@@ -836,30 +903,30 @@ async def list_concurrency(request: web.Request) -> web.Response:
     now = datetime.now(UTC).timestamp()
     keys = []
     for state, _ in sorted(await request.app[STORE].key_states(), key=lambda s: s[0].key):
-        entry: dict[str, Any] = {
-            "key": state.key,
-            "limit": state.limit,
-            "holders": state.holders,
-            "waiters": state.waiters,
-            "rate": None,
-        }
+        entry = KeyView(
+            key=state.key,
+            limit=state.limit,
+            holders=state.holders,
+            waiters=state.waiters,
+            rate=None,
+        )
         if state.rate:
             rate = parse_rate(state.rate)
             recent = sorted(t for t in state.starts if t > now - rate.window_s)
-            entry["rate"] = {
-                "count": rate.count,
-                "window_seconds": rate.window_s,
-                "started_in_window": len(recent),
-                "next_free_at": datetime.fromtimestamp(recent[0] + rate.window_s, UTC).isoformat()
+            entry.rate = RateView(
+                count=rate.count,
+                window_seconds=rate.window_s,
+                started_in_window=len(recent),
+                next_free_at=datetime.fromtimestamp(recent[0] + rate.window_s, UTC).isoformat()
                 if len(recent) >= rate.count
                 else None,
-            }
+            )
         keys.append(entry)
-    return web.json_response({"keys": keys})
+    return json_response(Concurrency(keys=keys))
 
 
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.Response(body=request.app[OPENAPI], content_type="application/json", charset="utf-8")
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -914,6 +981,7 @@ def create_app(config: Config, registry: Registry, bus: Bus | None = None) -> we
     )
     app.cleanup_ctx.append(_bus_ctx)
     app.cleanup_ctx.append(_parser_ctx)
+    app[OPENAPI] = msgspec.json.encode(openapi_document(config.gateway, registry.names()))
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", get_openapi)
     app.router.add_post("/workflows", submit_workflow)

@@ -9,13 +9,12 @@ events.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any, TypeVar
 
-import msgspec
 from aiohttp import web
 
 from shared import subjects
-from shared.errors import Conflict, DefinitionError, Forbidden, NotFound
+from shared.errors import Conflict, Forbidden, NotFound
 from shared.messages import (
     Approval,
     ApproveWorkflow,
@@ -25,27 +24,19 @@ from shared.messages import (
 )
 from shared.tracing import headers_with_context
 
+from .bodies import ApproveBody, RejectBody, decode_body
 from .common import ANONYMOUS, BUS, CONFIG, STORE, caller, json_body, workflow_id
+from .responses import Approving, Rejecting, json_response
 
 __all__ = ["approve", "reject"]
 
-
-class _ApproveBody(msgspec.Struct, forbid_unknown_fields=True):
-    task: str | None = None
-    comment: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+T = TypeVar("T")
 
 
-class _RejectBody(msgspec.Struct, forbid_unknown_fields=True):
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
-    task: str | None = None
-
-
-async def _body(request: web.Request, kind: type[Any]) -> Any:
+async def _body(request: web.Request, kind: type[T]) -> T:
+    """The body as ``kind``; no body at all is ``{}`` (an approval needs nothing more)."""
     raw = await json_body(request) if request.can_read_body else {}
-    try:
-        return msgspec.convert(raw, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        raise DefinitionError(str(exc), reason="wrong_field") from None
+    return decode_body(raw, kind)
 
 
 async def _gates(
@@ -94,7 +85,7 @@ def _may_decide(request: web.Request, record: WorkflowRecord, gates: list[Any]) 
 
 async def approve(request: web.Request) -> web.Response:
     wf_id = workflow_id(request)
-    body: _ApproveBody = await _body(request, _ApproveBody)
+    body = await _body(request, ApproveBody)
     record, gates = await _gates(request, wf_id, body.task)
     who = _may_decide(request, record, gates)
     command = ApproveWorkflow(wf_id, who, body.task, body.comment)
@@ -102,21 +93,20 @@ async def approve(request: web.Request) -> web.Response:
         subjects.command_subject("approve", wf_id), encode(command), headers=headers_with_context()
     )
     gated = [task_id or "workflow" for task_id, _ in gates]
-    return web.json_response(
-        {"workflow_id": wf_id, "status": "approving", "by": who, "gates": gated}, status=202
+    return json_response(
+        Approving(workflow_id=wf_id, status="approving", by=who, gates=gated), status=202
     )
 
 
 async def reject(request: web.Request) -> web.Response:
     wf_id = workflow_id(request)
-    body: _RejectBody = await _body(request, _RejectBody)
+    body = await _body(request, RejectBody)
     record, gates = await _gates(request, wf_id, body.task)
     who = _may_decide(request, record, gates)
     command = RejectWorkflow(wf_id, who, body.reason, body.task)
     await request.app[BUS].publish(
         subjects.command_subject("reject", wf_id), encode(command), headers=headers_with_context()
     )
-    return web.json_response(
-        {"workflow_id": wf_id, "status": "rejecting", "by": who, "reason": body.reason},
-        status=202,
+    return json_response(
+        Rejecting(workflow_id=wf_id, status="rejecting", by=who, reason=body.reason), status=202
     )

@@ -20,6 +20,8 @@ from shared.parsing import DefinitionParser
 from shared.store import Store
 from shared.streams import Streams
 
+from .responses import Error, ErrorBody, json_response
+
 __all__ = [
     "ANONYMOUS",
     "BUS",
@@ -60,10 +62,10 @@ ANONYMOUS = "anonymous"
 
 
 def error_response(status: int, code: str, message: str, **details: Any) -> web.Response:
-    body: dict[str, Any] = {"code": code, "message": message}
+    body = ErrorBody(code=code, message=message)
     if details:
-        body["details"] = details
-    return web.json_response({"error": body}, status=status)
+        body.details = details
+    return json_response(Error(error=body), status=status)
 
 
 def workflow_id(request: web.Request) -> str:

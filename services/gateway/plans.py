@@ -12,10 +12,11 @@ before it runs (``reason: plan_changed`` if it no longer holds).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -25,13 +26,18 @@ from shared.ids import idempotent_workflow_id
 from shared.messages import TaskRecord, WorkflowDefinition, WorkflowRecord, display_order
 
 from .common import CONFIG, STORE, STREAMS, error_response, workflow_id
+from .responses import AppliedBy, PlannedChange, PlanNode, PlanView, json_response
 from .submission import accept, definition_hash, submit
 
 __all__ = ["apply_plan", "get_plan", "plan_view"]
 
 log = logging.getLogger(__name__)
 CHECK_POLL_S = 0.2
-_PLAN_STATUS = {"completed": "ready", "failed": "failed", "cancelled": "failed"}
+_PLAN_STATUS: dict[str, Literal["ready", "failed"]] = {
+    "completed": "ready",
+    "failed": "failed",
+    "cancelled": "failed",
+}
 
 
 def apply_id(plan_id: str) -> str:
@@ -51,29 +57,41 @@ def _change(task: TaskRecord) -> dict[str, Any]:
     }
 
 
+def _status(record: WorkflowRecord) -> Literal["planning", "ready", "failed"]:
+    return _PLAN_STATUS.get(record.status, "planning")
+
+
 def plan_view(
     record: WorkflowRecord, tasks: dict[str, TaskRecord], now: datetime, max_age_s: float
-) -> dict[str, Any]:
+) -> PlanView:
     order = display_order(record.task_ids, tasks)
     changes = [_change(tasks[t]) for t in order]
-    age = (now - record.created_at).total_seconds()
-    return {
-        "plan_id": record.id,
-        "name": record.name,
-        "status": _PLAN_STATUS.get(record.status, "planning"),
-        "created_at": record.created_at.isoformat(),
-        "age_seconds": round(age, 3),
-        "expires_in_seconds": round(max(0.0, max_age_s - age), 3),
-        "definition_hash": record.definition_hash,
-        "infra_hashes": record.infra_hashes or {},
-        "summary": dict(Counter(c["change"] or "pending" for c in changes)),
-        "tasks": changes,
-        "dag": [
-            {"id": t, "action": tasks[t].spec.action, "depends_on": tasks[t].spec.depends_on}
+    age = max(0.0, (now - record.created_at).total_seconds())
+    return PlanView(
+        plan_id=record.id,
+        name=record.name,
+        status=_status(record),
+        created_at=record.created_at.isoformat(),
+        age_seconds=round(age, 3),
+        expires_in_seconds=round(max(0.0, max_age_s - age), 3),
+        definition_hash=record.definition_hash,
+        infra_hashes=record.infra_hashes or {},
+        # a plan function's change is a string; anything else is counted by its JSON text
+        summary=dict(Counter(_summary_key(c["change"]) for c in changes)),
+        tasks=[PlannedChange(**c) for c in changes],
+        dag=[
+            PlanNode(id=t, action=tasks[t].spec.action, depends_on=tasks[t].spec.depends_on)
             for t in order
         ],
-        "error": record.error,
-    }
+        error=record.error,
+        applied_by=None,
+    )
+
+
+def _summary_key(change: Any) -> str:
+    if not change:
+        return "pending"
+    return change if isinstance(change, str) else json.dumps(change, sort_keys=True)[:100]
 
 
 async def _load_plan(
@@ -91,24 +109,23 @@ async def get_plan(request: web.Request) -> web.Response:
     plan_id = workflow_id(request)
     waiting = await request.app[STREAMS].pending_submission(plan_id)
     if waiting is not None and waiting.mode == "plan":  # not taken by the scheduler yet
-        return web.json_response(
-            {
-                "plan_id": plan_id,
-                "name": waiting.definition.name,
-                "status": "planning",
-                "created_at": waiting.submitted_at.isoformat(),
-                "summary": {"pending": len(waiting.definition.tasks)},
-                "tasks": [],
-                "applied_by": None,
-            }
+        return json_response(
+            PlanView(
+                plan_id=plan_id,
+                name=waiting.definition.name,
+                status="planning",
+                created_at=waiting.submitted_at.isoformat(),
+                summary={"pending": len(waiting.definition.tasks)},
+                tasks=[],
+                applied_by=None,
+            )
         )
     record, tasks = await _load_plan(request, plan_id)
     view = plan_view(record, tasks, datetime.now(UTC), request.app[CONFIG].plans.max_age_seconds)
     applied = await request.app[STORE].workflow(apply_id(plan_id))
-    view["applied_by"] = (
-        {"workflow_id": applied[0].id, "status": applied[0].status} if applied else None
-    )
-    return web.json_response(view)
+    if applied:
+        view.applied_by = AppliedBy(workflow_id=applied[0].id, status=applied[0].status)
+    return json_response(view)
 
 
 def _definition(record: WorkflowRecord, tasks: dict[str, TaskRecord]) -> WorkflowDefinition:
@@ -126,7 +143,7 @@ def _definition(record: WorkflowRecord, tasks: dict[str, TaskRecord]) -> Workflo
 async def _replan(request: web.Request, definition: WorkflowDefinition) -> dict[str, TaskRecord]:
     """Plan the definition again, now, and wait for it (``[plans] check_timeout_seconds``)."""
     answer, _ = await accept(request, definition, "plan-check", mode="plan")
-    check_id = str(answer["plan_id"])
+    check_id = str(answer.plan_id)
     deadline = asyncio.get_running_loop().time() + request.app[CONFIG].plans.check_timeout_seconds
     store = request.app[STORE]
     while asyncio.get_running_loop().time() < deadline:
@@ -149,16 +166,17 @@ async def apply_plan(request: web.Request) -> web.Response:
     record, tasks = await _load_plan(request, plan_id)
     config = request.app[CONFIG]
     if record.status != "completed":
-        state = _PLAN_STATUS.get(record.status, "planning")
+        state = _status(record)
         message = f"plan {plan_id} is {state}, not ready"
         return error_response(409, "conflict", message, plan_status=state)
     applied = await request.app[STORE].workflow(apply_id(plan_id))
-    if applied is not None:
+    if applied is not None or await request.app[STREAMS].submission_waits(apply_id(plan_id)):
+        # (taken by the scheduler, or accepted and waiting for it: applied either way)
         return error_response(
             409,
             "conflict",
-            f"plan {plan_id} was applied already, by workflow {applied[0].id}",
-            workflow_id=applied[0].id,
+            f"plan {plan_id} was applied already, by workflow {apply_id(plan_id)}",
+            workflow_id=apply_id(plan_id),
         )
     age = (datetime.now(UTC) - record.created_at).total_seconds()
     if age > config.plans.max_age_seconds:

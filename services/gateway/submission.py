@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -25,6 +24,7 @@ from shared.tracing import headers_with_context, message_span, trace_id_hex
 from shared.workflow import validate_definition
 
 from .common import BUS, CLAIMS, CONFIG, RECENT, RECENT_LIMIT, REGISTRY, STORE, caller
+from .responses import Accepted, json_response
 
 __all__ = ["accept", "definition_hash", "submit"]
 
@@ -71,7 +71,7 @@ async def submit(
         expect=expect,
         validated=validated,
     )
-    return web.json_response(body, status=202, headers=headers)
+    return json_response(body, status=202, headers=headers)
 
 
 async def accept(
@@ -84,7 +84,7 @@ async def accept(
     plan_id: str | None = None,
     expect: dict[str, str] | None = None,
     validated: bool = False,
-) -> tuple[dict[str, Any], dict[str, str]]:
+) -> tuple[Accepted, dict[str, str]]:
     """Validate a definition and store its submission in JetStream; return the 202's body and
     headers once it is.
 
@@ -113,7 +113,7 @@ async def accept(
     if key or workflow_id:
         found = await app[STORE].workflow(wf_id)
         if found is not None:
-            replay = {"workflow_id": wf_id, "status": found[0].status, "idempotent_replay": True}
+            replay = Accepted(workflow_id=wf_id, status=found[0].status, idempotent_replay=True)
             return replay, {"Idempotent-Replayed": "true"}
     with message_span(
         tracer,
@@ -171,17 +171,17 @@ async def accept(
         len(definition.tasks),
         source,
     )
-    body = {
-        "workflow_id": wf_id,
-        "status": "queued",
-        "name": definition.name,
-        "tasks": len(definition.tasks),
-        "trace_id": trace_id,
-    }
+    body = Accepted(
+        workflow_id=wf_id,
+        status="queued",
+        name=definition.name,
+        tasks=len(definition.tasks),
+        trace_id=trace_id,
+    )
     if ack.duplicate:
-        body["idempotent_replay"] = True
+        body.idempotent_replay = True
     location = f"/workflows/{wf_id}"
     if mode == "plan":
-        body.update(plan_id=wf_id, status="planning")
+        body.plan_id, body.status = wf_id, "planning"
         location = f"/plans/{wf_id}"
     return body, {"Location": location}

@@ -14,6 +14,7 @@ from .codec import (
     decode_task_ids,
     decode_workflow,
     encode,
+    from_builtins,
 )
 from .commands import (
     ApproveWorkflow,
@@ -105,4 +106,5 @@ __all__ = [
     "decode_workflow",
     "display_order",
     "encode",
+    "from_builtins",
 ]
