@@ -7,7 +7,7 @@ from typing import IO, Any
 
 from .api_client import ApiClient
 
-__all__ = ["monitor_workflow", "render_summary"]
+__all__ = ["Board", "monitor_workflow", "render_summary"]
 
 _COLOR = {
     "completed": "\x1b[32m",
@@ -29,7 +29,10 @@ def _bar(percent: int, width: int = 20) -> str:
     return "#" * filled + "." * (width - filled)
 
 
-class _Board:
+class Board:
+    """What a monitor knows of a workflow: each event in, the lines that tell it out (and, on a
+    terminal, the board redrawn)."""
+
     def __init__(self, view: dict[str, Any], out: IO[str], tty: bool) -> None:
         self.out = out
         self.tty = tty
@@ -62,7 +65,7 @@ class _Board:
         )
         if kind == "task":
             attempt = data.get("attempt", task["attempt"])
-            if data["status"] == "running" and task.get("announced") == attempt:
+            if task.get("announced") == attempt and data["status"] in ("queued", "running"):
                 task["status"] = "running"
                 return []  # announced already, by its first progress report
             task["status"] = data["status"]
@@ -82,7 +85,12 @@ class _Board:
         if kind == "progress":
             lines = []
             attempt = data.get("attempt", task["attempt"])
-            if task["status"] in ("pending", "queued") and task.get("announced") != attempt:
+            started = attempt > task["attempt"] or (
+                attempt == task["attempt"] and task["status"] in ("pending", "waiting", "queued")
+            )
+            if attempt == task["attempt"] and task["status"] in TERMINAL | {"skipped"}:
+                return []  # a report that came after its attempt's end says nothing new
+            if started and task.get("announced") != attempt:
                 # the executor's progress came before the scheduler's word that it started
                 task["status"], task["attempt"], task["announced"] = "running", attempt, attempt
                 lines.append(f"task {data['task_id']} running (attempt {attempt})")
@@ -150,7 +158,7 @@ def monitor_workflow(
 ) -> dict[str, Any]:
     """Follow a workflow until it ends; return its final view."""
     view = client.get(f"/workflows/{wf_id}")
-    board = _Board(view, out, tty)
+    board = Board(view, out, tty)
     if tty:
         board.draw()
     # the stream replays every event from the start, then follows live until the workflow ends

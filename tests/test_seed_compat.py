@@ -428,8 +428,9 @@ def test_pattern_3_helpers_against_a_running_orchestrator(stack: Stack) -> None:
         f"use lib_provisioning/orchestrator/client.nu *; report-progress '{wf_id}.t' 42",
     )
     assert reported.returncode == 0 and reported.stdout.strip() == "true", reported.stderr
-    task = stack.http.get(f"/workflows/{wf_id}")[1]["tasks"][0]
-    assert task["progress"] == 42, task
+    view = stack.http.get(f"/workflows/{wf_id}")[1]
+    assert view["tasks"][0]["progress"] == 42, view["tasks"][0]
+    assert view["progress"] == 42  # the workflow's progress is its tasks', not 0% until done
     stack.http.post(f"/workflows/{wf_id}/cancel", {})
 
 
