@@ -105,6 +105,13 @@ priority_option = click.option(
 )
 
 
+def shortcut_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What every create command takes: parameters, mode, wait, output, plan, priority."""
+    for option in (priority_option, plan_option, output_option, wait_option, mode_options):
+        command = option(command)
+    return param_option(command)
+
+
 def _list_op(
     state: State,
     action: str,
@@ -150,12 +157,7 @@ def server() -> None:
 @server.command("create")
 @click.option("--infra", default="wuji", show_default=True)
 @click.option("--server", "servers", multiple=True, help="Only these hostnames.")
-@param_option
-@mode_options
-@wait_option
-@output_option
-@plan_option
-@priority_option
+@shortcut_options
 @click.pass_obj
 def server_create(state: State, /, **kw: Any) -> None:
     """Create the servers of an infra."""
@@ -211,12 +213,7 @@ def taskserv() -> None:
 @click.argument("taskserv", required=False)
 @click.option("--infra", default="wuji", show_default=True)
 @click.option("--server", "servers", multiple=True, help="Only on these hostnames.")
-@param_option
-@mode_options
-@wait_option
-@output_option
-@plan_option
-@priority_option
+@shortcut_options
 @click.pass_obj
 def taskserv_create(state: State, /, **kw: Any) -> None:
     """Install a task service (default: all of the infra's) on its servers."""
@@ -231,12 +228,7 @@ def cluster() -> None:
 @cluster.command("create")
 @click.option("--infra", default="wuji", show_default=True)
 @click.option("--app", "apps", multiple=True, help="Applications to deploy on the cluster.")
-@param_option
-@mode_options
-@wait_option
-@output_option
-@plan_option
-@priority_option
+@shortcut_options
 @click.pass_obj
 def cluster_create(state: State, /, **kw: Any) -> None:
     """Servers, then task services, then the cluster and its applications (seed Example 3)."""
