@@ -48,6 +48,9 @@ class Effects:
         self.reopened: set[str] = set()  # retried workflows: active again
         self.tasks: dict[tuple[str, str], WorkflowState] = {}  # (workflow, task) to checkpoint
         self.workflows: dict[str, WorkflowState] = {}  # workflow records to checkpoint
+        # workflows whose only change is their counts of tasks per status: checkpointed too,
+        # but a driver may fold several steps' counts into one write (services/scheduler/flush.py)
+        self.counts: dict[str, WorkflowState] = {}
         self.dispatches: list[Dispatch] = []
         self.kills: dict[str, list[str]] = defaultdict(list)  # workflow -> tasks to stop now
         self.events: list[WorkflowEvent | TaskEvent] = []
@@ -68,6 +71,7 @@ class Effects:
             or self.reopened
             or self.tasks
             or self.workflows
+            or self.counts
             or self.dispatches
             or self.kills
             or self.events

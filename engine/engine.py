@@ -176,7 +176,11 @@ class Engine:
     def take(self) -> Effects:
         """The effects of every input since the last call, workflow counts brought up to date."""
         effects, self.effects = self.effects, Effects()
-        for state in (*effects.workflows.values(), *effects.created.values()):
+        for state in (
+            *effects.workflows.values(),
+            *effects.counts.values(),
+            *effects.created.values(),
+        ):
             state.record.counts = state.count_snapshot()
         for key in self.keys.take_changed():
             effects.keys[key] = self.keys.state(key) if self.keys.in_use(key) else None
@@ -845,7 +849,7 @@ class Engine:
             self.inflight[pool] += 1
         if task.parent is not None:
             self._unsettled.add((state.id, task.parent))
-        self._save_workflow(state)  # its counts changed
+        self.effects.counts[state.id] = state  # its counts changed
         self.effects.transitions.append((pool, status))
 
     def _push_ready(self, state: WorkflowState, task_id: str, now: datetime) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import re
 import secrets
@@ -53,6 +54,9 @@ from .jetstream import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TRUNCATED,
     HDR_MSG_ID,
+    HDR_NUM_PENDING,
+    HDR_SEQUENCE,
+    HDR_STATUS,
 )
 
 __all__ = ["NOT_STORED", "TRANSIENT", "Bus", "KVBuckets"]
@@ -260,11 +264,15 @@ class Bus:
         return [
             *(
                 StreamConfig(name=name, subjects=[subjects.STREAM_SUBJECTS[name]], **queue)
-                for name in (
-                    subjects.STREAM_COMMANDS,
-                    subjects.STREAM_DISPATCH,
-                    subjects.STREAM_REPORTS,
-                )
+                for name in (subjects.STREAM_COMMANDS, subjects.STREAM_DISPATCH)
+            ),
+            # executors read what is still waiting for the scheduler in one batched direct
+            # get (shared/streams.py: pending_reports)
+            StreamConfig(
+                name=subjects.STREAM_REPORTS,
+                subjects=[subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]],
+                allow_direct=True,
+                **queue,
             ),
             StreamConfig(
                 name=subjects.STREAM_EVENTS,
@@ -544,6 +552,45 @@ class Bus:
                     raise result
                 if isinstance(result, BaseException):
                     await self.publish(subject, data, msg_id=mid, timeout_s=timeout_s)
+
+    async def read_stream(
+        self, stream: str, subject_filter: str, *, page: int = 256, timeout_s: float = 5.0
+    ) -> list[tuple[int, bytes]]:
+        """Every message of ``stream`` on ``subject_filter``, in order, as ``(sequence, data)``.
+
+        One batched direct get per ``page`` messages (nats-server 2.11+; the stream allows
+        direct gets) instead of a request per message. On a work-queue stream that is what is
+        still waiting for its consumer. In a cluster any replica may answer, so a message
+        stored in the last moments may be missing from a lagging one."""
+        out: list[tuple[int, bytes]] = []
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        api = f"$JS.API.DIRECT.GET.{stream}"
+        seq = 1
+        try:
+            while True:
+                request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
+                await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
+                last, left = 0, 0
+                while True:
+                    msg = await sub.next_msg(timeout=timeout_s)
+                    headers = msg.headers or {}
+                    status = headers.get(HDR_STATUS)
+                    if status == "404":  # nothing (more) on the filter
+                        return out
+                    if status == "204":  # end of this batch; how many are left after it
+                        left = int(headers.get(HDR_NUM_PENDING) or 0)
+                        break
+                    if status:
+                        raise BusUnavailable(f"direct get from {stream} failed: status {status}")
+                    last = int(headers[HDR_SEQUENCE])
+                    out.append((last, msg.data))
+                if not left or not last:
+                    return out
+                seq = last + 1
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def dead_letter(
         self, source: str, msg: Msg, error: str, *, msg_id: str | None = None

@@ -17,6 +17,9 @@ __all__ = [
     "HDR_KV_OPERATION",
     "HDR_MARKER_REASON",
     "HDR_MSG_ID",
+    "HDR_NUM_PENDING",
+    "HDR_SEQUENCE",
+    "HDR_STATUS",
     "KV_REMOVED",
 ]
 
@@ -25,6 +28,11 @@ HDR_MSG_ID = "Nats-Msg-Id"  # deduplication within a stream's duplicate window
 HDR_KV_OPERATION = "KV-Operation"  # set on KV deletes and purges
 HDR_MARKER_REASON = "Nats-Marker-Reason"  # set on the markers of expired keys
 KV_REMOVED = ("DEL", "PURGE")  # KV-Operation values of a removed key
+# answers of a batched direct get (server 2.11+): each message with its stream sequence, the
+# last with a status (204 end of batch, 404 nothing) and how many matches are left
+HDR_STATUS = "Status"
+HDR_SEQUENCE = "Nats-Sequence"
+HDR_NUM_PENDING = "Nats-Num-Pending"
 
 # Our dead letters carry where they came from and why
 HDR_DLQ_SOURCE = "Prov-Dlq-Source"

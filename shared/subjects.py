@@ -41,6 +41,8 @@ __all__ = [
     "kill_workflow",
     "log_filter",
     "log_subject",
+    "report_batch_msg_id",
+    "report_batch_subject",
     "report_subject",
     "retry_msg_id",
     "submit_msg_id",
@@ -161,6 +163,18 @@ def executor_consumer(pool: str) -> str:
 
 def report_subject(workflow_id: str, task_id: str) -> str:
     return f"{PREFIX}.report.{workflow_id}.{task_token(task_id)}"
+
+
+def report_batch_subject(sender: str) -> str:
+    """Where an executor sends batches of reports: ``sender`` is a token of its own (letters and
+    digits); ``batch`` can never be a workflow id (32 hex digits), so no report subject of a
+    task is ever a batch's."""
+    return f"{PREFIX}.report.batch.{sender}"
+
+
+def report_batch_msg_id(sender: str, number: int) -> str:
+    """One id per batch of one executor process: a retried publish of it is stored once."""
+    return f"reports.{sender}.{number}"
 
 
 def event_subject(workflow_id: str) -> str:

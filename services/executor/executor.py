@@ -4,7 +4,8 @@ Many executors share one durable pull consumer per pool. Each fetches only as ma
 as it has free slots, reports ``started``, keeps the ack deadline alive while the task runs,
 publishes ``finished`` (and waits for JetStream's ack) and only then acks the task. A crash
 anywhere in between means a redelivery, never a lost task; a redelivered attempt that already
-finished is recognised (KV checkpoint or pending report) and not run again.
+finished is recognised (KV checkpoint or pending report) and not run again. Reports made while
+another is being stored go out together in one message (:mod:`.reports`).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from shared.config import Config
 from shared.errors import MessageError, ProvisioningError
 from shared.ids import NAME_RE, is_task_id, is_workflow_id
 from shared.messages import (
+    READS_REPORT_BATCHES,
     TERMINAL_TASK,
     ExecutorBeat,
     LogChunk,
     Progress,
     ProgressEvent,
+    Report,
     TaskDispatch,
     TaskFinished,
     TaskHandedBack,
@@ -55,7 +58,9 @@ from shared.messages import (
 from shared.metrics import Metrics
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import current_traceparent, headers_with_context, message_span
+from shared.tracing import current_traceparent, message_span
+
+from .reports import ReportSender
 
 __all__ = ["Executor"]
 
@@ -192,6 +197,7 @@ class Executor:
         self.pool = pool or config.executor.pool
         self.slots = max_concurrent_tasks or config.executor.max_concurrent_tasks
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.reports = ReportSender(bus, self.id)
         self.started_at = _now()
         self._running: dict[str, _Running] = {}
         self._workers: set[asyncio.Task[None]] = set()
@@ -244,6 +250,7 @@ class Executor:
             )
         sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
         kill_sub = await self.bus.nc.subscribe(subjects.kill_filter(), cb=self._on_kill)
+        await self._check_scheduler()
         try:  # a leader election in a NATS cluster must not stop us: the loop beats again
             await self._beat()
         except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -322,12 +329,23 @@ class Executor:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff, errors = 0.1, 0
+            # What the scheduler has not consumed yet, read once for the whole group (before
+            # any of its checkpoints: see _fence). If it cannot be read, none of the group runs
+            # now: handed back, they come again shortly.
+            try:
+                pending = await self.streams.pending_reports()
+            except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("cannot read the pending reports (%s); handing back", exc)
+                for msg in msgs:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak(delay=1)
+                continue
             for msg in msgs:
                 if stop.is_set() or self._draining:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.nak()  # arrived while stopping: another executor takes it
                     continue
-                worker = asyncio.create_task(self._handle(msg, fetched))
+                worker = asyncio.create_task(self._handle(msg, fetched, pending))
                 self._workers.add(worker)
                 worker.add_done_callback(self._worker_done)
 
@@ -344,6 +362,21 @@ class Executor:
                 await self._beat()
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 log.debug("heartbeat failed: %s", exc)
+            await self._check_scheduler()
+
+    async def _check_scheduler(self) -> None:
+        """Batch reports only while the active scheduler reads batches (its lease says so);
+        without a lease, or when it cannot be read, keep what was decided last."""
+        try:
+            lease = await self.store.lease()
+        except (MessageError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.debug("cannot read the scheduler lease: %s", exc)
+            return
+        if lease is not None:
+            batches = READS_REPORT_BATCHES in lease.reads
+            if batches != self.reports.batches:
+                log.info("reports %s", "in batches" if batches else "one by one")
+            self.reports.batches = batches
 
     async def _beat(self) -> None:
         beat = ExecutorBeat(
@@ -381,7 +414,7 @@ class Executor:
 
     # -- one task -------------------------------------------------------------------------------
 
-    async def _handle(self, msg: Msg, received: float) -> None:
+    async def _handle(self, msg: Msg, received: float, pending: dict[str, Report]) -> None:
         try:
             dispatch = decode_dispatch(msg.data)
             problem = _not_a_dispatch(msg.subject, dispatch)
@@ -405,7 +438,7 @@ class Executor:
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
             return
-        settled = await self._fence(msg, dispatch, delivery)
+        settled = await self._fence(msg, dispatch, delivery, pending.get(key))
         if settled is None:  # deferred: delivered again later
             return
         if settled:
@@ -419,18 +452,20 @@ class Executor:
         finally:
             self._running.pop(key, None)
 
-    async def _fence(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> bool | None:
+    async def _fence(
+        self, msg: Msg, dispatch: TaskDispatch, delivery: int, report: Report | None
+    ) -> bool | None:
         """Fencing: settle (True) an attempt that is stale, finished, cancelled, whose result is
         on its way, or that was delivered too often without a result; defer (None: nak, it
         comes back after the ack wait) a delivery that another executor has already started;
         else run it (False).
 
-        The pending report is read before the checkpoint: the scheduler writes the checkpoint
-        before it consumes the report, so a report gone by the first read is in the checkpoint
-        by the second. (In the other order a result consumed between the two reads is missed
-        by both, and the task runs again.)"""
+        ``report`` is the task's last report still waiting for the scheduler (alone or in a
+        batch), read for the whole fetched group before this checkpoint: the scheduler writes
+        the checkpoint before it consumes the report, so a report gone by the first read is in
+        the checkpoint by the second. (In the other order a result consumed between the two
+        reads is missed by both, and the task runs again.)"""
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        report = await self.streams.last_report(dispatch.workflow_id, dispatch.task_id)
         found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -528,7 +563,6 @@ class Executor:
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        report_subject = subjects.report_subject(dispatch.workflow_id, dispatch.task_id)
         with message_span(
             tracer,
             f"execute {dispatch.task_id}",
@@ -545,19 +579,16 @@ class Executor:
             },
         ) as span:
             started = _now()
-            await self.bus.publish(
-                report_subject,
-                encode(
-                    TaskStarted(
-                        dispatch.workflow_id,
-                        dispatch.task_id,
-                        dispatch.attempt,
-                        delivery,
-                        self.id,
-                        started,
-                    )
+            await self.reports.send(
+                TaskStarted(
+                    dispatch.workflow_id,
+                    dispatch.task_id,
+                    dispatch.attempt,
+                    delivery,
+                    self.id,
+                    started,
                 ),
-                headers=headers_with_context(),
+                traceparent=current_traceparent(),
             )
             if time.monotonic() - running.received > EXPIRED_BEFORE_START * self.ack_wait_s:
                 # NATS was out of reach for about the ack wait before the attempt could start:
@@ -642,9 +673,8 @@ class Executor:
             _now(),
         )
         try:
-            await self.bus.publish(
-                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
-                encode(report),
+            await self.reports.send(
+                report,
                 msg_id=subjects.handback_msg_id(
                     dispatch.workflow_id, dispatch.task_id, dispatch.attempt, running.delivery
                 ),
@@ -673,8 +703,13 @@ class Executor:
             span.add_event("progress", {"progress.percent": percent, "progress.message": message})
             await self._progress(dispatch, percent, message)
 
-        with tracer.start_as_current_span(
-            f"subprocess {dispatch.action}", attributes={"process.command": dispatch.action}
+        # a built-in runs in this process: its execute span says all there is
+        with (
+            contextlib.nullcontext(trace.INVALID_SPAN)
+            if self._builtin(dispatch.action)
+            else tracer.start_as_current_span(
+                f"subprocess {dispatch.action}", attributes={"process.command": dispatch.action}
+            )
         ) as sub_span:
             secret = self.config.gateway.auth_token
             task_env = task_environment(
@@ -710,6 +745,9 @@ class Executor:
             if result.outcome != "completed":
                 sub_span.set_status(Status(StatusCode.ERROR, result.error or "failed"))
         return result
+
+    def _builtin(self, action: str) -> bool:
+        return action in self.registry and self.registry.get(action).kind == "builtin"
 
     async def _keepalive(self, running: _Running) -> None:
         """Hold the ack deadline while the task runs; notice from the checkpoint that the task
@@ -794,13 +832,12 @@ class Executor:
             output=result.output,
             retryable=retryable,
         )
-        await self.bus.publish(
-            subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
-            encode(report),
+        await self.reports.send(
+            report,
             msg_id=subjects.finished_msg_id(
                 dispatch.workflow_id, dispatch.task_id, dispatch.attempt, delivery
             ),
-            headers=headers_with_context(),
+            traceparent=current_traceparent(),
         )
 
 

@@ -5,8 +5,9 @@ workflows, loads each one's records and hands them to the engine (:meth:`Engine.
 puts ready tasks back in their heaps, re-arms retry timers and ends workflows whose tasks have
 all ended. A task whose attempt is out with an executor (``queued``, ``running``,
 ``cancelling``) is checked: if neither its dispatch message is still in ``PROV_DISPATCH`` nor a
-report of it waits in ``PROV_REPORTS``, the dispatch was lost between its checkpoint and its
-publish, and is sent again (same attempt, same message id: it cannot be stored twice).
+report of it waits in ``PROV_REPORTS`` (alone or in an executor's batch), the dispatch was lost
+between its checkpoint and its publish, and is sent again (same attempt, same message id: it
+cannot be stored twice).
 Workflows are loaded ``[scheduler] recovery_batch`` at a time.
 """
 
@@ -17,6 +18,7 @@ import logging
 from datetime import UTC, datetime
 
 from engine import Engine, WorkflowState
+from shared import subjects
 from shared.store import Store
 from shared.streams import Streams
 
@@ -56,13 +58,25 @@ class Recovery:
         if state is None:
             return None
         self.flusher.remember(state, revision, {t: rev for t, (_, rev) in loaded.items()})
-        for task_id in busy:
-            task = state.tasks[task_id]
-            if not await self.streams.dispatch_outstanding(task.spec.pool, workflow_id, task_id):
-                log.info(
-                    "re-publishing dispatch of %s.%s attempt %d", workflow_id, task_id, task.attempt
-                )
-                self.engine.redispatch(workflow_id, task_id, now)
+        # the dispatches first, then the reports: an executor reports before it acks
+        gone = [
+            task_id
+            for task_id in busy
+            if not await self.streams.dispatch_waits(
+                state.tasks[task_id].spec.pool, workflow_id, task_id
+            )
+        ]
+        pending = await self.streams.pending_reports() if gone else {}
+        for task_id in gone:
+            if subjects.task_key(workflow_id, task_id) in pending:
+                continue
+            log.info(
+                "re-publishing dispatch of %s.%s attempt %d",
+                workflow_id,
+                task_id,
+                state.tasks[task_id].attempt,
+            )
+            self.engine.redispatch(workflow_id, task_id, now)
         return state
 
     async def load_all(self) -> int:
