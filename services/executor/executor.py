@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -56,6 +55,7 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import Metrics
+from shared.pull import Puller
 from shared.store import Store
 from shared.streams import Streams
 from shared.tracing import current_traceparent, message_span
@@ -248,7 +248,7 @@ class Executor:
                 cfg.ack_wait_seconds,
                 self.ack_wait_s,
             )
-        sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
+        sub = await Puller(self.bus.nc, subjects.STREAM_DISPATCH, durable).start()
         kill_sub = await self.bus.nc.subscribe(subjects.kill_filter(), cb=self._on_kill)
         await self._check_scheduler()
         try:  # a leader election in a NATS cluster must not stop us: the loop beats again
@@ -264,7 +264,7 @@ class Executor:
             await kill_sub.unsubscribe()
 
     async def _shutdown(
-        self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Any
+        self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Puller
     ) -> None:
         """Stop fetching; let running tasks finish within the grace period; hand back the rest."""
         self._draining = True
@@ -274,8 +274,7 @@ class Executor:
         _, still = await asyncio.wait({fetcher}, timeout=FETCH_TIMEOUT_S + 2)
         if still:
             await cancel_and_wait(fetcher)
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+        await sub.stop()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await self._beat()
         grace = self.config.executor.shutdown_grace_seconds
@@ -305,7 +304,7 @@ class Executor:
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             log.debug("consumer check failed: %s", exc or type(exc).__name__)
 
-    async def _fetch_loop(self, sub: Any, stop: asyncio.Event) -> None:
+    async def _fetch_loop(self, sub: Puller, stop: asyncio.Event) -> None:
         backoff, errors = 0.1, 0
         while not (stop.is_set() or self._draining):
             free = self.slots - len(self._workers)
@@ -315,7 +314,7 @@ class Executor:
                 continue
             fetched = time.monotonic()
             try:
-                msgs = await sub.fetch(free, timeout=FETCH_TIMEOUT_S)
+                msgs = await sub.fetch(free, FETCH_TIMEOUT_S)
             except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:

@@ -36,6 +36,7 @@ from shared.messages import (
     decode_command,
     decode_report_message,
 )
+from shared.pull import Puller
 from shared.store import Conflict
 from shared.workflow import validate_definition
 
@@ -155,7 +156,7 @@ def read_reports(
 
 
 async def fetch_loop(
-    sub: Any,
+    sub: Puller,
     kind: str,
     put: Callable[[tuple[str, Any]], Awaitable[None]],
     stop: asyncio.Event,
@@ -168,7 +169,7 @@ async def fetch_loop(
     backoff, errors = 0.1, 0
     while not stop.is_set():
         try:
-            msgs = await sub.fetch(batch, timeout=1.0)
+            msgs = await sub.fetch(batch, 1.0)
         except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
             continue
         except (nats.errors.Error, nats.js.errors.Error) as exc:

@@ -45,6 +45,7 @@ from shared.messages import (
     decode_command,
 )
 from shared.metrics import Metrics
+from shared.pull import Puller
 from shared.store import Store
 from shared.streams import Streams
 from shared.tracing import (
@@ -183,12 +184,12 @@ class Scheduler:
         await self._take_over_consumers()
         self.engine.set_capacity(await read_slots(self.store))
         await self._recover()
-        commands = await self.bus.js.pull_subscribe_bind(
-            subjects.CONSUMER_COMMANDS, stream=subjects.STREAM_COMMANDS
-        )
-        reports = await self.bus.js.pull_subscribe_bind(
-            subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
-        )
+        commands = await Puller(
+            self.bus.nc, subjects.STREAM_COMMANDS, subjects.CONSUMER_COMMANDS
+        ).start()
+        reports = await Puller(
+            self.bus.nc, subjects.STREAM_REPORTS, subjects.CONSUMER_REPORTS
+        ).start()
         # the loops end when ``halt`` is set, even if a cancellation is lost (asyncio.wait_for
         # in nats-py's fetch can swallow one): a scheduler that lost its lease must not go on
         # taking reports from the one that holds it
@@ -226,8 +227,7 @@ class Scheduler:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for sub in (commands, reports):
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            await sub.stop()
         # let the engine finish the step in hand, then hand back what is queued
         await self._inbox.put(("stop", None))
         await engine
