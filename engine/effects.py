@@ -54,6 +54,9 @@ class Effects:
         self.dispatches: list[Dispatch] = []
         self.kills: dict[str, list[str]] = defaultdict(list)  # workflow -> tasks to stop now
         self.events: list[WorkflowEvent | TaskEvent] = []
+        # per event, the message id of an end (a task's or the workflow's): the same end
+        # published twice is stored once; None for the others
+        self.event_ids: list[str | None] = []
         self.timers: list[Timer] = []
         self.ended: dict[str, WorkflowState] = {}  # workflows that reached an end state
         # concurrency keys whose state changed: the new state, or None when no longer in use

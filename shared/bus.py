@@ -525,7 +525,12 @@ class Bus:
             delay = min(delay * 2, 1.0)
 
     async def publish_all(
-        self, messages: list[tuple[str, bytes]], *, timeout_s: float = 5.0, chunk: int = 256
+        self,
+        messages: list[tuple[str, bytes]],
+        *,
+        msg_ids: list[str | None] | None = None,
+        timeout_s: float = 5.0,
+        chunk: int = 256,
     ) -> None:
         """Publish ``(subject, data)`` messages to streams and wait until every one is stored.
 
@@ -533,12 +538,14 @@ class Bus:
         silently dropped; these are acknowledged. They are pipelined (sent at once, in order);
         any that failed is sent again, one at a time and in order, with :meth:`publish`'s
         retries, so the order holds unless a stream loses its leader between two of them. Each
-        carries a message id of its own: a retry of one that was in fact stored is not stored
-        twice. Raises what :meth:`publish` raises."""
+        carries a message id of its own (``msg_ids[i]`` when given, else a fresh one): a retry
+        of one that was in fact stored is not stored twice, nor is a message published again
+        under the same id within the duplicate window. Raises what :meth:`publish` raises."""
+        ids = msg_ids or []
         for start in range(0, len(messages), chunk):
             batch = [
-                (subject, data, next(self._msg_ids))
-                for subject, data in messages[start : start + chunk]
+                (subject, data, (ids[i] if i < len(ids) else None) or next(self._msg_ids))
+                for i, (subject, data) in enumerate(messages[start : start + chunk], start=start)
             ]
             results = await asyncio.gather(
                 *(

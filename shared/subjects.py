@@ -6,6 +6,7 @@ No other module spells one of these formats: a change of layout is a change of t
 from __future__ import annotations
 
 import base64
+from datetime import datetime
 
 __all__ = [
     "BUCKET_ACTIVE",
@@ -33,6 +34,7 @@ __all__ = [
     "dispatch_msg_id",
     "dispatch_subject",
     "dlq_subject",
+    "end_event_msg_id",
     "event_subject",
     "executor_consumer",
     "finished_msg_id",
@@ -179,6 +181,16 @@ def report_batch_msg_id(sender: str, number: int) -> str:
 
 def event_subject(workflow_id: str) -> str:
     return f"{PREFIX}.evt.{workflow_id}"
+
+
+def end_event_msg_id(
+    workflow_id: str, task_id: str | None, attempt: int, status: str, finished_at: datetime
+) -> str:
+    """The one id of an end in a workflow's history (a task's attempt ending, the workflow's
+    end), from what its checkpoint says: published again after a crash, it is stored once
+    (within the duplicate window). A task run again (a retried workflow) ends at another time."""
+    what = f"{task_key(workflow_id, task_id)}.{attempt}" if task_id else workflow_id
+    return f"evt.{what}.{status}.{int(finished_at.timestamp() * 1_000_000)}"
 
 
 def log_subject(workflow_id: str, task_id: str, attempt: int) -> str:

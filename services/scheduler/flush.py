@@ -98,7 +98,8 @@ class Flusher:
         # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
         # leader would otherwise be lost (and an SSE stream would wait for its end forever).
         await self.bus.publish_all(
-            [(subjects.event_subject(e.workflow_id), encode(e)) for e in effects.events]
+            [(subjects.event_subject(e.workflow_id), encode(e)) for e in effects.events],
+            msg_ids=effects.event_ids,
         )
         for state in effects.ended.values():
             await self.store.unmark_active(state.id)
