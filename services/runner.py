@@ -14,7 +14,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from core.processes import become_subreaper
+from core.processes import become_subreaper, watch_children_by_pidfd
 from core.providers import Providers
 from core.registry import check_modules, registry_for
 from core.runner import Runner, resolve_binary
@@ -230,6 +230,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     isolation.warn_readable(task_user, _config_files(ctx))
     isolation.warn_unreachable_tools(task_user)
     adopts = become_subreaper()  # before the runner: it finds task processes accordingly
+    watch_children_by_pidfd()
     runner = Runner(
         nu_binary=nu,
         data_dir=config.data_dir,
