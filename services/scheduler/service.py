@@ -78,7 +78,7 @@ tracer = trace.get_tracer("provisioning.scheduler")
 LEASE_RENEW_S = 1.5
 # links of one step's report span to the executions that sent its reports: each costs about as
 # much as a small span; past this many a step's span names the count only
-MAX_LINKS = 32
+MAX_LINKS = 8
 _Input = tuple[str, Any]
 
 
