@@ -41,6 +41,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import Counter
 
 from . import subjects
+from .acks import Acks, Outcome
 from .auth import redact_url
 from .config import NatsConfig
 from .errors import BusUnavailable, ProvisioningError, QueueFull
@@ -121,6 +122,7 @@ class Bus:
         self.name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acks: Acks | None = None
         self.kv = KVBuckets()
         self._drained = False
         self.ready = False  # connected and bootstrapped (set by the service)
@@ -140,6 +142,13 @@ class Bus:
         if self._js is None:
             raise BusUnavailable("not connected to NATS")
         return self._js
+
+    @property
+    def acks(self) -> Acks:
+        """Acknowledged publishes many at a time (:mod:`shared.acks`)."""
+        if self._acks is None:
+            raise BusUnavailable("not connected to NATS")
+        return self._acks
 
     @property
     def connected(self) -> bool:
@@ -189,6 +198,7 @@ class Bus:
         nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         self._js = nc.jetstream(timeout=5)
+        self._acks = await Acks(nc).start()
         log.info(
             "connected to NATS at %s as %s",
             redact_url(nc.connected_url.geturl()) if nc.connected_url else "?",
@@ -524,6 +534,39 @@ class Bus:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def publish_many(
+        self,
+        messages: list[tuple[str, bytes, str | None, dict[str, str] | None]],
+        *,
+        timeout_s: float = 5.0,
+    ) -> list[int]:
+        """Publish ``(subject, data, msg_id, headers)`` messages to streams and wait until
+        every one is stored; their stream sequences, in order.
+
+        They are pipelined (sent at once, in order, one deadline for all: :mod:`shared.acks`);
+        any that failed is sent again, one at a time and in order, with :meth:`publish`'s
+        retries, so the order holds unless a stream loses its leader between two of them.
+        Give each a message id when a retry must not store it twice. Raises what
+        :meth:`publish` raises."""
+        sent = [
+            (subject, data, {**(headers or {}), HDR_MSG_ID: mid} if mid else headers)
+            for subject, data, mid, headers in messages
+        ]
+        outcomes: list[Outcome] = await self.acks.publish(sent, timeout_s=timeout_s)
+        seqs = []
+        for (subject, data, mid, headers), outcome in zip(messages, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, nats.js.errors.APIError) and outcome.err_code in ERR_QUEUE_FULL:
+                raise QueueFull(f"queue full: {outcome.description}", subject=subject)
+            if isinstance(outcome, BaseException):
+                ack = await self.publish(
+                    subject, data, msg_id=mid, headers=headers, timeout_s=timeout_s
+                )
+                outcome = ack.seq
+            seqs.append(outcome)
+        return seqs
+
     async def publish_all(
         self,
         messages: list[tuple[str, bytes]],
@@ -532,33 +575,22 @@ class Bus:
         timeout_s: float = 5.0,
         chunk: int = 256,
     ) -> None:
-        """Publish ``(subject, data)`` messages to streams and wait until every one is stored.
-
-        A core NATS publish to a stream that is electing a leader (a cluster node died) is
-        silently dropped; these are acknowledged. They are pipelined (sent at once, in order);
-        any that failed is sent again, one at a time and in order, with :meth:`publish`'s
-        retries, so the order holds unless a stream loses its leader between two of them. Each
-        carries a message id of its own (``msg_ids[i]`` when given, else a fresh one): a retry
-        of one that was in fact stored is not stored twice, nor is a message published again
-        under the same id within the duplicate window. Raises what :meth:`publish` raises."""
+        """Publish ``(subject, data)`` messages to streams and wait until every one is stored
+        (:meth:`publish_many`, ``chunk`` at a time). Each carries a message id of its own
+        (``msg_ids[i]`` when given, else a fresh one): a retry of one that was in fact stored
+        is not stored twice, nor is a message published again under the same id within the
+        duplicate window."""
         ids = msg_ids or []
         for start in range(0, len(messages), chunk):
-            batch = [
-                (subject, data, (ids[i] if i < len(ids) else None) or next(self._msg_ids))
-                for i, (subject, data) in enumerate(messages[start : start + chunk], start=start)
-            ]
-            results = await asyncio.gather(
-                *(
-                    self.js.publish(subject, data, timeout=timeout_s, headers={HDR_MSG_ID: mid})
-                    for subject, data, mid in batch
-                ),
-                return_exceptions=True,
+            await self.publish_many(
+                [
+                    (subject, data, (ids[i] if i < len(ids) else None) or next(self._msg_ids), None)
+                    for i, (subject, data) in enumerate(
+                        messages[start : start + chunk], start=start
+                    )
+                ],
+                timeout_s=timeout_s,
             )
-            for (subject, data, mid), result in zip(batch, results, strict=True):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                if isinstance(result, BaseException):
-                    await self.publish(subject, data, msg_id=mid, timeout_s=timeout_s)
 
     async def read_stream(
         self, stream: str, subject_filter: str, *, page: int = 256, timeout_s: float = 5.0
@@ -570,31 +602,39 @@ class Bus:
         still waiting for its consumer. In a cluster any replica may answer, so a message
         stored in the last moments may be missing from a lagging one."""
         out: list[tuple[int, bytes]] = []
+        status: list[tuple[str, int]] = []  # the batch's end: (status, messages left)
+        ended = asyncio.Event()
+
+        async def take(msg: Msg) -> None:
+            headers = msg.headers or {}
+            if code := headers.get(HDR_STATUS):
+                status.append((str(code), int(headers.get(HDR_NUM_PENDING) or 0)))
+                ended.set()
+            else:
+                out.append((int(headers[HDR_SEQUENCE]), msg.data))
+
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
+        sub = await self.nc.subscribe(inbox, cb=take)
         api = f"$JS.API.DIRECT.GET.{stream}"
         seq = 1
         try:
             while True:
                 request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
+                status.clear()
+                ended.clear()
                 await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
-                last, left = 0, 0
-                while True:
-                    msg = await sub.next_msg(timeout=timeout_s)
-                    headers = msg.headers or {}
-                    status = headers.get(HDR_STATUS)
-                    if status == "404":  # nothing (more) on the filter
-                        return out
-                    if status == "204":  # end of this batch; how many are left after it
-                        left = int(headers.get(HDR_NUM_PENDING) or 0)
-                        break
-                    if status:
-                        raise BusUnavailable(f"direct get from {stream} failed: status {status}")
-                    last = int(headers[HDR_SEQUENCE])
-                    out.append((last, msg.data))
-                if not left or not last:
+                try:
+                    await asyncio.wait_for(ended.wait(), timeout_s)
+                except TimeoutError:
+                    raise nats.errors.TimeoutError from None
+                code, left = status[-1]
+                if code == "404":  # nothing (more) on the filter
                     return out
-                seq = last + 1
+                if code != "204":  # 204: the end of this batch, and how many are left
+                    raise BusUnavailable(f"direct get from {stream} failed: status {code}")
+                if not left or not out:
+                    return out
+                seq = out[-1][0] + 1
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()

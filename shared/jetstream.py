@@ -9,11 +9,13 @@ __all__ = [
     "ERR_NO_PLACEMENT",
     "ERR_QUEUE_FULL",
     "ERR_STREAM_IN_USE",
+    "ERR_WRONG_LAST_SEQUENCE",
     "HDR_DLQ_AT",
     "HDR_DLQ_ERROR",
     "HDR_DLQ_SOURCE",
     "HDR_DLQ_SUBJECT",
     "HDR_DLQ_TRUNCATED",
+    "HDR_EXPECTED_LAST_SUBJECT_SEQUENCE",
     "HDR_KV_OPERATION",
     "HDR_MARKER_REASON",
     "HDR_MSG_ID",
@@ -25,6 +27,8 @@ __all__ = [
 
 # NATS headers
 HDR_MSG_ID = "Nats-Msg-Id"  # deduplication within a stream's duplicate window
+# a KV compare-and-swap: stored only if the key's last revision is this one
+HDR_EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 HDR_KV_OPERATION = "KV-Operation"  # set on KV deletes and purges
 HDR_MARKER_REASON = "Nats-Marker-Reason"  # set on the markers of expired keys
 KV_REMOVED = ("DEL", "PURGE")  # KV-Operation values of a removed key
@@ -43,6 +47,7 @@ HDR_DLQ_TRUNCATED = "Prov-Dlq-Truncated"
 
 # JetStream API error codes
 ERR_STREAM_IN_USE = 10058  # a stream (or bucket) of that name exists with another config
+ERR_WRONG_LAST_SEQUENCE = (10071, 10164)  # a compare-and-swap lost: the key changed meanwhile
 ERR_QUEUE_FULL = (10077, 10078, 10047)  # max messages, max bytes, insufficient resources
 # placement refused while cluster peers are missing ("no suitable peers", "insufficient
 # resources"): transient while the servers of a cluster start

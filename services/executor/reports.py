@@ -97,11 +97,15 @@ class ReportSender:
                     pending.done.set_result(None)
 
     async def _publish_one(self, report: Report, msg_id: str | None, parent: str | None) -> None:
-        await self.bus.publish(
-            subjects.report_subject(report.workflow_id, report.task_id),
-            encode(report),
-            msg_id=msg_id,
-            headers={"traceparent": parent} if parent else None,
+        await self.bus.publish_many(
+            [
+                (
+                    subjects.report_subject(report.workflow_id, report.task_id),
+                    encode(report),
+                    msg_id,
+                    {"traceparent": parent} if parent else None,
+                )
+            ]
         )
         self.sent_messages += 1
         self.sent_reports += 1
@@ -115,10 +119,15 @@ class ReportSender:
             if any(p.traceparent for p in group)
             else [],
         )
-        await self.bus.publish(
-            subjects.report_batch_subject(self.token),
-            encode(batch),
-            msg_id=subjects.report_batch_msg_id(self.token, self._numbers),
+        await self.bus.publish_many(
+            [
+                (
+                    subjects.report_batch_subject(self.token),
+                    encode(batch),
+                    subjects.report_batch_msg_id(self.token, self._numbers),
+                    None,
+                )
+            ]
         )
         self.sent_messages += 1
         self.sent_reports += len(group)

@@ -123,7 +123,7 @@ class Flusher:
             tasks = [state.tasks[t] for t in state.record.task_ids]
             for start in range(0, len(tasks), WRITE_CHUNK):
                 chunk = tasks[start : start + WRITE_CHUNK]
-                revs = await asyncio.gather(*(self.store.put_task(t) for t in chunk))
+                revs = await self.store.write_tasks([(t, None) for t in chunk])
                 for task, rev in zip(chunk, revs, strict=True):
                     self.revisions[subjects.task_key(state.id, task.spec.id)] = rev
             await self.store.mark_active(state.id)
@@ -143,7 +143,7 @@ class Flusher:
         children = list(effects.new_tasks)
         for start in range(0, len(children), WRITE_CHUNK):
             chunk = children[start : start + WRITE_CHUNK]
-            revs = await asyncio.gather(*(self.store.put_task(s.tasks[t]) for s, t in chunk))
+            revs = await self.store.write_tasks([(s.tasks[t], None) for s, t in chunk])
             for (state, task_id), rev in zip(chunk, revs, strict=True):
                 self.revisions[subjects.task_key(state.id, task_id)] = rev
         writes = [
@@ -154,11 +154,11 @@ class Flusher:
         for start in range(0, len(writes), WRITE_CHUNK):
             chunk = writes[start : start + WRITE_CHUNK]
             keys = [subjects.task_key(state.id, task_id) for state, task_id in chunk]
-            revisions = await asyncio.gather(
-                *(
-                    self.store.update_task(state.tasks[task_id], last=self.revisions[key])
+            revisions = await self.store.write_tasks(
+                [
+                    (state.tasks[task_id], self.revisions[key])
                     for (state, task_id), key in zip(chunk, keys, strict=True)
-                )
+                ]
             )
             self.revisions.update(zip(keys, revisions, strict=True))
 
