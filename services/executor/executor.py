@@ -604,8 +604,11 @@ class Executor:
                 return
             log.debug("%s attempt %d delivery %d started", key, dispatch.attempt, delivery)
             # an earlier run (a dead executor's, or one this delivery takes over) must not
-            # run beside this one: end what it left on this host first (core.leftovers)
-            if await self.runner.kill_leftovers(key, redelivered=delivery > 1):
+            # run beside this one: end what it left on this host first (core.leftovers). A
+            # built-in runs no process, nor did any earlier run of it: nothing to look for.
+            if not self._builtin(dispatch.action) and await self.runner.kill_leftovers(
+                key, redelivered=delivery > 1
+            ):
                 span.set_attribute("task.leftovers_killed", True)
             await self._bound_logs(dispatch)
             keepalive = asyncio.create_task(self._keepalive(running))
