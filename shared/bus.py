@@ -599,8 +599,11 @@ class Bus:
 
         One batched direct get per ``page`` messages (nats-server 2.11+; the stream allows
         direct gets) instead of a request per message. On a work-queue stream that is what is
-        still waiting for its consumer. In a cluster any replica may answer, so a message
-        stored in the last moments may be missing from a lagging one."""
+        still waiting for its consumer. Any replica may answer a direct get, and a lagging one
+        can miss what was stored in the last moments: with replicas, the stream's leader is
+        asked instead, one message per request."""
+        if self.config.replicas > 1:
+            return await self._read_from_leader(stream, subject_filter)
         out: list[tuple[int, bytes]] = []
         status: list[tuple[str, int]] = []  # the batch's end: (status, messages left)
         ended = asyncio.Event()
@@ -638,6 +641,19 @@ class Bus:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+
+    async def _read_from_leader(self, stream: str, subject_filter: str) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        seq = 1
+        while True:
+            try:
+                msg = await self.js.get_msg(stream, seq=seq, subject=subject_filter, next=True)
+            except nats.js.errors.NotFoundError:
+                return out
+            if msg.seq is None:
+                return out
+            out.append((msg.seq, msg.data or b""))
+            seq = msg.seq + 1
 
     async def dead_letter(
         self, source: str, msg: Msg, error: str, *, msg_id: str | None = None

@@ -89,3 +89,27 @@ async def test_bootstrap_does_not_retry_a_configuration_error(nats_url: str) -> 
     async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
         with pytest.raises(nats.js.errors.APIError, match="non-clustered"):
             await asyncio.wait_for(bus.bootstrap(), 10)
+
+
+async def test_reading_a_queue_whole_pages_and_skips_what_was_consumed(nats_url: str) -> None:
+    """What waits in a work queue, read in batched direct gets of a page each (one replica),
+    or from the stream's leader (replicas, where a lagging replica could answer a direct
+    get): the same messages, in order, without those already consumed."""
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        filter_ = subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+        assert await bus.read_stream(subjects.STREAM_REPORTS, filter_) == []
+        await bus.publish_many(
+            [(f"prov.report.batch.t{i}", str(i).encode(), None, None) for i in range(7)]
+        )
+        sub = await bus.js.pull_subscribe_bind(
+            subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
+        )
+        for msg in await sub.fetch(2):  # consumed: gone from the queue
+            await msg.ack_sync()
+        paged = await bus.read_stream(subjects.STREAM_REPORTS, filter_, page=2)
+        assert [data for _, data in paged] == [b"2", b"3", b"4", b"5", b"6"]
+        assert [seq for seq, _ in paged] == sorted(seq for seq, _ in paged)
+    async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
+        leader = await bus.read_stream(subjects.STREAM_REPORTS, filter_)
+        assert leader == paged
