@@ -113,3 +113,19 @@ async def test_reading_a_queue_whole_pages_and_skips_what_was_consumed(nats_url:
     async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
         leader = await bus.read_stream(subjects.STREAM_REPORTS, filter_)
         assert leader == paged
+
+
+async def test_buckets_are_read_by_direct_gets_with_one_replica(nats_url: str) -> None:
+    """With one replica the checkpoints are read as direct gets (cheaper on both ends); a
+    bucket made before (no direct gets) is brought to it by the next bootstrap."""
+    name = f"KV_{subjects.BUCKET_TASKS}"
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        info = await bus.js.stream_info(name)
+        assert info.config.allow_direct
+        info.config.allow_direct = False  # as an older version made it
+        await bus.js.update_stream(info.config)
+        await bus.bootstrap()
+        assert (await bus.js.stream_info(name)).config.allow_direct
+        await bus.kv.tasks.put("k", b"v")
+        assert (await bus.kv.tasks.get("k")).value == b"v"
