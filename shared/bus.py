@@ -58,6 +58,7 @@ from .jetstream import (
     HDR_NUM_PENDING,
     HDR_SEQUENCE,
     HDR_STATUS,
+    HDR_SUBJECT,
 )
 
 __all__ = ["NOT_STORED", "TRANSIENT", "Bus", "KVBuckets"]
@@ -625,6 +626,35 @@ class Bus:
         if self.config.replicas > 1:
             return await self._read_from_leader(stream, subject_filter)
         out: list[tuple[int, bytes]] = []
+        seq = 1
+        while True:
+            request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
+            found, left = await self._direct_get(stream, request, timeout_s)
+            out.extend((s, data) for s, _, _, data in found)
+            if not left or not found:
+                return out
+            seq = found[-1][0] + 1
+
+    async def read_last(
+        self, stream: str, subjects_: list[str], *, timeout_s: float = 5.0
+    ) -> dict[str, tuple[int, dict[str, str], bytes]]:
+        """The last message of each of ``subjects_`` that has one, as ``{subject: (sequence,
+        headers, data)}``: one batched direct get (nats-server 2.11+) for all of them. Only
+        with one replica (see :meth:`read_stream`); raises ``BusUnavailable`` with more."""
+        if self.config.replicas > 1:
+            raise BusUnavailable("batched last-message reads need direct gets (one replica)")
+        if not subjects_:
+            return {}
+        request = {"multi_last": subjects_, "batch": len(subjects_)}
+        found, _ = await self._direct_get(stream, request, timeout_s)
+        return {subject: (seq, headers, data) for seq, subject, headers, data in found}
+
+    async def _direct_get(
+        self, stream: str, request: dict[str, Any], timeout_s: float
+    ) -> tuple[list[tuple[int, str, dict[str, str], bytes]], int]:
+        """One batched direct get: ``(sequence, subject, headers, data)`` of each message in
+        order, and how many more match after them."""
+        found: list[tuple[int, str, dict[str, str], bytes]] = []
         status: list[tuple[str, int]] = []  # the batch's end: (status, messages left)
         ended = asyncio.Event()
 
@@ -634,33 +664,27 @@ class Bus:
                 status.append((str(code), int(headers.get(HDR_NUM_PENDING) or 0)))
                 ended.set()
             else:
-                out.append((int(headers[HDR_SEQUENCE]), msg.data))
+                subject = headers.get(HDR_SUBJECT, "")
+                found.append((int(headers[HDR_SEQUENCE]), subject, headers, msg.data))
 
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, cb=take)
-        api = f"$JS.API.DIRECT.GET.{stream}"
-        seq = 1
         try:
-            while True:
-                request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
-                status.clear()
-                ended.clear()
-                await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
-                try:
-                    await asyncio.wait_for(ended.wait(), timeout_s)
-                except TimeoutError:
-                    raise nats.errors.TimeoutError from None
-                code, left = status[-1]
-                if code == "404":  # nothing (more) on the filter
-                    return out
-                if code != "204":  # 204: the end of this batch, and how many are left
-                    raise BusUnavailable(f"direct get from {stream} failed: status {code}")
-                if not left or not out:
-                    return out
-                seq = out[-1][0] + 1
+            api = f"$JS.API.DIRECT.GET.{stream}"
+            await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
+            try:
+                await asyncio.wait_for(ended.wait(), timeout_s)
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+        code, left = status[-1]
+        if code == "404":  # nothing (more) matches
+            return found, 0
+        if code != "204":  # 204: the end of this batch, and how many are left
+            raise BusUnavailable(f"direct get from {stream} failed: status {code}")
+        return found, left
 
     async def _read_from_leader(self, stream: str, subject_filter: str) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []

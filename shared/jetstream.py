@@ -22,6 +22,7 @@ __all__ = [
     "HDR_NUM_PENDING",
     "HDR_SEQUENCE",
     "HDR_STATUS",
+    "HDR_SUBJECT",
     "KV_REMOVED",
 ]
 
@@ -36,6 +37,7 @@ KV_REMOVED = ("DEL", "PURGE")  # KV-Operation values of a removed key
 # last with a status (204 end of batch, 404 nothing) and how many matches are left
 HDR_STATUS = "Status"
 HDR_SEQUENCE = "Nats-Sequence"
+HDR_SUBJECT = "Nats-Subject"
 HDR_NUM_PENDING = "Nats-Num-Pending"
 
 # Our dead letters carry where they came from and why

@@ -149,6 +149,24 @@ class Store:
             return None
         return decode_task(entry.value), entry.revision or 0
 
+    async def latest_tasks(self, keys: list[str]) -> dict[str, tuple[TaskRecord, int]] | None:
+        """The checkpoints of several tasks (by task key) in one read, as they are now: those
+        that exist and decode, with their revisions. None where that read cannot be made
+        (replicas: see :meth:`Bus.read_last`); read each with :meth:`task` then."""
+        if self.bus.config.replicas > 1:
+            return None
+        prefix = f"$KV.{subjects.BUCKET_TASKS}."
+        found = await self.bus.read_last(f"KV_{subjects.BUCKET_TASKS}", [prefix + k for k in keys])
+        out: dict[str, tuple[TaskRecord, int]] = {}
+        for subject, (seq, headers, data) in found.items():
+            if headers.get(HDR_KV_OPERATION) in KV_REMOVED or HDR_MARKER_REASON in headers:
+                continue
+            try:
+                out[subject.removeprefix(prefix)] = (decode_task(data), seq)
+            except MessageError:  # left out: read alone, it raises as it would have
+                continue
+        return out
+
     async def tasks(self, workflow_id: str) -> dict[str, tuple[TaskRecord, int]]:
         out: dict[str, tuple[TaskRecord, int]] = {}
         found = await read_bucket(self.bus.js, subjects.BUCKET_TASKS, f"{workflow_id}.*")

@@ -129,3 +129,24 @@ async def test_buckets_are_read_by_direct_gets_with_one_replica(nats_url: str) -
         assert (await bus.js.stream_info(name)).config.allow_direct
         await bus.kv.tasks.put("k", b"v")
         assert (await bus.kv.tasks.get("k")).value == b"v"
+
+
+async def test_the_last_message_of_several_subjects_in_one_read(nats_url: str) -> None:
+    """An executor reads its fetched group's checkpoints in one batched direct get: the newest
+    revision of each key that exists, none for one that does not; not with replicas."""
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        await bus.kv.tasks.put("w.a", b"1")
+        second = await bus.kv.tasks.put("w.a", b"2")
+        third = await bus.kv.tasks.put("w.b", b"3")
+        pre = f"$KV.{subjects.BUCKET_TASKS}."
+        found = await bus.read_last(
+            f"KV_{subjects.BUCKET_TASKS}", [pre + k for k in ("w.a", "w.b", "w.c")]
+        )
+        assert {s: (seq, data) for s, (seq, _, data) in found.items()} == {
+            pre + "w.a": (second, b"2"),
+            pre + "w.b": (third, b"3"),
+        }
+    async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
+        with pytest.raises(BusUnavailable):
+            await bus.read_last(f"KV_{subjects.BUCKET_TASKS}", [pre + "w.a"])

@@ -333,8 +333,14 @@ class Executor:
             # now: handed back, they come again shortly.
             try:
                 pending = await self.streams.pending_reports()
+                # then the group's checkpoints, in one read where it can be made
+                checkpoints = await self.store.latest_tasks(
+                    [subjects.task_key_of_dispatch(msg.subject) for msg in msgs]
+                )
             except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("cannot read the pending reports (%s); handing back", exc)
+                log.warning(
+                    "cannot read the pending reports or checkpoints (%s); handing back", exc
+                )
                 for msg in msgs:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.nak(delay=1)
@@ -344,7 +350,7 @@ class Executor:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.nak()  # arrived while stopping: another executor takes it
                     continue
-                worker = asyncio.create_task(self._handle(msg, fetched, pending))
+                worker = asyncio.create_task(self._handle(msg, fetched, pending, checkpoints))
                 self._workers.add(worker)
                 worker.add_done_callback(self._worker_done)
 
@@ -413,7 +419,13 @@ class Executor:
 
     # -- one task -------------------------------------------------------------------------------
 
-    async def _handle(self, msg: Msg, received: float, pending: dict[str, Report]) -> None:
+    async def _handle(
+        self,
+        msg: Msg,
+        received: float,
+        pending: dict[str, Report],
+        checkpoints: dict[str, tuple[TaskRecord, int]] | None,
+    ) -> None:
         try:
             dispatch = decode_dispatch(msg.data)
             problem = _not_a_dispatch(msg.subject, dispatch)
@@ -437,7 +449,8 @@ class Executor:
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
             return
-        settled = await self._fence(msg, dispatch, delivery, pending.get(key))
+        known = checkpoints.get(key) if checkpoints is not None else None
+        settled = await self._fence(msg, dispatch, delivery, pending.get(key), known)
         if settled is None:  # deferred: delivered again later
             return
         if settled:
@@ -452,7 +465,12 @@ class Executor:
             self._running.pop(key, None)
 
     async def _fence(
-        self, msg: Msg, dispatch: TaskDispatch, delivery: int, report: Report | None
+        self,
+        msg: Msg,
+        dispatch: TaskDispatch,
+        delivery: int,
+        report: Report | None,
+        checkpoint: tuple[TaskRecord, int] | None = None,
     ) -> bool | None:
         """Fencing: settle (True) an attempt that is stale, finished, cancelled, whose result is
         on its way, or that was delivered too often without a result; defer (None: nak, it
@@ -460,12 +478,13 @@ class Executor:
         else run it (False).
 
         ``report`` is the task's last report still waiting for the scheduler (alone or in a
-        batch), read for the whole fetched group before this checkpoint: the scheduler writes
+        batch), read for the whole fetched group before its checkpoints (``checkpoint``: read
+        for the group too, or here when the group's read did not have it): the scheduler writes
         the checkpoint before it consumes the report, so a report gone by the first read is in
         the checkpoint by the second. (In the other order a result consumed between the two
         reads is missed by both, and the task runs again.)"""
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
+        found = checkpoint or await self.store.task(dispatch.workflow_id, dispatch.task_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s attempt %d delivery %d: pending report %s, checkpoint %s",
