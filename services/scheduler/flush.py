@@ -236,21 +236,17 @@ class Flusher:
         self, dispatches: list[Dispatch], headers: dict[str, str]
     ) -> None:
         for start in range(0, len(dispatches), WRITE_CHUNK):
-            await asyncio.gather(
-                *(
-                    self._publish_dispatch(d, headers)
-                    for d in dispatches[start : start + WRITE_CHUNK]
-                )
+            await self.bus.publish_many(
+                [
+                    (
+                        subjects.dispatch_subject(m.pool, m.workflow_id, m.task_id),
+                        encode(m),
+                        subjects.dispatch_msg_id(m.workflow_id, m.task_id, m.attempt),
+                        headers or None,
+                    )
+                    for m in (d.message for d in dispatches[start : start + WRITE_CHUNK])
+                ]
             )
-
-    async def _publish_dispatch(self, dispatch: Dispatch, headers: dict[str, str]) -> None:
-        message = dispatch.message
-        await self.bus.publish(
-            subjects.dispatch_subject(message.pool, message.workflow_id, message.task_id),
-            encode(message),
-            msg_id=subjects.dispatch_msg_id(message.workflow_id, message.task_id, message.attempt),
-            headers=headers,
-        )
 
     def _record_metrics(self, effects: Effects) -> None:
         # one add per (pool, status) and step: an add costs as much as a small publish
