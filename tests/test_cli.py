@@ -26,8 +26,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         PROVISIONING_ORCHESTRATOR_DATA_DIR=str(tmp_path / "data"),
         PROVISIONING_ORCHESTRATOR_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing there
         PROVISIONING_ORCHESTRATOR_AUTO_START="false",  # unless a test says so
-        **extra,
     )
+    env.update(extra)  # a test's own values win (passed with the defaults: a TypeError)
     return env
 
 
