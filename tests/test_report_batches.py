@@ -33,6 +33,7 @@ from .support import (
 pytestmark = pytest.mark.e2e
 
 ACK_WAIT = {"PROVISIONING_EXECUTOR_ACK_WAIT_SECONDS": "3"}
+TASKS = 10  # one executor's slots: they start, and end, together
 
 
 def _sleeps(n: int, seconds: float) -> list[dict[str, Any]]:
@@ -69,17 +70,19 @@ def test_a_finished_report_inside_a_batch_keeps_a_redelivery_from_running(stack:
     inside the batch and acks the delivery without running the task a second time."""
     wait_until(lambda: _batched(stack), 20, what="the executor to batch its reports")
     executor = stack.executors[0]
-    wf_id = submit(stack.http, _sleeps(6, 1.5))
+    wf_id = submit(stack.http, _sleeps(TASKS, 1.5))
     wait_until(
-        lambda: all(task_of(stack.http, wf_id, f"s{i}")["status"] == "running" for i in range(6)),
+        lambda: all(
+            task_of(stack.http, wf_id, f"s{i}")["status"] == "running" for i in range(TASKS)
+        ),
         20,
-        what="all six to run",
+        what="all to run",
     )
     assert stack.scheduler.stop() == 0
     wait_until(
-        lambda: all(task_runs(executor.log(), wf_id, f"s{i}") for i in range(6)),
+        lambda: all(task_runs(executor.log(), wf_id, f"s{i}") for i in range(TASKS)),
         20,
-        what="all six to finish",
+        what="all to finish",
     )
 
     # the precondition: results of this workflow wait inside a batch, not only alone
@@ -93,7 +96,7 @@ def test_a_finished_report_inside_a_batch_keeps_a_redelivery_from_running(stack:
     }
     assert len(inside) >= 2, waiting
 
-    for i in range(6):
+    for i in range(TASKS):
         again = TaskDispatch(wf_id, f"s{i}", 1, "builtin.sleep", {"seconds": 1.5}, 60.0)
         subject = subjects.dispatch_subject("default", wf_id, f"s{i}")
         publish(stack, subject, encode(again), msg_id=f"{wf_id}.s{i}.1.again")
