@@ -49,7 +49,6 @@ __all__ = [
     "retry_msg_id",
     "submit_msg_id",
     "task_key",
-    "task_key_of_dispatch",
     "task_of_token",
     "task_token",
     "workflow_of_command",
@@ -154,11 +153,6 @@ def handback_msg_id(workflow_id: str, task_id: str, attempt: int, delivery: int)
 
 def dispatch_subject(pool: str, workflow_id: str, task_id: str) -> str:
     return f"{PREFIX}.dispatch.{pool}.{workflow_id}.{task_token(task_id)}"
-
-
-def task_key_of_dispatch(subject: str) -> str:
-    """The task key a dispatch subject names (what comes after the pool)."""
-    return subject.split(".", 3)[-1]
 
 
 def dispatch_filter(pool: str) -> str:

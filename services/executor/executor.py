@@ -201,6 +201,7 @@ class Executor:
         self.started_at = _now()
         self._running: dict[str, _Running] = {}
         self._workers: set[asyncio.Task[None]] = set()
+        self._touches: set[asyncio.Task[None]] = set()  # keep-alives of joined deliveries
         self._slot_free = asyncio.Event()
         self._draining = False
         self.completed = 0
@@ -328,29 +329,37 @@ class Executor:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff, errors = 0.1, 0
-            # What the scheduler has not consumed yet, read once for the whole group (before
-            # any of its checkpoints: see _fence). If it cannot be read, none of the group runs
-            # now: handed back, they come again shortly.
+            if stop.is_set() or self._draining:
+                for msg in msgs:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak()  # arrived while stopping: another executor takes it
+                continue
+            # First what needs no read: what is not a dispatch, and a delivery of an attempt
+            # that runs here. Before the reads: a run that ends after this has stored its
+            # result by the time it leaves, so the reads below see it.
+            received = [(msg, d) for msg in msgs if (d := await self._receive(msg)) is not None]
+            if not received:
+                continue
+            # What the scheduler has not consumed yet, read once for the whole group, then the
+            # group's checkpoints (one read where it can be made; see _fence for the order).
+            # If they cannot be read, none of the group runs now: handed back, they come again.
             try:
                 pending = await self.streams.pending_reports()
-                # then the group's checkpoints, in one read where it can be made
                 checkpoints = await self.store.latest_tasks(
-                    [subjects.task_key_of_dispatch(msg.subject) for msg in msgs]
+                    [subjects.task_key(d.workflow_id, d.task_id) for _, d in received]
                 )
             except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning(
                     "cannot read the pending reports or checkpoints (%s); handing back", exc
                 )
-                for msg in msgs:
+                for msg, _ in received:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.nak(delay=1)
                 continue
-            for msg in msgs:
-                if stop.is_set() or self._draining:
-                    with contextlib.suppress(nats.errors.Error):
-                        await msg.nak()  # arrived while stopping: another executor takes it
-                    continue
-                worker = asyncio.create_task(self._handle(msg, fetched, pending, checkpoints))
+            for msg, dispatch in received:
+                worker = asyncio.create_task(
+                    self._handle(msg, dispatch, fetched, pending, checkpoints)
+                )
                 self._workers.add(worker)
                 worker.add_done_callback(self._worker_done)
 
@@ -419,35 +428,57 @@ class Executor:
 
     # -- one task -------------------------------------------------------------------------------
 
-    async def _handle(
-        self,
-        msg: Msg,
-        received: float,
-        pending: dict[str, Report],
-        checkpoints: dict[str, tuple[TaskRecord, int]] | None,
-    ) -> None:
+    async def _receive(self, msg: Msg) -> TaskDispatch | None:
+        """A delivery that may run (its fence comes next), or None: not a dispatch (dead-lettered)
+        or an attempt that runs here already (settled with that run)."""
         try:
             dispatch = decode_dispatch(msg.data)
             problem = _not_a_dispatch(msg.subject, dispatch)
         except MessageError as exc:
             problem = f"dispatch {exc.message}"
         if problem is not None:
-            if await self.bus.dead_letter("executor", msg, problem):
-                await msg.term()
-            else:
-                await msg.nak(delay=5)
-            return
+            with contextlib.suppress(nats.errors.Error):
+                if await self.bus.dead_letter("executor", msg, problem):
+                    await msg.term()
+                else:
+                    await msg.nak(delay=5)
+            return None
+        return None if self._joined_a_run(msg, dispatch) else dispatch
+
+    def _joined_a_run(self, msg: Msg, dispatch: TaskDispatch) -> bool:
+        """Whether the attempt runs here: JetStream redelivered it (its keep-alives were lost
+        while NATS was away). Never a second run: this delivery is settled with the first."""
+        key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
+        current = self._running.get(key)
+        if current is None or current.dispatch.attempt != dispatch.attempt:
+            return False
+        delivery = msg.metadata.num_delivered or 1
+        log.info("%s attempt %d delivery %d already runs here", key, dispatch.attempt, delivery)
+        current.extra.append(msg)
+        self._keep_alive_soon(msg)
+        return True
+
+    def _keep_alive_soon(self, msg: Msg) -> None:
+        async def touch() -> None:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+
+        task = asyncio.create_task(touch())
+        self._touches.add(task)
+        task.add_done_callback(self._touches.discard)
+
+    async def _handle(
+        self,
+        msg: Msg,
+        dispatch: TaskDispatch,
+        received: float,
+        pending: dict[str, Report],
+        checkpoints: dict[str, tuple[TaskRecord, int]] | None,
+    ) -> None:
         delivery = msg.metadata.num_delivered or 1
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
         log.debug("%s attempt %d delivery %d received", key, dispatch.attempt, delivery)
-        current = self._running.get(key)
-        if current is not None and current.dispatch.attempt == dispatch.attempt:
-            # JetStream redelivered an attempt that runs here (its keep-alives were lost while
-            # NATS was away): never a second run; this delivery is settled with the first.
-            log.info("%s attempt %d delivery %d already runs here", key, dispatch.attempt, delivery)
-            current.extra.append(msg)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
+        if self._joined_a_run(msg, dispatch):  # began since the fetch (another of its group)
             return
         known = checkpoints.get(key) if checkpoints is not None else None
         settled = await self._fence(msg, dispatch, delivery, pending.get(key), known)
