@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "is_subreaper",
     "kill_pids",
     "stat",
+    "watch_children_by_pidfd",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,25 @@ def become_subreaper() -> bool:
         "loses its parent can escape"
     )
     return False
+
+
+def watch_children_by_pidfd() -> bool:
+    """Have asyncio learn of its children's exits from pidfds (Linux 5.3+) rather than from a
+    thread per child blocked in ``waitpid`` (Python 3.11's default; 3.12 does this itself).
+    Measured with ``bench.runner_overhead --executor``: 2.74-2.77 ms of the executor's CPU per
+    ``nu`` task before, 2.37-2.38 ms after. Both wait for their own children by pid only, so
+    :meth:`Family.reap` keeps collecting the adopted orphans. Call before the event loop runs;
+    False where the system has no pidfds (the default stays)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+    return True
 
 
 def is_subreaper() -> bool:

@@ -48,9 +48,15 @@ class Effects:
         self.reopened: set[str] = set()  # retried workflows: active again
         self.tasks: dict[tuple[str, str], WorkflowState] = {}  # (workflow, task) to checkpoint
         self.workflows: dict[str, WorkflowState] = {}  # workflow records to checkpoint
+        # workflows whose only change is their counts of tasks per status: checkpointed too,
+        # but a driver may fold several steps' counts into one write (services/scheduler/flush.py)
+        self.counts: dict[str, WorkflowState] = {}
         self.dispatches: list[Dispatch] = []
         self.kills: dict[str, list[str]] = defaultdict(list)  # workflow -> tasks to stop now
         self.events: list[WorkflowEvent | TaskEvent] = []
+        # per event, the message id of an end (a task's or the workflow's): the same end
+        # published twice is stored once; None for the others
+        self.event_ids: list[str | None] = []
         self.timers: list[Timer] = []
         self.ended: dict[str, WorkflowState] = {}  # workflows that reached an end state
         # concurrency keys whose state changed: the new state, or None when no longer in use
@@ -68,6 +74,7 @@ class Effects:
             or self.reopened
             or self.tasks
             or self.workflows
+            or self.counts
             or self.dispatches
             or self.kills
             or self.events

@@ -68,6 +68,7 @@ from shared.messages import (
     WorkflowRecord,
 )
 from shared.refs import MissingPath, resolve
+from shared.subjects import end_event_msg_id
 
 from .effects import Dispatch, Effects, Timer
 from .keys import Blocked, KeyBook
@@ -176,7 +177,11 @@ class Engine:
     def take(self) -> Effects:
         """The effects of every input since the last call, workflow counts brought up to date."""
         effects, self.effects = self.effects, Effects()
-        for state in (*effects.workflows.values(), *effects.created.values()):
+        for state in (
+            *effects.workflows.values(),
+            *effects.counts.values(),
+            *effects.created.values(),
+        ):
             state.record.counts = state.count_snapshot()
         for key in self.keys.take_changed():
             effects.keys[key] = self.keys.state(key) if self.keys.in_use(key) else None
@@ -845,7 +850,7 @@ class Engine:
             self.inflight[pool] += 1
         if task.parent is not None:
             self._unsettled.add((state.id, task.parent))
-        self._save_workflow(state)  # its counts changed
+        self.effects.counts[state.id] = state  # its counts changed
         self.effects.transitions.append((pool, status))
 
     def _push_ready(self, state: WorkflowState, task_id: str, now: datetime) -> None:
@@ -1237,6 +1242,69 @@ class Engine:
 
     def _emit(self, event: WorkflowEvent | TaskEvent) -> None:
         self.effects.events.append(event)
+        self.effects.event_ids.append(self._end_id(event))
+
+    def _end_id(self, event: WorkflowEvent | TaskEvent) -> str | None:
+        """The message id of an end event, from the checkpoint it goes with (see
+        :meth:`replay_ends`); None for every other event."""
+        state = self.workflows.get(event.workflow_id) or self.effects.ended.get(event.workflow_id)
+        if state is None:
+            return None
+        if isinstance(event, WorkflowEvent):
+            record = state.record
+            if event.status not in TERMINAL_WORKFLOW or record.finished_at is None:
+                return None
+            return end_event_msg_id(record.id, None, 0, event.status, record.finished_at)
+        task = state.tasks.get(event.task_id)
+        if task is None or task.status != event.status or task.finished_at is None:
+            return None
+        if task.status not in TERMINAL_TASK and task.status != "retrying":
+            return None
+        return end_event_msg_id(
+            state.id, event.task_id, task.attempt, task.status, task.finished_at
+        )
+
+    def replay_ends(
+        self, record: WorkflowRecord, tasks: Mapping[str, TaskRecord], since: datetime
+    ) -> None:
+        """Emit again the end events of what ended since ``since`` (tasks' attempts, the
+        workflow), each under the message id it was first published with.
+
+        A scheduler that dies between a step's checkpoints and its events leaves those ends
+        checkpointed but never told; the reports that caused them come again and find nothing
+        left to do. Replayed on every take-over, the ends that were published are dropped by
+        JetStream's deduplication and the lost ones are stored, once."""
+        for task_id, task in tasks.items():
+            done = task.status in TERMINAL_TASK or task.status == "retrying"
+            if not done or task.finished_at is None or task.finished_at < since:
+                continue
+            self.effects.events.append(
+                TaskEvent(
+                    record.id,
+                    task_id,
+                    task.status,
+                    task.finished_at,
+                    attempt=task.attempt,
+                    executor_id=task.executor_id,
+                    error=task.error,
+                    reason=task.reason,
+                )
+            )
+            self.effects.event_ids.append(
+                end_event_msg_id(record.id, task_id, task.attempt, task.status, task.finished_at)
+            )
+        if record.status in TERMINAL_WORKFLOW and record.id not in self.workflows:
+            # ended, but its end was not finished (the active marker is still there): the
+            # driver ends it again, after these events
+            self.effects.ended[record.id] = WorkflowState(record, dict(tasks))
+        finished = record.finished_at
+        if record.status in TERMINAL_WORKFLOW and finished is not None and finished >= since:
+            self.effects.events.append(
+                WorkflowEvent(record.id, record.status, finished, record.error or "")
+            )
+            self.effects.event_ids.append(
+                end_event_msg_id(record.id, None, 0, record.status, finished)
+            )
 
     def _kill(self, state: WorkflowState, task_id: str) -> None:
         self.effects.kills[state.id].append(task_id)

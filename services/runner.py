@@ -14,7 +14,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from core.processes import become_subreaper
+from core.processes import become_subreaper, watch_children_by_pidfd
 from core.providers import Providers
 from core.registry import check_modules, registry_for
 from core.runner import Runner, resolve_binary
@@ -22,6 +22,7 @@ from shared import __version__
 from shared.bus import Bus
 from shared.config import Config, load_config, user_config_path
 from shared.errors import ProvisioningError
+from shared.gcpolicy import settle_heap
 from shared.localstack import start_detached
 from shared.logs import setup_logging
 from shared.tracing import setup_tracing, shutdown_tracing
@@ -161,6 +162,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
     app = create_app(config, _registry(config))
     app.on_startup.append(_stop_if_requested)
     log.info("gateway listening on http://%s:%d", config.gateway.host, config.gateway.port)
+    settle_heap()
     try:
         web.run_app(
             app,
@@ -194,6 +196,7 @@ def scheduler(ctx: click.Context) -> None:
     async def body(bus: Bus, stop: asyncio.Event) -> None:
         await Scheduler(config, bus, registry).run(stop)
 
+    settle_heap()
     try:
         asyncio.run(_with_bus(config, "scheduler", body))
     finally:
@@ -227,6 +230,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     isolation.warn_readable(task_user, _config_files(ctx))
     isolation.warn_unreachable_tools(task_user)
     adopts = become_subreaper()  # before the runner: it finds task processes accordingly
+    watch_children_by_pidfd()
     runner = Runner(
         nu_binary=nu,
         data_dir=config.data_dir,
@@ -250,6 +254,7 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     async def body(bus: Bus, stop: asyncio.Event) -> None:
         await Executor(config, bus, registry, runner).run(stop)
 
+    settle_heap()
     try:
         asyncio.run(_with_bus(config, "executor", body))
     finally:

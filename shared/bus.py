@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import re
 import secrets
@@ -40,6 +41,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import Counter
 
 from . import subjects
+from .acks import Acks, Outcome
 from .auth import redact_url
 from .config import NatsConfig
 from .errors import BusUnavailable, ProvisioningError, QueueFull
@@ -53,6 +55,10 @@ from .jetstream import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TRUNCATED,
     HDR_MSG_ID,
+    HDR_NUM_PENDING,
+    HDR_SEQUENCE,
+    HDR_STATUS,
+    HDR_SUBJECT,
 )
 
 __all__ = ["NOT_STORED", "TRANSIENT", "Bus", "KVBuckets"]
@@ -117,6 +123,7 @@ class Bus:
         self.name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acks: Acks | None = None
         self.kv = KVBuckets()
         self._drained = False
         self.ready = False  # connected and bootstrapped (set by the service)
@@ -136,6 +143,13 @@ class Bus:
         if self._js is None:
             raise BusUnavailable("not connected to NATS")
         return self._js
+
+    @property
+    def acks(self) -> Acks:
+        """Acknowledged publishes many at a time (:mod:`shared.acks`)."""
+        if self._acks is None:
+            raise BusUnavailable("not connected to NATS")
+        return self._acks
 
     @property
     def connected(self) -> bool:
@@ -185,6 +199,7 @@ class Bus:
         nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         self._js = nc.jetstream(timeout=5)
+        self._acks = await Acks(nc).start()
         log.info(
             "connected to NATS at %s as %s",
             redact_url(nc.connected_url.geturl()) if nc.connected_url else "?",
@@ -260,11 +275,15 @@ class Bus:
         return [
             *(
                 StreamConfig(name=name, subjects=[subjects.STREAM_SUBJECTS[name]], **queue)
-                for name in (
-                    subjects.STREAM_COMMANDS,
-                    subjects.STREAM_DISPATCH,
-                    subjects.STREAM_REPORTS,
-                )
+                for name in (subjects.STREAM_COMMANDS, subjects.STREAM_DISPATCH)
+            ),
+            # executors read what is still waiting for the scheduler in one batched direct
+            # get (shared/streams.py: pending_reports)
+            StreamConfig(
+                name=subjects.STREAM_REPORTS,
+                subjects=[subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]],
+                allow_direct=True,
+                **queue,
             ),
             StreamConfig(
                 name=subjects.STREAM_EVENTS,
@@ -289,7 +308,15 @@ class Bus:
 
     def _buckets(self) -> list[tuple[str, str, KeyValueConfig]]:
         cfg = self.config
-        common: dict[str, Any] = {"storage": StorageType.FILE, "replicas": cfg.replicas}
+        # Reads as direct gets (the raw message; no JSON and base64 answer of the API): an
+        # executor's checkpoint read per task cost half as much on both ends. Only with one
+        # replica: any replica answers a direct get, and a lagging one would hand a fence an
+        # older checkpoint.
+        common: dict[str, Any] = {
+            "storage": StorageType.FILE,
+            "replicas": cfg.replicas,
+            "direct": cfg.replicas == 1,
+        }
         return [
             (
                 "workflows",
@@ -398,17 +425,29 @@ class Bus:
                 await asyncio.sleep(0.2)
 
     async def _update_bucket(self, config: KeyValueConfig) -> None:
-        """Apply what may change on a live bucket (replicas, TTL) to its backing stream."""
+        """Apply what may change on a live bucket (replicas, TTL, direct gets) to its backing
+        stream."""
         info = await self.js.stream_info(f"KV_{config.bucket}")
         current = info.config
         wanted_age = config.ttl or current.max_age
-        if current.num_replicas == config.replicas and current.max_age == wanted_age:
+        direct = bool(config.direct)
+        if (
+            current.num_replicas == config.replicas
+            and current.max_age == wanted_age
+            and bool(current.allow_direct) == direct
+        ):
             log.warning("bucket %s exists with another configuration; using it", config.bucket)
             return
         current.num_replicas = config.replicas
         current.max_age = wanted_age
+        current.allow_direct = direct
         await self.js.update_stream(current)
-        log.info("updated bucket %s: replicas=%d", config.bucket, config.replicas)
+        log.info(
+            "updated bucket %s: replicas=%d, direct gets %s",
+            config.bucket,
+            config.replicas,
+            "on" if direct else "off",
+        )
 
     async def ensure_scheduler_consumers(self) -> None:
         """The scheduler's durable consumers (commands, reports), created unless they exist."""
@@ -516,34 +555,149 @@ class Bus:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def publish_all(
-        self, messages: list[tuple[str, bytes]], *, timeout_s: float = 5.0, chunk: int = 256
-    ) -> None:
-        """Publish ``(subject, data)`` messages to streams and wait until every one is stored.
+    async def publish_many(
+        self,
+        messages: list[tuple[str, bytes, str | None, dict[str, str] | None]],
+        *,
+        timeout_s: float = 5.0,
+    ) -> list[int]:
+        """Publish ``(subject, data, msg_id, headers)`` messages to streams and wait until
+        every one is stored; their stream sequences, in order.
 
-        A core NATS publish to a stream that is electing a leader (a cluster node died) is
-        silently dropped; these are acknowledged. They are pipelined (sent at once, in order);
+        They are pipelined (sent at once, in order, one deadline for all: :mod:`shared.acks`);
         any that failed is sent again, one at a time and in order, with :meth:`publish`'s
-        retries, so the order holds unless a stream loses its leader between two of them. Each
-        carries a message id of its own: a retry of one that was in fact stored is not stored
-        twice. Raises what :meth:`publish` raises."""
+        retries, so the order holds unless a stream loses its leader between two of them.
+        Give each a message id when a retry must not store it twice. Raises what
+        :meth:`publish` raises."""
+        sent = [
+            (subject, data, {**(headers or {}), HDR_MSG_ID: mid} if mid else headers)
+            for subject, data, mid, headers in messages
+        ]
+        outcomes: list[Outcome] = await self.acks.publish(sent, timeout_s=timeout_s)
+        seqs = []
+        for (subject, data, mid, headers), outcome in zip(messages, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, nats.js.errors.APIError) and outcome.err_code in ERR_QUEUE_FULL:
+                raise QueueFull(f"queue full: {outcome.description}", subject=subject)
+            if isinstance(outcome, BaseException):
+                ack = await self.publish(
+                    subject, data, msg_id=mid, headers=headers, timeout_s=timeout_s
+                )
+                outcome = ack.seq
+            seqs.append(outcome)
+        return seqs
+
+    async def publish_all(
+        self,
+        messages: list[tuple[str, bytes]],
+        *,
+        msg_ids: list[str | None] | None = None,
+        timeout_s: float = 5.0,
+        chunk: int = 256,
+    ) -> None:
+        """Publish ``(subject, data)`` messages to streams and wait until every one is stored
+        (:meth:`publish_many`, ``chunk`` at a time). Each carries a message id of its own
+        (``msg_ids[i]`` when given, else a fresh one): a retry of one that was in fact stored
+        is not stored twice, nor is a message published again under the same id within the
+        duplicate window."""
+        ids = msg_ids or []
         for start in range(0, len(messages), chunk):
-            batch = [
-                (subject, data, next(self._msg_ids))
-                for subject, data in messages[start : start + chunk]
-            ]
-            results = await asyncio.gather(
-                *(
-                    self.js.publish(subject, data, timeout=timeout_s, headers={HDR_MSG_ID: mid})
-                    for subject, data, mid in batch
-                ),
-                return_exceptions=True,
+            await self.publish_many(
+                [
+                    (subject, data, (ids[i] if i < len(ids) else None) or next(self._msg_ids), None)
+                    for i, (subject, data) in enumerate(
+                        messages[start : start + chunk], start=start
+                    )
+                ],
+                timeout_s=timeout_s,
             )
-            for (subject, data, mid), result in zip(batch, results, strict=True):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                if isinstance(result, BaseException):
-                    await self.publish(subject, data, msg_id=mid, timeout_s=timeout_s)
+
+    async def read_stream(
+        self, stream: str, subject_filter: str, *, page: int = 256, timeout_s: float = 5.0
+    ) -> list[tuple[int, bytes]]:
+        """Every message of ``stream`` on ``subject_filter``, in order, as ``(sequence, data)``.
+
+        One batched direct get per ``page`` messages (nats-server 2.11+; the stream allows
+        direct gets) instead of a request per message. On a work-queue stream that is what is
+        still waiting for its consumer. Any replica may answer a direct get, and a lagging one
+        can miss what was stored in the last moments: with replicas, the stream's leader is
+        asked instead, one message per request."""
+        if self.config.replicas > 1:
+            return await self._read_from_leader(stream, subject_filter)
+        out: list[tuple[int, bytes]] = []
+        seq = 1
+        while True:
+            request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
+            found, left = await self._direct_get(stream, request, timeout_s)
+            out.extend((s, data) for s, _, _, data in found)
+            if not left or not found:
+                return out
+            seq = found[-1][0] + 1
+
+    async def read_last(
+        self, stream: str, subjects_: list[str], *, timeout_s: float = 5.0
+    ) -> dict[str, tuple[int, dict[str, str], bytes]]:
+        """The last message of each of ``subjects_`` that has one, as ``{subject: (sequence,
+        headers, data)}``: one batched direct get (nats-server 2.11+) for all of them. Only
+        with one replica (see :meth:`read_stream`); raises ``BusUnavailable`` with more."""
+        if self.config.replicas > 1:
+            raise BusUnavailable("batched last-message reads need direct gets (one replica)")
+        if not subjects_:
+            return {}
+        request = {"multi_last": subjects_, "batch": len(subjects_)}
+        found, _ = await self._direct_get(stream, request, timeout_s)
+        return {subject: (seq, headers, data) for seq, subject, headers, data in found}
+
+    async def _direct_get(
+        self, stream: str, request: dict[str, Any], timeout_s: float
+    ) -> tuple[list[tuple[int, str, dict[str, str], bytes]], int]:
+        """One batched direct get: ``(sequence, subject, headers, data)`` of each message in
+        order, and how many more match after them."""
+        found: list[tuple[int, str, dict[str, str], bytes]] = []
+        status: list[tuple[str, int]] = []  # the batch's end: (status, messages left)
+        ended = asyncio.Event()
+
+        async def take(msg: Msg) -> None:
+            headers = msg.headers or {}
+            if code := headers.get(HDR_STATUS):
+                status.append((str(code), int(headers.get(HDR_NUM_PENDING) or 0)))
+                ended.set()
+            else:
+                subject = headers.get(HDR_SUBJECT, "")
+                found.append((int(headers[HDR_SEQUENCE]), subject, headers, msg.data))
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=take)
+        try:
+            api = f"$JS.API.DIRECT.GET.{stream}"
+            await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
+            try:
+                await asyncio.wait_for(ended.wait(), timeout_s)
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        code, left = status[-1]
+        if code == "404":  # nothing (more) matches
+            return found, 0
+        if code != "204":  # 204: the end of this batch, and how many are left
+            raise BusUnavailable(f"direct get from {stream} failed: status {code}")
+        return found, left
+
+    async def _read_from_leader(self, stream: str, subject_filter: str) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        seq = 1
+        while True:
+            try:
+                msg = await self.js.get_msg(stream, seq=seq, subject=subject_filter, next=True)
+            except nats.js.errors.NotFoundError:
+                return out
+            if msg.seq is None:
+                return out
+            out.append((msg.seq, msg.data or b""))
+            seq = msg.seq + 1
 
     async def dead_letter(
         self, source: str, msg: Msg, error: str, *, msg_id: str | None = None

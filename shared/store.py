@@ -19,9 +19,15 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import subjects
-from .bus import Bus
+from .bus import NOT_STORED, Bus
 from .errors import MessageError
-from .jetstream import HDR_KV_OPERATION, HDR_MARKER_REASON, KV_REMOVED
+from .jetstream import (
+    ERR_WRONG_LAST_SEQUENCE,
+    HDR_EXPECTED_LAST_SUBJECT_SEQUENCE,
+    HDR_KV_OPERATION,
+    HDR_MARKER_REASON,
+    KV_REMOVED,
+)
 from .messages import (
     ExecutorBeat,
     KeyState,
@@ -143,6 +149,24 @@ class Store:
             return None
         return decode_task(entry.value), entry.revision or 0
 
+    async def latest_tasks(self, keys: list[str]) -> dict[str, tuple[TaskRecord, int]] | None:
+        """The checkpoints of several tasks (by task key) in one read, as they are now: those
+        that exist and decode, with their revisions. None where that read cannot be made
+        (replicas: see :meth:`Bus.read_last`); read each with :meth:`task` then."""
+        if self.bus.config.replicas > 1:
+            return None
+        prefix = f"$KV.{subjects.BUCKET_TASKS}."
+        found = await self.bus.read_last(f"KV_{subjects.BUCKET_TASKS}", [prefix + k for k in keys])
+        out: dict[str, tuple[TaskRecord, int]] = {}
+        for subject, (seq, headers, data) in found.items():
+            if headers.get(HDR_KV_OPERATION) in KV_REMOVED or HDR_MARKER_REASON in headers:
+                continue
+            try:
+                out[subject.removeprefix(prefix)] = (decode_task(data), seq)
+            except MessageError:  # left out: read alone, it raises as it would have
+                continue
+        return out
+
     async def tasks(self, workflow_id: str) -> dict[str, tuple[TaskRecord, int]]:
         out: dict[str, tuple[TaskRecord, int]] = {}
         found = await read_bucket(self.bus.js, subjects.BUCKET_TASKS, f"{workflow_id}.*")
@@ -162,6 +186,38 @@ class Store:
     async def update_task(self, record: TaskRecord, last: int) -> int:
         key = subjects.task_key(record.workflow_id, record.spec.id)
         return await self.bus.write(self.bus.kv.tasks.update, key, encode(record), last=last)
+
+    async def write_tasks(self, writes: list[tuple[TaskRecord, int | None]]) -> list[int]:
+        """Write several task records at once, pipelined under one deadline
+        (:mod:`shared.acks`); each ``(record, last)`` is a compare-and-swap on revision
+        ``last``, or a plain put with ``None``. Their new revisions, in order.
+
+        Raises :data:`Conflict` when a record was changed by someone else, and what
+        :meth:`Bus.publish` raises; a write that stored nothing (no stream answered) is sent
+        again on its own, as :meth:`update_task` would."""
+        messages = [
+            (
+                f"$KV.{subjects.BUCKET_TASKS}.{subjects.task_key(r.workflow_id, r.spec.id)}",
+                encode(r),
+                None if last is None else {HDR_EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)},
+            )
+            for r, last in writes
+        ]
+        outcomes = await self.bus.acks.publish(messages, timeout_s=5.0)
+        revisions = []
+        for (record, last), outcome in zip(writes, outcomes, strict=True):
+            if isinstance(outcome, nats.js.errors.APIError) and (
+                outcome.err_code in ERR_WRONG_LAST_SEQUENCE
+            ):
+                raise Conflict(description=outcome.description)
+            if isinstance(outcome, NOT_STORED):
+                outcome = await (
+                    self.put_task(record) if last is None else self.update_task(record, last)
+                )
+            if isinstance(outcome, BaseException):
+                raise outcome
+            revisions.append(outcome)
+        return revisions
 
     # -- the index of active workflows (the scheduler's recovery list) ---------------------------
 

@@ -22,10 +22,11 @@ from .errors import MessageError
 from .messages import (
     LogChunk,
     Report,
+    ReportBatch,
     SubmitWorkflow,
     decode_command,
     decode_log,
-    decode_report,
+    decode_report_message,
 )
 
 __all__ = ["LogLine", "LogPage", "Streams"]
@@ -110,32 +111,35 @@ class Streams:
 
     # -- what is out for a task ------------------------------------------------------------------
 
-    async def dispatch_outstanding(self, pool: str, workflow_id: str, task_id: str) -> bool:
-        """Whether the task's dispatch is still in the queue, or a report of it waits for the
-        scheduler. Checked in this order: an executor publishes its report before it acks."""
-        for stream, subject in (
-            (subjects.STREAM_DISPATCH, subjects.dispatch_subject(pool, workflow_id, task_id)),
-            (subjects.STREAM_REPORTS, subjects.report_subject(workflow_id, task_id)),
-        ):
-            try:
-                await self.bus.js.get_last_msg(stream, subject)
-                return True
-            except nats.js.errors.NotFoundError:
-                continue
-        return False
-
-    async def last_report(self, workflow_id: str, task_id: str) -> Report | None:
-        """The last report of the task not yet consumed by the scheduler, if any."""
+    async def dispatch_waits(self, pool: str, workflow_id: str, task_id: str) -> bool:
+        """Whether the task's dispatch is still in the queue."""
+        subject = subjects.dispatch_subject(pool, workflow_id, task_id)
         try:
-            last = await self.bus.js.get_last_msg(
-                subjects.STREAM_REPORTS, subjects.report_subject(workflow_id, task_id)
-            )
+            await self.bus.js.get_last_msg(subjects.STREAM_DISPATCH, subject)
         except nats.js.errors.NotFoundError:
-            return None
-        try:
-            return decode_report(last.data)
-        except MessageError:
-            return None
+            return False
+        return True
+
+    async def pending_reports(self) -> dict[str, Report]:
+        """The last report of every task that is still waiting for the scheduler, alone or in
+        a batch, by task key: the whole reports queue in one batched read (it holds only what
+        the scheduler has not consumed yet). Undecodable messages are left to the scheduler,
+        which dead-letters them.
+
+        The scheduler checkpoints a report's effect before it consumes the report: a report
+        missing here is in the checkpoints read after this."""
+        found: dict[str, Report] = {}
+        queue = await self.bus.read_stream(
+            subjects.STREAM_REPORTS, subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+        )
+        for _, data in queue:
+            try:
+                message = decode_report_message(data)
+            except MessageError:
+                continue
+            for report in message.reports if isinstance(message, ReportBatch) else [message]:
+                found[subjects.task_key(report.workflow_id, report.task_id)] = report
+        return found
 
     # -- events ----------------------------------------------------------------------------------
 

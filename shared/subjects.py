@@ -6,6 +6,7 @@ No other module spells one of these formats: a change of layout is a change of t
 from __future__ import annotations
 
 import base64
+from datetime import datetime
 
 __all__ = [
     "BUCKET_ACTIVE",
@@ -33,6 +34,7 @@ __all__ = [
     "dispatch_msg_id",
     "dispatch_subject",
     "dlq_subject",
+    "end_event_msg_id",
     "event_subject",
     "executor_consumer",
     "finished_msg_id",
@@ -41,6 +43,8 @@ __all__ = [
     "kill_workflow",
     "log_filter",
     "log_subject",
+    "report_batch_msg_id",
+    "report_batch_subject",
     "report_subject",
     "retry_msg_id",
     "submit_msg_id",
@@ -163,8 +167,30 @@ def report_subject(workflow_id: str, task_id: str) -> str:
     return f"{PREFIX}.report.{workflow_id}.{task_token(task_id)}"
 
 
+def report_batch_subject(sender: str) -> str:
+    """Where an executor sends batches of reports: ``sender`` is a token of its own (letters and
+    digits); ``batch`` can never be a workflow id (32 hex digits), so no report subject of a
+    task is ever a batch's."""
+    return f"{PREFIX}.report.batch.{sender}"
+
+
+def report_batch_msg_id(sender: str, number: int) -> str:
+    """One id per batch of one executor process: a retried publish of it is stored once."""
+    return f"reports.{sender}.{number}"
+
+
 def event_subject(workflow_id: str) -> str:
     return f"{PREFIX}.evt.{workflow_id}"
+
+
+def end_event_msg_id(
+    workflow_id: str, task_id: str | None, attempt: int, status: str, finished_at: datetime
+) -> str:
+    """The one id of an end in a workflow's history (a task's attempt ending, the workflow's
+    end), from what its checkpoint says: published again after a crash, it is stored once
+    (within the duplicate window). A task run again (a retried workflow) ends at another time."""
+    what = f"{task_key(workflow_id, task_id)}.{attempt}" if task_id else workflow_id
+    return f"evt.{what}.{status}.{int(finished_at.timestamp() * 1_000_000)}"
 
 
 def log_subject(workflow_id: str, task_id: str, attempt: int) -> str:

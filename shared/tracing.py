@@ -34,7 +34,9 @@ __all__ = [
     "resource_for",
     "setup_tracing",
     "shutdown_tracing",
+    "span_context_of",
     "trace_id_hex",
+    "tracing_enabled",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,16 @@ def setup_tracing(service: str, config: TracingConfig) -> None:
         log.info("tracing to %s (%s)", config.endpoint or "default endpoint", config.exporter)
     trace.set_tracer_provider(provider)
     _provider = provider
+
+
+def tracing_enabled() -> bool:
+    """Whether this process records spans: without, code that only builds spans can skip it."""
+    return _provider is not None
+
+
+def span_context_of(headers: Mapping[str, str] | None) -> trace.SpanContext:
+    """The span a message's trace context names (for a link to it); invalid without one."""
+    return trace.get_current_span(context_from(headers)).get_span_context()
 
 
 def shutdown_tracing() -> None:

@@ -101,6 +101,7 @@ class Receiver:
                                 }
                                 for e in span.events
                             ],
+                            "links": [link.span_id.hex() for link in span.links],
                             "status": span.status.code,
                             "start": span.start_time_unix_nano,
                             "end": span.end_time_unix_nano,

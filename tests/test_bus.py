@@ -89,3 +89,64 @@ async def test_bootstrap_does_not_retry_a_configuration_error(nats_url: str) -> 
     async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
         with pytest.raises(nats.js.errors.APIError, match="non-clustered"):
             await asyncio.wait_for(bus.bootstrap(), 10)
+
+
+async def test_reading_a_queue_whole_pages_and_skips_what_was_consumed(nats_url: str) -> None:
+    """What waits in a work queue, read in batched direct gets of a page each (one replica),
+    or from the stream's leader (replicas, where a lagging replica could answer a direct
+    get): the same messages, in order, without those already consumed."""
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        filter_ = subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+        assert await bus.read_stream(subjects.STREAM_REPORTS, filter_) == []
+        await bus.publish_many(
+            [(f"prov.report.batch.t{i}", str(i).encode(), None, None) for i in range(7)]
+        )
+        sub = await bus.js.pull_subscribe_bind(
+            subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
+        )
+        for msg in await sub.fetch(2):  # consumed: gone from the queue
+            await msg.ack_sync()
+        paged = await bus.read_stream(subjects.STREAM_REPORTS, filter_, page=2)
+        assert [data for _, data in paged] == [b"2", b"3", b"4", b"5", b"6"]
+        assert [seq for seq, _ in paged] == sorted(seq for seq, _ in paged)
+    async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
+        leader = await bus.read_stream(subjects.STREAM_REPORTS, filter_)
+        assert leader == paged
+
+
+async def test_buckets_are_read_by_direct_gets_with_one_replica(nats_url: str) -> None:
+    """With one replica the checkpoints are read as direct gets (cheaper on both ends); a
+    bucket made before (no direct gets) is brought to it by the next bootstrap."""
+    name = f"KV_{subjects.BUCKET_TASKS}"
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        info = await bus.js.stream_info(name)
+        assert info.config.allow_direct
+        info.config.allow_direct = False  # as an older version made it
+        await bus.js.update_stream(info.config)
+        await bus.bootstrap()
+        assert (await bus.js.stream_info(name)).config.allow_direct
+        await bus.kv.tasks.put("k", b"v")
+        assert (await bus.kv.tasks.get("k")).value == b"v"
+
+
+async def test_the_last_message_of_several_subjects_in_one_read(nats_url: str) -> None:
+    """An executor reads its fetched group's checkpoints in one batched direct get: the newest
+    revision of each key that exists, none for one that does not; not with replicas."""
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        await bus.kv.tasks.put("w.a", b"1")
+        second = await bus.kv.tasks.put("w.a", b"2")
+        third = await bus.kv.tasks.put("w.b", b"3")
+        pre = f"$KV.{subjects.BUCKET_TASKS}."
+        found = await bus.read_last(
+            f"KV_{subjects.BUCKET_TASKS}", [pre + k for k in ("w.a", "w.b", "w.c")]
+        )
+        assert {s: (seq, data) for s, (seq, _, data) in found.items()} == {
+            pre + "w.a": (second, b"2"),
+            pre + "w.b": (third, b"3"),
+        }
+    async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
+        with pytest.raises(BusUnavailable):
+            await bus.read_last(f"KV_{subjects.BUCKET_TASKS}", [pre + "w.a"])

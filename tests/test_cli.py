@@ -27,7 +27,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         PROVISIONING_ORCHESTRATOR_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing there
         PROVISIONING_ORCHESTRATOR_AUTO_START="false",  # unless a test says so
     )
-    env.update(extra)
+    env.update(extra)  # a test's own values win (passed with the defaults: a TypeError)
     return env
 
 

@@ -497,3 +497,51 @@ def test_the_first_start_makes_the_workflow_running() -> None:
     effects = run.step()
     assert run.record.status == "running" and run.record.started_at == run.now
     assert [e.status for e in effects.events] == ["running", "running"]
+
+
+# -- ends told again after a crash -----------------------------------------------------------------
+
+
+def _ends(effects: Effects) -> dict[str, str]:
+    """Message id of every end event of a step: ``{id: "<task or workflow> <status>"}``."""
+    return {
+        mid: f"{getattr(e, 'task_id', e.workflow_id)} {e.status}"
+        for e, mid in zip(effects.events, effects.event_ids, strict=True)
+        if mid is not None
+    }
+
+
+def test_ends_replayed_from_checkpoints_carry_the_ids_they_were_first_told_with() -> None:
+    """A scheduler that dies between a step's checkpoints and its events: its successor tells
+    the recent ends again from the checkpoints, under the ids of the first telling (JetStream
+    stores each id once), and nothing but ends."""
+    run = Run([noop("a"), noop("b", "a")])
+    run.accept()
+    first = _ends(run.run("a"))
+    assert list(first.values()) == ["a completed"]
+    told = {**first, **_ends(run.run("b"))}
+    assert sorted(told.values()) == [f"{run.wf} completed", "a completed", "b completed"]
+
+    state = run.log[-1].ended[run.wf]
+    fresh = Engine(timeout_for=lambda spec: 60.0)
+    fresh.replay_ends(state.record, state.tasks, since=run.now - timedelta(seconds=60))
+    replayed = fresh.take()
+    assert _ends(replayed) == told
+    assert run.wf in replayed.ended  # ended again, after its events
+    # nothing older than the window is told again
+    fresh.replay_ends(state.record, state.tasks, since=run.now + timedelta(seconds=1))
+    assert not fresh.take().events
+
+
+def test_a_task_run_again_ends_under_a_new_id() -> None:
+    """A retried workflow runs a failed task again: its new end is a new event, not a repeat
+    of the first one that deduplication would drop."""
+    run = Run([noop("a", retries=0)], on_failure="continue")
+    run.accept()
+    first = _ends(run.run("a", "failed"))
+    run.now = at(10)
+    assert run.retry(1)
+    run.step()
+    second = _ends(run.run("a", "completed"))
+    assert "a failed" in first.values() and "a completed" in second.values()
+    assert not set(first) & set(second)

@@ -15,6 +15,7 @@ from shared import subjects
 from shared.errors import MessageError
 from shared.ids import new_workflow_id
 from shared.messages import (
+    ReportBatch,
     SubmitWorkflow,
     TaskDispatch,
     TaskFinished,
@@ -48,9 +49,14 @@ def _finished(wf_id: str, task_id: str) -> bytes:
     return encode(report)
 
 
+def _report(wf_id: str, task_id: str, executor: str) -> TaskFinished:
+    now = datetime.now(UTC)
+    return TaskFinished(wf_id, task_id, 1, 1, executor, "completed", now, now)
+
+
 def _poison() -> list[tuple[str, bytes, str]]:
     """``(subject, payload, consumer)``: one or more per consumed subject."""
-    ids = [new_workflow_id() for _ in range(16)]
+    ids = [new_workflow_id() for _ in range(18)]
     cycle = definition_from_data(
         {
             "name": "cycle",
@@ -106,6 +112,23 @@ def _poison() -> list[tuple[str, bytes, str]]:
         (report(ids[11], "t"), deep_report, "scheduler"),
         (cmd("submit", ids[12]), deep_submit, "scheduler"),
         (cmd("cancel", ids[13]), _nested(200_000), "scheduler"),
+        # batches of reports that no executor sends: a report of another executor in it, a
+        # batch on a task's own subject, an empty one
+        (
+            subjects.report_batch_subject("forger1"),
+            encode(ReportBatch("ex", [_report(ids[15], "t", "another")])),
+            "scheduler",
+        ),
+        (
+            report(ids[16], "t"),
+            encode(ReportBatch("ex", [_report(ids[16], "t", "ex")])),
+            "scheduler",
+        ),
+        (
+            subjects.report_batch_subject("forger2"),
+            b'{"type":"report_batch","executor_id":"ex","reports":[]}',
+            "scheduler",
+        ),
     ]
 
 

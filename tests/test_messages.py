@@ -9,8 +9,11 @@ import pytest
 
 from shared.errors import MessageError
 from shared.messages import (
+    READS_REPORT_BATCHES,
     CancelWorkflow,
+    ReportBatch,
     RetryWorkflow,
+    SchedulerLease,
     SubmitWorkflow,
     TaskDispatch,
     TaskFinished,
@@ -19,7 +22,9 @@ from shared.messages import (
     WorkflowDefinition,
     decode_command,
     decode_dispatch,
+    decode_lease,
     decode_report,
+    decode_report_message,
     encode,
 )
 
@@ -96,3 +101,51 @@ def test_new_fields_have_defaults_for_old_messages() -> None:
         b'"executor_id":"e","started_at":"2026-01-01T00:00:00Z"}'
     )
     assert decode_report(old).v == 1
+
+
+def test_a_batch_of_reports_round_trips_and_single_reports_still_decode() -> None:
+    """The reports stream carries single reports (every executor before batches, and an idle
+    one still) and batches; one decoder reads both, each report keeping its own fields."""
+    started = TaskStarted(WF, "a", 1, 1, "ex", NOW)
+    finished = TaskFinished(WF, "b", 2, 1, "ex", "completed", NOW, NOW, output={"k": [1]})
+    batch = ReportBatch("ex", [started, finished], ["00-" + "1" * 32 + "-" + "2" * 16 + "-01", ""])
+    assert decode_report_message(encode(batch)) == batch
+    assert msgspec.json.decode(encode(batch))["type"] == "report_batch"
+    assert decode_report_message(encode(started)) == started
+    old = (
+        b'{"type":"finished","workflow_id":"w","task_id":"a","attempt":1,"delivery":1,'
+        b'"executor_id":"e","outcome":"completed","started_at":"2026-01-01T00:00:00Z",'
+        b'"finished_at":"2026-01-01T00:00:01Z"}'
+    )
+    assert decode_report_message(old) == decode_report(old)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type": "report_batch", "executor_id": "ex"}',
+        b'{"type": "report_batch", "executor_id": "ex", "reports": [{"type": "dispatch"}]}',
+        b'{"type": "report_batch", "executor_id": "ex", "reports": [], "extra": 1}',
+        b'{"type": "report_batch", "executor_id": "ex", "reports": [[]]}',
+    ],
+)
+def test_batches_of_reports_decode_strictly(payload: bytes) -> None:
+    with pytest.raises(MessageError):
+        decode_report_message(payload)
+
+
+def test_a_lease_says_what_its_scheduler_reads_and_old_leases_read_nothing_new() -> None:
+    """Executors batch reports only for a scheduler whose lease says it reads batches: an older
+    scheduler's lease (no ``reads``) decodes with none, and an older reader ignores the field."""
+    old = b'{"holder":"h","acquired_at":1.0,"renewed_at":2.0,"v":1}'
+    assert decode_lease(old).reads == []
+    lease = SchedulerLease("h", 1.0, 2.0, reads=[READS_REPORT_BATCHES])
+    assert decode_lease(encode(lease)) == lease
+
+    class OldLease(msgspec.Struct):
+        holder: str
+        acquired_at: float
+        renewed_at: float
+        v: int = 1
+
+    assert msgspec.json.decode(encode(lease), type=OldLease).holder == "h"

@@ -4,7 +4,8 @@ Many executors share one durable pull consumer per pool. Each fetches only as ma
 as it has free slots, reports ``started``, keeps the ack deadline alive while the task runs,
 publishes ``finished`` (and waits for JetStream's ack) and only then acks the task. A crash
 anywhere in between means a redelivery, never a lost task; a redelivered attempt that already
-finished is recognised (KV checkpoint or pending report) and not run again.
+finished is recognised (KV checkpoint or pending report) and not run again. Reports made while
+another is being stored go out together in one message (:mod:`.reports`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import socket
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -38,11 +38,13 @@ from shared.config import Config
 from shared.errors import MessageError, ProvisioningError
 from shared.ids import NAME_RE, is_task_id, is_workflow_id
 from shared.messages import (
+    READS_REPORT_BATCHES,
     TERMINAL_TASK,
     ExecutorBeat,
     LogChunk,
     Progress,
     ProgressEvent,
+    Report,
     TaskDispatch,
     TaskFinished,
     TaskHandedBack,
@@ -53,9 +55,12 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import Metrics
+from shared.pull import Puller
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import current_traceparent, headers_with_context, message_span
+from shared.tracing import current_traceparent, message_span
+
+from .reports import ReportSender
 
 __all__ = ["Executor"]
 
@@ -192,9 +197,11 @@ class Executor:
         self.pool = pool or config.executor.pool
         self.slots = max_concurrent_tasks or config.executor.max_concurrent_tasks
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.reports = ReportSender(bus, self.id)
         self.started_at = _now()
         self._running: dict[str, _Running] = {}
         self._workers: set[asyncio.Task[None]] = set()
+        self._touches: set[asyncio.Task[None]] = set()  # keep-alives of joined deliveries
         self._slot_free = asyncio.Event()
         self._draining = False
         self.completed = 0
@@ -242,8 +249,9 @@ class Executor:
                 cfg.ack_wait_seconds,
                 self.ack_wait_s,
             )
-        sub = await self.bus.js.pull_subscribe_bind(durable, stream=subjects.STREAM_DISPATCH)
+        sub = await Puller(self.bus.nc, subjects.STREAM_DISPATCH, durable).start()
         kill_sub = await self.bus.nc.subscribe(subjects.kill_filter(), cb=self._on_kill)
+        await self._check_scheduler()
         try:  # a leader election in a NATS cluster must not stop us: the loop beats again
             await self._beat()
         except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -257,7 +265,7 @@ class Executor:
             await kill_sub.unsubscribe()
 
     async def _shutdown(
-        self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Any
+        self, fetcher: asyncio.Task[None], beats: asyncio.Task[None], sub: Puller
     ) -> None:
         """Stop fetching; let running tasks finish within the grace period; hand back the rest."""
         self._draining = True
@@ -267,8 +275,7 @@ class Executor:
         _, still = await asyncio.wait({fetcher}, timeout=FETCH_TIMEOUT_S + 2)
         if still:
             await cancel_and_wait(fetcher)
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+        await sub.stop()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await self._beat()
         grace = self.config.executor.shutdown_grace_seconds
@@ -298,7 +305,7 @@ class Executor:
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             log.debug("consumer check failed: %s", exc or type(exc).__name__)
 
-    async def _fetch_loop(self, sub: Any, stop: asyncio.Event) -> None:
+    async def _fetch_loop(self, sub: Puller, stop: asyncio.Event) -> None:
         backoff, errors = 0.1, 0
         while not (stop.is_set() or self._draining):
             free = self.slots - len(self._workers)
@@ -308,7 +315,7 @@ class Executor:
                 continue
             fetched = time.monotonic()
             try:
-                msgs = await sub.fetch(free, timeout=FETCH_TIMEOUT_S)
+                msgs = await sub.fetch(free, FETCH_TIMEOUT_S)
             except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -322,12 +329,37 @@ class Executor:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff, errors = 0.1, 0
-            for msg in msgs:
-                if stop.is_set() or self._draining:
+            if stop.is_set() or self._draining:
+                for msg in msgs:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.nak()  # arrived while stopping: another executor takes it
-                    continue
-                worker = asyncio.create_task(self._handle(msg, fetched))
+                continue
+            # First what needs no read: what is not a dispatch, and a delivery of an attempt
+            # that runs here. Before the reads: a run that ends after this has stored its
+            # result by the time it leaves, so the reads below see it.
+            received = [(msg, d) for msg in msgs if (d := await self._receive(msg)) is not None]
+            if not received:
+                continue
+            # What the scheduler has not consumed yet, read once for the whole group, then the
+            # group's checkpoints (one read where it can be made; see _fence for the order).
+            # If they cannot be read, none of the group runs now: handed back, they come again.
+            try:
+                pending = await self.streams.pending_reports()
+                checkpoints = await self.store.latest_tasks(
+                    [subjects.task_key(d.workflow_id, d.task_id) for _, d in received]
+                )
+            except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning(
+                    "cannot read the pending reports or checkpoints (%s); handing back", exc
+                )
+                for msg, _ in received:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak(delay=1)
+                continue
+            for msg, dispatch in received:
+                worker = asyncio.create_task(
+                    self._handle(msg, dispatch, fetched, pending, checkpoints)
+                )
                 self._workers.add(worker)
                 worker.add_done_callback(self._worker_done)
 
@@ -344,6 +376,21 @@ class Executor:
                 await self._beat()
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 log.debug("heartbeat failed: %s", exc)
+            await self._check_scheduler()
+
+    async def _check_scheduler(self) -> None:
+        """Batch reports only while the active scheduler reads batches (its lease says so);
+        without a lease, or when it cannot be read, keep what was decided last."""
+        try:
+            lease = await self.store.lease()
+        except (MessageError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.debug("cannot read the scheduler lease: %s", exc)
+            return
+        if lease is not None:
+            batches = READS_REPORT_BATCHES in lease.reads
+            if batches != self.reports.batches:
+                log.info("reports %s", "in batches" if batches else "one by one")
+            self.reports.batches = batches
 
     async def _beat(self) -> None:
         beat = ExecutorBeat(
@@ -381,31 +428,60 @@ class Executor:
 
     # -- one task -------------------------------------------------------------------------------
 
-    async def _handle(self, msg: Msg, received: float) -> None:
+    async def _receive(self, msg: Msg) -> TaskDispatch | None:
+        """A delivery that may run (its fence comes next), or None: not a dispatch (dead-lettered)
+        or an attempt that runs here already (settled with that run)."""
         try:
             dispatch = decode_dispatch(msg.data)
             problem = _not_a_dispatch(msg.subject, dispatch)
         except MessageError as exc:
             problem = f"dispatch {exc.message}"
         if problem is not None:
-            if await self.bus.dead_letter("executor", msg, problem):
-                await msg.term()
-            else:
-                await msg.nak(delay=5)
-            return
+            with contextlib.suppress(nats.errors.Error):
+                if await self.bus.dead_letter("executor", msg, problem):
+                    await msg.term()
+                else:
+                    await msg.nak(delay=5)
+            return None
+        return None if self._joined_a_run(msg, dispatch) else dispatch
+
+    def _joined_a_run(self, msg: Msg, dispatch: TaskDispatch) -> bool:
+        """Whether the attempt runs here: JetStream redelivered it (its keep-alives were lost
+        while NATS was away). Never a second run: this delivery is settled with the first."""
+        key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
+        current = self._running.get(key)
+        if current is None or current.dispatch.attempt != dispatch.attempt:
+            return False
+        delivery = msg.metadata.num_delivered or 1
+        log.info("%s attempt %d delivery %d already runs here", key, dispatch.attempt, delivery)
+        current.extra.append(msg)
+        self._keep_alive_soon(msg)
+        return True
+
+    def _keep_alive_soon(self, msg: Msg) -> None:
+        async def touch() -> None:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+
+        task = asyncio.create_task(touch())
+        self._touches.add(task)
+        task.add_done_callback(self._touches.discard)
+
+    async def _handle(
+        self,
+        msg: Msg,
+        dispatch: TaskDispatch,
+        received: float,
+        pending: dict[str, Report],
+        checkpoints: dict[str, tuple[TaskRecord, int]] | None,
+    ) -> None:
         delivery = msg.metadata.num_delivered or 1
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
         log.debug("%s attempt %d delivery %d received", key, dispatch.attempt, delivery)
-        current = self._running.get(key)
-        if current is not None and current.dispatch.attempt == dispatch.attempt:
-            # JetStream redelivered an attempt that runs here (its keep-alives were lost while
-            # NATS was away): never a second run; this delivery is settled with the first.
-            log.info("%s attempt %d delivery %d already runs here", key, dispatch.attempt, delivery)
-            current.extra.append(msg)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
+        if self._joined_a_run(msg, dispatch):  # began since the fetch (another of its group)
             return
-        settled = await self._fence(msg, dispatch, delivery)
+        known = checkpoints.get(key) if checkpoints is not None else None
+        settled = await self._fence(msg, dispatch, delivery, pending.get(key), known)
         if settled is None:  # deferred: delivered again later
             return
         if settled:
@@ -419,19 +495,27 @@ class Executor:
         finally:
             self._running.pop(key, None)
 
-    async def _fence(self, msg: Msg, dispatch: TaskDispatch, delivery: int) -> bool | None:
+    async def _fence(
+        self,
+        msg: Msg,
+        dispatch: TaskDispatch,
+        delivery: int,
+        report: Report | None,
+        checkpoint: tuple[TaskRecord, int] | None = None,
+    ) -> bool | None:
         """Fencing: settle (True) an attempt that is stale, finished, cancelled, whose result is
         on its way, or that was delivered too often without a result; defer (None: nak, it
         comes back after the ack wait) a delivery that another executor has already started;
         else run it (False).
 
-        The pending report is read before the checkpoint: the scheduler writes the checkpoint
-        before it consumes the report, so a report gone by the first read is in the checkpoint
-        by the second. (In the other order a result consumed between the two reads is missed
-        by both, and the task runs again.)"""
+        ``report`` is the task's last report still waiting for the scheduler (alone or in a
+        batch), read for the whole fetched group before its checkpoints (``checkpoint``: read
+        for the group too, or here when the group's read did not have it): the scheduler writes
+        the checkpoint before it consumes the report, so a report gone by the first read is in
+        the checkpoint by the second. (In the other order a result consumed between the two
+        reads is missed by both, and the task runs again.)"""
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        report = await self.streams.last_report(dispatch.workflow_id, dispatch.task_id)
-        found = await self.store.task(dispatch.workflow_id, dispatch.task_id)
+        found = checkpoint or await self.store.task(dispatch.workflow_id, dispatch.task_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s attempt %d delivery %d: pending report %s, checkpoint %s",
@@ -528,7 +612,6 @@ class Executor:
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        report_subject = subjects.report_subject(dispatch.workflow_id, dispatch.task_id)
         with message_span(
             tracer,
             f"execute {dispatch.task_id}",
@@ -545,19 +628,16 @@ class Executor:
             },
         ) as span:
             started = _now()
-            await self.bus.publish(
-                report_subject,
-                encode(
-                    TaskStarted(
-                        dispatch.workflow_id,
-                        dispatch.task_id,
-                        dispatch.attempt,
-                        delivery,
-                        self.id,
-                        started,
-                    )
+            await self.reports.send(
+                TaskStarted(
+                    dispatch.workflow_id,
+                    dispatch.task_id,
+                    dispatch.attempt,
+                    delivery,
+                    self.id,
+                    started,
                 ),
-                headers=headers_with_context(),
+                traceparent=current_traceparent(),
             )
             if time.monotonic() - running.received > EXPIRED_BEFORE_START * self.ack_wait_s:
                 # NATS was out of reach for about the ack wait before the attempt could start:
@@ -574,8 +654,11 @@ class Executor:
                 return
             log.debug("%s attempt %d delivery %d started", key, dispatch.attempt, delivery)
             # an earlier run (a dead executor's, or one this delivery takes over) must not
-            # run beside this one: end what it left on this host first (core.leftovers)
-            if await self.runner.kill_leftovers(key, redelivered=delivery > 1):
+            # run beside this one: end what it left on this host first (core.leftovers). A
+            # built-in runs no process, nor did any earlier run of it: nothing to look for.
+            if not self._builtin(dispatch.action) and await self.runner.kill_leftovers(
+                key, redelivered=delivery > 1
+            ):
                 span.set_attribute("task.leftovers_killed", True)
             await self._bound_logs(dispatch)
             keepalive = asyncio.create_task(self._keepalive(running))
@@ -642,9 +725,8 @@ class Executor:
             _now(),
         )
         try:
-            await self.bus.publish(
-                subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
-                encode(report),
+            await self.reports.send(
+                report,
                 msg_id=subjects.handback_msg_id(
                     dispatch.workflow_id, dispatch.task_id, dispatch.attempt, running.delivery
                 ),
@@ -673,8 +755,13 @@ class Executor:
             span.add_event("progress", {"progress.percent": percent, "progress.message": message})
             await self._progress(dispatch, percent, message)
 
-        with tracer.start_as_current_span(
-            f"subprocess {dispatch.action}", attributes={"process.command": dispatch.action}
+        # a built-in runs in this process: its execute span says all there is
+        with (
+            contextlib.nullcontext(trace.INVALID_SPAN)
+            if self._builtin(dispatch.action)
+            else tracer.start_as_current_span(
+                f"subprocess {dispatch.action}", attributes={"process.command": dispatch.action}
+            )
         ) as sub_span:
             secret = self.config.gateway.auth_token
             task_env = task_environment(
@@ -710,6 +797,9 @@ class Executor:
             if result.outcome != "completed":
                 sub_span.set_status(Status(StatusCode.ERROR, result.error or "failed"))
         return result
+
+    def _builtin(self, action: str) -> bool:
+        return action in self.registry and self.registry.get(action).kind == "builtin"
 
     async def _keepalive(self, running: _Running) -> None:
         """Hold the ack deadline while the task runs; notice from the checkpoint that the task
@@ -794,13 +884,12 @@ class Executor:
             output=result.output,
             retryable=retryable,
         )
-        await self.bus.publish(
-            subjects.report_subject(dispatch.workflow_id, dispatch.task_id),
-            encode(report),
+        await self.reports.send(
+            report,
             msg_id=subjects.finished_msg_id(
                 dispatch.workflow_id, dispatch.task_id, dispatch.attempt, delivery
             ),
-            headers=headers_with_context(),
+            traceparent=current_traceparent(),
         )
 
 

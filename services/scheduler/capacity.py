@@ -19,10 +19,13 @@ import nats.js.errors
 
 from shared.store import Store
 
-__all__ = ["POLL_S", "read_slots", "watch_capacity"]
+__all__ = ["POLL_EMPTY_S", "POLL_S", "read_slots", "watch_capacity"]
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0
+# while no executor is known (a stack starting: the scheduler is often active before the first
+# heartbeat), look again sooner: work accepted meanwhile waited up to POLL_S for its first slot
+POLL_EMPTY_S = 0.05
 
 
 async def read_slots(store: Store) -> dict[str, int]:
@@ -42,10 +45,10 @@ async def watch_capacity(
     changed: Callable[[dict[str, int]], Awaitable[None]],
     stop: asyncio.Event,
 ) -> None:
-    """Read the heartbeats every :data:`POLL_S`; call ``changed`` when the slots differ from
-    ``current()``."""
+    """Read the heartbeats every :data:`POLL_S` (:data:`POLL_EMPTY_S` while there is no slot
+    at all); call ``changed`` when the slots differ from ``current()``."""
     while not stop.is_set():
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(POLL_S if any(current().values()) else POLL_EMPTY_S)
         try:
             slots = await read_slots(store)
         except (nats.errors.Error, nats.js.errors.Error) as exc:

@@ -6,7 +6,9 @@ One step's :class:`~engine.effects.Effects` are applied in this order:
    only if absent: the record is what says the submission was taken);
 2. task checkpoints, each a compare-and-swap on the revision last written;
 3. together: workflow checkpoints (with their counts of tasks per status) and what the task
-   checkpoints allow: kill requests and dispatches;
+   checkpoints allow: kill requests and dispatches. A workflow whose only change is its counts
+   is written at most every :data:`COUNTS_INTERVAL_S` (the counts are for readers: recovery
+   counts the task records); every other change of a workflow record is written in its step;
 4. events (acknowledged publishes), after the records, so a client that sees a workflow's end
    event finds its final record;
 5. the end of finished workflows (the active marker goes, memory is freed);
@@ -22,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import time
+from collections import Counter
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -36,14 +39,18 @@ from shared.bus import Bus
 from shared.messages import encode
 from shared.metrics import Metrics
 from shared.store import Store
-from shared.tracing import context_from, headers_with_context, message_span
+from shared.tracing import context_from, headers_with_context, message_span, tracing_enabled
 
-__all__ = ["WRITE_CHUNK", "Flusher"]
+__all__ = ["COUNTS_INTERVAL_S", "WRITE_CHUNK", "Flusher"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.scheduler")
 
 WRITE_CHUNK = 512  # concurrent KV writes or publishes at a time
+# A workflow record holds every task id: 10,000 of them make it ~100 KB, and writing it again in
+# every step of a large fan-out cost more than the steps' task checkpoints. Counts alone are
+# written at most this often (the scheduler steps again to write the last ones).
+COUNTS_INTERVAL_S = 0.1
 
 
 class Flusher:
@@ -53,6 +60,8 @@ class Flusher:
         self.metrics = metrics
         self.revisions: dict[str, int] = {}  # KV key -> revision last read or written
         self.key_revisions: dict[str, int] = {}  # concurrency key -> revision of its record
+        self.deferred: dict[str, WorkflowState] = {}  # counts changed, not written yet
+        self._written: dict[str, float] = {}  # workflow -> when its record was last written
 
     def remember(self, state: WorkflowState, revision: int, tasks: dict[str, int]) -> None:
         """The revisions of a workflow's records as loaded from their checkpoints."""
@@ -65,8 +74,12 @@ class Flusher:
         if state is None:
             self.revisions.clear()
             self.key_revisions.clear()
+            self.deferred.clear()
+            self._written.clear()
             return
         self.revisions.pop(state.id, None)
+        self.deferred.pop(state.id, None)
+        self._written.pop(state.id, None)
         for task_id in state.order:
             self.revisions.pop(subjects.task_key(state.id, task_id), None)
 
@@ -85,7 +98,8 @@ class Flusher:
         # Acknowledged publishes: in a NATS cluster, events sent while PROV_EVENTS elects a
         # leader would otherwise be lost (and an SSE stream would wait for its end forever).
         await self.bus.publish_all(
-            [(subjects.event_subject(e.workflow_id), encode(e)) for e in effects.events]
+            [(subjects.event_subject(e.workflow_id), encode(e)) for e in effects.events],
+            msg_ids=effects.event_ids,
         )
         for state in effects.ended.values():
             await self.store.unmark_active(state.id)
@@ -109,11 +123,12 @@ class Flusher:
             tasks = [state.tasks[t] for t in state.record.task_ids]
             for start in range(0, len(tasks), WRITE_CHUNK):
                 chunk = tasks[start : start + WRITE_CHUNK]
-                revs = await asyncio.gather(*(self.store.put_task(t) for t in chunk))
+                revs = await self.store.write_tasks([(t, None) for t in chunk])
                 for task, rev in zip(chunk, revs, strict=True):
                     self.revisions[subjects.task_key(state.id, task.spec.id)] = rev
             await self.store.mark_active(state.id)
             self.revisions[state.id] = await self.store.create_workflow(state.record)
+            self._written[state.id] = time.monotonic()
             log.info(
                 "accepted workflow %s %r with %d tasks",
                 state.id,
@@ -128,7 +143,7 @@ class Flusher:
         children = list(effects.new_tasks)
         for start in range(0, len(children), WRITE_CHUNK):
             chunk = children[start : start + WRITE_CHUNK]
-            revs = await asyncio.gather(*(self.store.put_task(s.tasks[t]) for s, t in chunk))
+            revs = await self.store.write_tasks([(s.tasks[t], None) for s, t in chunk])
             for (state, task_id), rev in zip(chunk, revs, strict=True):
                 self.revisions[subjects.task_key(state.id, task_id)] = rev
         writes = [
@@ -139,21 +154,33 @@ class Flusher:
         for start in range(0, len(writes), WRITE_CHUNK):
             chunk = writes[start : start + WRITE_CHUNK]
             keys = [subjects.task_key(state.id, task_id) for state, task_id in chunk]
-            revisions = await asyncio.gather(
-                *(
-                    self.store.update_task(state.tasks[task_id], last=self.revisions[key])
+            revisions = await self.store.write_tasks(
+                [
+                    (state.tasks[task_id], self.revisions[key])
                     for (state, task_id), key in zip(chunk, keys, strict=True)
-                )
+                ]
             )
             self.revisions.update(zip(keys, revisions, strict=True))
 
     async def _write_workflows(self, effects: Effects) -> None:
-        states = [s for s in effects.workflows.values() if s.id not in effects.created]
+        now = time.monotonic()
+        due = {s.id: s for s in effects.workflows.values() if s.id not in effects.created}
+        for state in effects.counts.values():
+            if state.id not in effects.created and state.id not in due:
+                self.deferred[state.id] = state
+        for wf_id, state in list(self.deferred.items()):
+            if wf_id in due or now - self._written.get(wf_id, 0.0) >= COUNTS_INTERVAL_S:
+                due[wf_id] = state
+                del self.deferred[wf_id]
+        states = list(due.values())
+        for state in states:
+            state.record.counts = state.count_snapshot()
         revisions = await asyncio.gather(
             *(self.store.update_workflow(s.record, last=self.revisions[s.id]) for s in states)
         )
         for state, revision in zip(states, revisions, strict=True):
             self.revisions[state.id] = revision
+            self._written[state.id] = now
 
     async def _write_keys(self, effects: Effects) -> None:
         """The concurrency keys whose state changed: shown by ``GET /concurrency``, and their
@@ -170,44 +197,62 @@ class Flusher:
         """Kill requests and dispatches of the step (their task checkpoints are written)."""
         for wf_id, task_ids in effects.kills.items():
             await self.bus.nc.publish(subjects.cancel_subject(wf_id), encode(sorted(set(task_ids))))
-        dispatches = effects.dispatches
-        for start in range(0, len(dispatches), WRITE_CHUNK):
-            await asyncio.gather(
-                *(self._publish_dispatch(d) for d in dispatches[start : start + WRITE_CHUNK])
-            )
+        if not tracing_enabled():
+            await self._publish_dispatches(effects.dispatches, {})
+            return
+        # One PRODUCER span per workflow and step for its dispatches, not one per task: the
+        # spans cost more than the dispatches. Each execution is a child of the span of the
+        # step that dispatched it, all in the workflow's one trace.
+        by_workflow: dict[str, list[Dispatch]] = {}
+        for dispatch in effects.dispatches:
+            by_workflow.setdefault(dispatch.message.workflow_id, []).append(dispatch)
+        for wf_id, dispatches in by_workflow.items():
+            first = dispatches[0].message
+            parent = {"traceparent": dispatches[0].traceparent} if dispatches[0].traceparent else {}
+            many = len(dispatches) > 1
+            with message_span(
+                tracer,
+                f"dispatch {len(dispatches)} tasks" if many else f"dispatch {first.task_id}",
+                subjects.dispatch_subject(first.pool, wf_id, first.task_id),
+                kind=SpanKind.PRODUCER,
+                context=context_from(parent),
+                attributes={
+                    "workflow.id": wf_id,
+                    "messaging.batch.message_count": len(dispatches),
+                    **(
+                        {}
+                        if many
+                        else {
+                            "task.id": first.task_id,
+                            "task.attempt": first.attempt,
+                            "task.action": first.action,
+                        }
+                    ),
+                },
+            ):
+                await self._publish_dispatches(dispatches, headers_with_context())
 
-    async def _publish_dispatch(self, dispatch: Dispatch) -> None:
-        message = dispatch.message
-        subject = subjects.dispatch_subject(message.pool, message.workflow_id, message.task_id)
-        parent: dict[str, Any] = (
-            {"traceparent": dispatch.traceparent} if dispatch.traceparent else {}
-        )
-        with message_span(
-            tracer,
-            f"dispatch {message.task_id}",
-            subject,
-            kind=SpanKind.PRODUCER,
-            context=context_from(parent),
-            attributes={
-                "workflow.id": message.workflow_id,
-                "task.id": message.task_id,
-                "task.attempt": message.attempt,
-                "task.action": message.action,
-            },
-        ):
-            await self.bus.publish(
-                subject,
-                encode(message),
-                msg_id=subjects.dispatch_msg_id(
-                    message.workflow_id, message.task_id, message.attempt
-                ),
-                headers=headers_with_context(),
+    async def _publish_dispatches(
+        self, dispatches: list[Dispatch], headers: dict[str, str]
+    ) -> None:
+        for start in range(0, len(dispatches), WRITE_CHUNK):
+            await self.bus.publish_many(
+                [
+                    (
+                        subjects.dispatch_subject(m.pool, m.workflow_id, m.task_id),
+                        encode(m),
+                        subjects.dispatch_msg_id(m.workflow_id, m.task_id, m.attempt),
+                        headers or None,
+                    )
+                    for m in (d.message for d in dispatches[start : start + WRITE_CHUNK])
+                ]
             )
 
     def _record_metrics(self, effects: Effects) -> None:
-        for pool, status in effects.transitions:
-            self.metrics.tasks.add(1, {"status": status, "pool": pool})
+        # one add per (pool, status) and step: an add costs as much as a small publish
+        for (pool, status), count in Counter(effects.transitions).items():
+            self.metrics.tasks.add(count, {"status": status, "pool": pool})
             if status == "retrying":
-                self.metrics.retries.add(1, {"pool": pool})
+                self.metrics.retries.add(count, {"pool": pool})
         for pool, latency in effects.start_latencies:
             self.metrics.dispatch_latency.record(latency, {"pool": pool})

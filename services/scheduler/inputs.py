@@ -2,7 +2,7 @@
 
 Fetch loops pull commands and executor reports from their durable consumers into the engine's
 inbox. Each message is decoded strictly and checked to be something a gateway or an executor
-could have sent (:func:`read_command`, :func:`read_report`); anything else is :class:`Poison`,
+could have sent (:func:`read_command`, :func:`read_reports`); anything else is :class:`Poison`,
 dead-lettered at once. An input whose processing keeps failing for reasons of its own is
 dead-lettered after :data:`POISON_DELIVERIES` deliveries (:func:`poisonous`); failures that are
 not the input's fault (NATS away, a leader election, a checkpoint changed under us) are retried
@@ -30,11 +30,13 @@ from shared.messages import (
     Command,
     RejectWorkflow,
     Report,
+    ReportBatch,
     RetryWorkflow,
     SubmitWorkflow,
     decode_command,
-    decode_report,
+    decode_report_message,
 )
+from shared.pull import Puller
 from shared.store import Conflict
 from shared.workflow import validate_definition
 
@@ -46,7 +48,7 @@ __all__ = [
     "fetch_loop",
     "poisonous",
     "read_command",
-    "read_report",
+    "read_reports",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,21 +122,41 @@ def read_command(subject: str, data: bytes | None, config: Config) -> Command:
     return command
 
 
-def read_report(subject: str, data: bytes | None) -> Report:
-    """Decode an executor's report and check its ids are ids and match its subject."""
+def read_reports(
+    subject: str, data: bytes | None, headers: dict[str, str] | None
+) -> list[tuple[Report, dict[str, str]]]:
+    """Decode what an executor sent (one report, or a batch of them), check that it could come
+    from one, and return each report with the trace context it was sent in.
+
+    A single report's ids must be ids and match its subject; a batch must be on a batch
+    subject, hold at least one report, and every report in it must have ids that are ids and
+    be its executor's. Anything else is :class:`Poison`, the whole message."""
     try:
-        report = decode_report(data)
+        message = decode_report_message(data)
     except MessageError as exc:
         raise Poison(exc.message) from None
-    if not (is_workflow_id(report.workflow_id) and is_task_id(report.task_id)) or (
-        subject != subjects.report_subject(report.workflow_id, report.task_id)
-    ):
-        raise Poison("not a report: its ids are not ids or do not match its subject")
-    return report
+    if not isinstance(message, ReportBatch):
+        if not (is_workflow_id(message.workflow_id) and is_task_id(message.task_id)) or (
+            subject != subjects.report_subject(message.workflow_id, message.task_id)
+        ):
+            raise Poison("not a report: its ids are not ids or do not match its subject")
+        return [(message, headers or {})]
+    if not message.reports or not subject.startswith(subjects.report_batch_subject("")):
+        raise Poison("not a batch of reports: empty, or not on a batch subject")
+    for report in message.reports:
+        if not (is_workflow_id(report.workflow_id) and is_task_id(report.task_id)):
+            raise Poison("not a batch of reports: ids that are not ids")
+        if report.executor_id != message.executor_id:
+            raise Poison("not a batch of reports: a report of another executor")
+    parents = message.traceparents
+    return [
+        (report, {"traceparent": parents[i]} if i < len(parents) and parents[i] else {})
+        for i, report in enumerate(message.reports)
+    ]
 
 
 async def fetch_loop(
-    sub: Any,
+    sub: Puller,
     kind: str,
     put: Callable[[tuple[str, Any]], Awaitable[None]],
     stop: asyncio.Event,
@@ -147,7 +169,7 @@ async def fetch_loop(
     backoff, errors = 0.1, 0
     while not stop.is_set():
         try:
-            msgs = await sub.fetch(batch, timeout=1.0)
+            msgs = await sub.fetch(batch, 1.0)
         except TimeoutError:  # nothing to do (nats' TimeoutError is a TimeoutError too)
             continue
         except (nats.errors.Error, nats.js.errors.Error) as exc:

@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 
 from shared.cancellation import cancel_and_wait
-from shared.messages import SchedulerLease
+from shared.messages import READS_REPORT_BATCHES, SchedulerLease
 from shared.store import Conflict, Store
 
 __all__ = ["Lease"]
@@ -49,7 +49,8 @@ class Lease:
         )
 
     def _value(self, acquired_at: float) -> SchedulerLease:
-        return SchedulerLease(self.holder, acquired_at, time.time())
+        # executors send batches of reports only to a scheduler that says it reads them
+        return SchedulerLease(self.holder, acquired_at, time.time(), reads=[READS_REPORT_BATCHES])
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this process holds the lease (True) or ``stop`` is set (False)."""

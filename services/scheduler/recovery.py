@@ -5,8 +5,9 @@ workflows, loads each one's records and hands them to the engine (:meth:`Engine.
 puts ready tasks back in their heaps, re-arms retry timers and ends workflows whose tasks have
 all ended. A task whose attempt is out with an executor (``queued``, ``running``,
 ``cancelling``) is checked: if neither its dispatch message is still in ``PROV_DISPATCH`` nor a
-report of it waits in ``PROV_REPORTS``, the dispatch was lost between its checkpoint and its
-publish, and is sent again (same attempt, same message id: it cannot be stored twice).
+report of it waits in ``PROV_REPORTS`` (alone or in an executor's batch), the dispatch was lost
+between its checkpoint and its publish, and is sent again (same attempt, same message id: it
+cannot be stored twice).
 Workflows are loaded ``[scheduler] recovery_batch`` at a time.
 """
 
@@ -14,17 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from engine import Engine, WorkflowState
+from shared import subjects
+from shared.bus import DUPLICATE_WINDOW_S
+from shared.messages import TERMINAL_WORKFLOW
 from shared.store import Store
 from shared.streams import Streams
 
 from .flush import Flusher
 
-__all__ = ["Recovery"]
+__all__ = ["REPLAY_S", "Recovery"]
 
 log = logging.getLogger(__name__)
+
+# ends checkpointed this recently are told again on a take-over: well inside the duplicate
+# window, so one that was told is not stored twice
+REPLAY_S = DUPLICATE_WINDOW_S / 2
 
 
 class Recovery:
@@ -37,32 +45,55 @@ class Recovery:
         self.flusher = flusher
         self.batch = max(1, batch)
 
-    async def load(self, workflow_id: str) -> WorkflowState | None:
-        """Bring one workflow back from its checkpoints; None if it is unknown or has ended."""
+    async def load(self, workflow_id: str, *, active: bool = False) -> WorkflowState | None:
+        """Bring one workflow back from its checkpoints; None if it is unknown or has ended.
+
+        ``active``: listed in the active index (a take-over). Its recent ends are told again
+        (:meth:`Engine.replay_ends`): the step that checkpointed them may have died before
+        publishing their events. One that has ended is ended again, after them."""
         if (state := self.engine.get(workflow_id)) is not None:
             return state
         found = await self.store.workflow(workflow_id)
         if found is None:
             return None
         record, revision = found
-        if record.status in ("completed", "failed", "cancelled"):
-            await self.store.unmark_active(workflow_id)  # ended, but the marker stayed
+        now = datetime.now(UTC)
+        since = now - timedelta(seconds=REPLAY_S)
+        if record.status in TERMINAL_WORKFLOW:
+            if active:
+                loaded = await self.store.tasks(workflow_id)
+                self.engine.replay_ends(record, {t: rec for t, (rec, _) in loaded.items()}, since)
+            else:
+                await self.store.unmark_active(workflow_id)  # ended, but the marker stayed
             return None
         loaded = await self.store.tasks(workflow_id)
         tasks = {task_id: rec for task_id, (rec, _) in loaded.items()}
-        now = datetime.now(UTC)
+        if active:
+            self.engine.replay_ends(record, tasks, since)
         busy = self.engine.adopt(record, tasks, now)
         state = self.engine.get(workflow_id)
         if state is None:
             return None
         self.flusher.remember(state, revision, {t: rev for t, (_, rev) in loaded.items()})
-        for task_id in busy:
-            task = state.tasks[task_id]
-            if not await self.streams.dispatch_outstanding(task.spec.pool, workflow_id, task_id):
-                log.info(
-                    "re-publishing dispatch of %s.%s attempt %d", workflow_id, task_id, task.attempt
-                )
-                self.engine.redispatch(workflow_id, task_id, now)
+        # the dispatches first, then the reports: an executor reports before it acks
+        gone = [
+            task_id
+            for task_id in busy
+            if not await self.streams.dispatch_waits(
+                state.tasks[task_id].spec.pool, workflow_id, task_id
+            )
+        ]
+        pending = await self.streams.pending_reports() if gone else {}
+        for task_id in gone:
+            if subjects.task_key(workflow_id, task_id) in pending:
+                continue
+            log.info(
+                "re-publishing dispatch of %s.%s attempt %d",
+                workflow_id,
+                task_id,
+                state.tasks[task_id].attempt,
+            )
+            self.engine.redispatch(workflow_id, task_id, now)
         return state
 
     async def load_all(self) -> int:
@@ -74,5 +105,7 @@ class Recovery:
                 self.flusher.key_revisions[state.key] = revision
         ids = [i for i in await self.store.active_ids() if self.engine.get(i) is None]
         for start in range(0, len(ids), self.batch):
-            await asyncio.gather(*(self.load(i) for i in ids[start : start + self.batch]))
+            await asyncio.gather(
+                *(self.load(i, active=True) for i in ids[start : start + self.batch])
+            )
         return len(self.engine.workflows)

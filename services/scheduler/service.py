@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
 
 from core.registry import Registry
 from engine import Engine, Timer, Verdict
@@ -44,12 +45,19 @@ from shared.messages import (
     decode_command,
 )
 from shared.metrics import Metrics
+from shared.pull import Puller
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import message_span, trace_id_hex
+from shared.tracing import (
+    context_from,
+    message_span,
+    span_context_of,
+    trace_id_hex,
+    tracing_enabled,
+)
 
 from .capacity import read_slots, watch_capacity
-from .flush import Flusher
+from .flush import COUNTS_INTERVAL_S, Flusher
 from .inputs import (
     POISON_DELIVERIES,
     Later,
@@ -57,7 +65,7 @@ from .inputs import (
     fetch_loop,
     poisonous,
     read_command,
-    read_report,
+    read_reports,
 )
 from .lease import Lease
 from .recovery import Recovery
@@ -68,6 +76,9 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("provisioning.scheduler")
 
 LEASE_RENEW_S = 1.5
+# links of one step's report span to the executions that sent its reports: each costs about as
+# much as a small span; past this many a step's span names the count only
+MAX_LINKS = 8
 _Input = tuple[str, Any]
 
 
@@ -107,6 +118,11 @@ class Scheduler:
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._waiters: set[asyncio.Task[None]] = set()
         self._stale = False  # memory could not be rebuilt from checkpoints; retry at next step
+        self._counts_due = False  # a step is coming to write the counts the flusher deferred
+        # for the step's spans: when it began, and per workflow its trace context and the
+        # trace contexts of the reports applied to it
+        self._step_began_ns = 0
+        self._step_reports: dict[str, tuple[str | None, list[tuple[Report, dict[str, str]]]]] = {}
         self._lease: Lease | None = None
         self.processed = 0
         self.id = f"{socket.gethostname()}-{os.getpid()}"
@@ -168,12 +184,12 @@ class Scheduler:
         await self._take_over_consumers()
         self.engine.set_capacity(await read_slots(self.store))
         await self._recover()
-        commands = await self.bus.js.pull_subscribe_bind(
-            subjects.CONSUMER_COMMANDS, stream=subjects.STREAM_COMMANDS
-        )
-        reports = await self.bus.js.pull_subscribe_bind(
-            subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
-        )
+        commands = await Puller(
+            self.bus.nc, subjects.STREAM_COMMANDS, subjects.CONSUMER_COMMANDS
+        ).start()
+        reports = await Puller(
+            self.bus.nc, subjects.STREAM_REPORTS, subjects.CONSUMER_REPORTS
+        ).start()
         # the loops end when ``halt`` is set, even if a cancellation is lost (asyncio.wait_for
         # in nats-py's fetch can swallow one): a scheduler that lost its lease must not go on
         # taking reports from the one that holds it
@@ -211,8 +227,7 @@ class Scheduler:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for sub in (commands, reports):
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            await sub.stop()
         # let the engine finish the step in hand, then hand back what is queued
         await self._inbox.put(("stop", None))
         await engine
@@ -250,6 +265,7 @@ class Scheduler:
         limit = max(1, self.config.scheduler.report_batch)
         while True:
             items = [await self._inbox.get()]
+            self._step_began_ns = time.time_ns()
             if self._stale:
                 await self._reload_all()
             while len(items) < limit and not self._inbox.empty():
@@ -317,12 +333,17 @@ class Scheduler:
             acks, self._acks = self._acks, []
             self._arm_timers(effects.timers)
             self._arm_wakeups(effects.wakeups)
-            if effects or acks:
+            if effects or acks or self.flusher.deferred:
                 try:
                     await self.flusher.flush(effects, acks, active=len(self.engine.workflows))
                 except BaseException:
                     self._acks = acks  # handed back by the abort
                     raise
+            self._trace_reports()
+            if self.flusher.deferred and not self._counts_due:
+                # counts not written yet: a step of their own writes them if no input comes
+                self._counts_due = True
+                asyncio.get_running_loop().call_later(COUNTS_INTERVAL_S, self._counts_wakeup)
         except Exception as exc:
             if isinstance(exc, ProvisioningError | nats.errors.Error | nats.js.errors.Error):
                 log.warning("cannot write checkpoints now (%s); reloading", exc)
@@ -333,10 +354,46 @@ class Scheduler:
     async def _abort(self, msg: Msg | None) -> None:
         """Drop the unwritten step: hand its inputs back, rebuild memory from checkpoints."""
         acks, self._acks = self._acks, []
+        self._step_reports = {}
         for m in [*acks, *([msg] if msg is not None else [])]:
             with contextlib.suppress(nats.errors.Error):
                 await m.nak(delay=1)
         await self._reload_all()
+
+    def _trace_reports(self) -> None:
+        """The spans of the reports applied in the step now written: one per workflow, not
+        one per report (the spans cost more than the reports). A workflow's only report of the
+        step is a child of the execution that sent it; several are one span in the workflow's
+        trace, linked to each execution."""
+        reports, self._step_reports = self._step_reports, {}
+        for wf_id, (parent, applied) in reports.items():
+            single = applied[0] if len(applied) == 1 else None
+            span = tracer.start_span(
+                "scheduler.report",
+                context=context_from(single[1] if single else {"traceparent": parent or ""}),
+                kind=SpanKind.CONSUMER,
+                start_time=self._step_began_ns,
+                links=[]
+                if single
+                else [Link(span_context_of(c)) for _, c in applied[:MAX_LINKS] if c],
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS],
+                    "messaging.operation.type": "process",
+                    "messaging.batch.message_count": len(applied),
+                    "workflow.id": wf_id,
+                    **(
+                        {
+                            "task.id": single[0].task_id,
+                            "task.attempt": single[0].attempt,
+                            "task.report": type(single[0]).__name__,
+                        }
+                        if single
+                        else {}
+                    ),
+                },
+            )
+            span.end()
 
     def _arm_timers(self, timers: list[Timer]) -> None:
         loop = asyncio.get_running_loop()
@@ -360,6 +417,10 @@ class Scheduler:
         waiter = asyncio.get_running_loop().create_task(self._inbox.put(item))
         self._waiters.add(waiter)
         waiter.add_done_callback(self._waiters.discard)
+
+    def _counts_wakeup(self) -> None:
+        self._counts_due = False
+        self._queue_input(("counts", None))  # nothing to apply: the step writes the counts
 
     def _timer_due(self, timer: Timer) -> None:
         self._timers.pop(timer, None)
@@ -490,23 +551,22 @@ class Scheduler:
     # -- reports --------------------------------------------------------------------------------
 
     async def _on_report(self, msg: Msg) -> None:
-        report: Report = read_report(msg.subject, msg.data)
-        with message_span(
-            tracer,
-            "scheduler.report",
-            msg.subject,
-            kind=SpanKind.CONSUMER,
-            headers=msg.headers,
-            attributes={
-                "workflow.id": report.workflow_id,
-                "task.id": report.task_id,
-                "task.attempt": report.attempt,
-                "task.report": type(report).__name__,
-            },
-        ):
-            if self.engine.get(report.workflow_id) is None:
-                await self.recovery.load(report.workflow_id)
-            verdict = self.engine.report(report, _now())
+        """One report, or an executor's batch of them: each applied on its own, in order, and
+        fenced by its own attempt and delivery."""
+        for report, context in read_reports(msg.subject, msg.data, msg.headers):
+            await self._apply_report(report, msg.subject, context)
+
+    async def _apply_report(self, report: Report, subject: str, context: dict[str, str]) -> None:
+        if self.engine.get(report.workflow_id) is None:
+            await self.recovery.load(report.workflow_id)
+        verdict = self.engine.report(report, _now())
+        if tracing_enabled():
+            state = self.engine.get(report.workflow_id)
+            parent = state.record.traceparent if state is not None else None
+            carrier = {"traceparent": context["traceparent"]} if "traceparent" in context else {}
+            self._step_reports.setdefault(report.workflow_id, (parent, []))[1].append(
+                (report, carrier)
+            )
         if verdict is Verdict.FENCED:
             log.warning(
                 "fenced a late report from %s for %s.%s (delivery %d)",

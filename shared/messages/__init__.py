@@ -10,6 +10,7 @@ from .codec import (
     decode_log,
     decode_progress,
     decode_report,
+    decode_report_message,
     decode_task,
     decode_task_ids,
     decode_workflow,
@@ -28,7 +29,7 @@ from .definition import Approval, Backoff, Compensation, OnFailure, TaskSpec, Wo
 from .events import Event, LogChunk, ProgressEvent, TaskEvent, WorkflowEvent
 from .executors import ExecutorBeat
 from .keys import KeyState
-from .leases import SchedulerLease
+from .leases import READS_REPORT_BATCHES, SchedulerLease
 from .records import (
     BUSY_TASK,
     TERMINAL_TASK,
@@ -47,6 +48,8 @@ from .tasks import (
     FailureReason,
     Outcome,
     Report,
+    ReportBatch,
+    ReportMessage,
     TaskDispatch,
     TaskFinished,
     TaskHandedBack,
@@ -55,6 +58,7 @@ from .tasks import (
 
 __all__ = [
     "BUSY_TASK",
+    "READS_REPORT_BATCHES",
     "TERMINAL_TASK",
     "TERMINAL_WORKFLOW",
     "Approval",
@@ -77,6 +81,8 @@ __all__ = [
     "ProgressEvent",
     "RejectWorkflow",
     "Report",
+    "ReportBatch",
+    "ReportMessage",
     "RetryWorkflow",
     "SchedulerLease",
     "SubmitWorkflow",
@@ -101,6 +107,7 @@ __all__ = [
     "decode_log",
     "decode_progress",
     "decode_report",
+    "decode_report_message",
     "decode_task",
     "decode_task_ids",
     "decode_workflow",

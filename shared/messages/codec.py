@@ -19,7 +19,7 @@ from .executors import ExecutorBeat
 from .keys import KeyState
 from .leases import SchedulerLease
 from .records import Progress, TaskRecord, WorkflowRecord
-from .tasks import Report, TaskDispatch
+from .tasks import Report, ReportMessage, TaskDispatch
 
 __all__ = [
     "decode_beat",
@@ -31,6 +31,7 @@ __all__ = [
     "decode_log",
     "decode_progress",
     "decode_report",
+    "decode_report_message",
     "decode_task",
     "decode_task_ids",
     "decode_workflow",
@@ -44,6 +45,7 @@ _encoder = msgspec.json.Encoder()
 _commands: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)
 _dispatch = msgspec.json.Decoder(TaskDispatch)
 _reports: msgspec.json.Decoder[Report] = msgspec.json.Decoder(Report)
+_report_messages: msgspec.json.Decoder[ReportMessage] = msgspec.json.Decoder(ReportMessage)
 _events: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 _logs = msgspec.json.Decoder(LogChunk)
 _workflows = msgspec.json.Decoder(WorkflowRecord)
@@ -78,6 +80,11 @@ def decode_dispatch(data: bytes | None) -> TaskDispatch:
 
 def decode_report(data: bytes | None) -> Report:
     return _decode(_reports, data)
+
+
+def decode_report_message(data: bytes | None) -> ReportMessage:
+    """A report, or a batch of them (what the reports stream carries)."""
+    return _decode(_report_messages, data)
 
 
 def decode_event(data: bytes | None) -> Event:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["SchedulerLease"]
+__all__ = ["READS_REPORT_BATCHES", "SchedulerLease"]
+
+READS_REPORT_BATCHES = "report_batch"
 
 
 class SchedulerLease(msgspec.Struct):
@@ -14,3 +16,6 @@ class SchedulerLease(msgspec.Struct):
     acquired_at: float
     renewed_at: float
     v: int = 1
+    # message kinds this scheduler reads beyond those of v1 (executors send a kind only to a
+    # scheduler that reads it; a lease without the field is an older scheduler's)
+    reads: list[str] = []

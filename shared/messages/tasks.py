@@ -11,6 +11,8 @@ __all__ = [
     "FailureReason",
     "Outcome",
     "Report",
+    "ReportBatch",
+    "ReportMessage",
     "TaskDispatch",
     "TaskFinished",
     "TaskHandedBack",
@@ -88,3 +90,22 @@ class TaskHandedBack(msgspec.Struct, tag="handed_back", forbid_unknown_fields=Tr
 
 
 Report = TaskStarted | TaskFinished | TaskHandedBack
+
+
+class ReportBatch(msgspec.Struct, tag="report_batch", forbid_unknown_fields=True):
+    """Several reports of one executor in one message: what it had to say while its previous
+    report was being stored (group commit). Each report keeps its own attempt and delivery and
+    is fenced on its own, in order, exactly as if it had come alone; ``traceparents[i]`` is the
+    trace context of ``reports[i]`` (empty without tracing).
+
+    Sent only to a scheduler whose lease says it reads batches (``SchedulerLease.reads``), so
+    an older scheduler never receives one."""
+
+    executor_id: str
+    reports: list[Report]
+    traceparents: list[str] = []
+    v: int = 1
+
+
+ReportMessage = Report | ReportBatch
+"""What can arrive on the reports stream."""
