@@ -75,9 +75,11 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output[-3000:]
     assert "stopped" in output
-    # a clean start says nothing alarming (no refused connect while its NATS was starting)
+    # a clean start says nothing alarming: no refused connect while its NATS was starting (the
+    # executors' own warnings about this machine, such as where Python lives, may be there)
     started = output[: output.index("serving; press Ctrl-C to stop")]
-    assert "WARNING" not in started and "Errno" not in started, started[-3000:]
+    alarming = [ln for ln in started.splitlines() if "WARNING" in ln and "isolation" not in ln]
+    assert alarming == [] and "Errno" not in started, started[-3000:]
     assert (tmp_path / "data" / "logs" / "gateway.log").read_text()
     wait_until(
         lambda: _processes_mentioning(str(tmp_path / "data")) == [],
