@@ -254,3 +254,28 @@ def test_only_failures_of_the_input_itself_make_it_poison() -> None:
     for exc in (ValueError("bad"), KeyError("t1"), nats.errors.MaxPayloadError()):
         assert not poisonous(exc, POISON_DELIVERIES - 1)
         assert poisonous(exc, POISON_DELIVERIES), exc
+
+
+@pytest.mark.stack(env={"PROVISIONING_EXECUTOR_MAX_DELIVERIES": "2"})
+def test_a_dispatch_whose_checkpoint_does_not_decode_is_not_run_and_ends_dead_lettered(
+    stack: Stack,
+) -> None:
+    """A checkpoint the executor cannot read (a newer scheduler's, or damaged) is never run
+    blind, and never crashes the executor's handler: handed back, then dead-lettered."""
+    wf_id = new_workflow_id()
+    key = subjects.task_key(wf_id, "t")
+
+    async def damage(nc: Any) -> None:
+        kv = await nc.jetstream().key_value(subjects.BUCKET_TASKS)
+        await kv.put(key, b'{"type": "task_record", "v": 99, "status": "from the future"}')
+
+    nats_run(stack.nats.url, damage)
+    dispatch = TaskDispatch(wf_id, "t", 1, "builtin.sleep", {"seconds": 30}, 60.0)
+    publish(stack, subjects.dispatch_subject("default", wf_id, "t"), encode(dispatch))
+    (letter,) = wait_dead_letters(stack.nats.url, 1)
+    assert f"the checkpoint of {key} cannot be read" in letter[1]["Prov-Dlq-Error"], letter[1]
+    log = "".join(e.log() for e in stack.executors)
+    assert "not running it (delivery 1), handed back" in log, log[-3000:]
+    assert "task handler crashed" not in log
+    assert stream_state(stack.nats.url, subjects.STREAM_REPORTS)["messages"] == 0  # never began
+    assert all(s.alive for s in stack.services)

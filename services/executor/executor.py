@@ -71,6 +71,7 @@ LOG_FLUSH_LINES = 100
 LOG_FLUSH_BYTES = 128 * 1024
 FETCH_TIMEOUT_S = 1.0
 EXPIRED_BEFORE_START = 0.8  # of the ack wait: a delivery this old is left to its redelivery
+UNREADABLE_RETRY_S = 2.0  # a delivery whose checkpoint does not decode comes again after this
 
 
 def _now() -> datetime:
@@ -481,7 +482,11 @@ class Executor:
         if self._joined_a_run(msg, dispatch):  # began since the fetch (another of its group)
             return
         known = checkpoints.get(key) if checkpoints is not None else None
-        settled = await self._fence(msg, dispatch, delivery, pending.get(key), known)
+        try:
+            settled = await self._fence(msg, dispatch, delivery, pending.get(key), known)
+        except MessageError as exc:
+            await self._unreadable_checkpoint(msg, key, delivery, exc)
+            return
         if settled is None:  # deferred: delivered again later
             return
         if settled:
@@ -494,6 +499,22 @@ class Executor:
             await self._execute(running)
         finally:
             self._running.pop(key, None)
+
+    async def _unreadable_checkpoint(
+        self, msg: Msg, key: str, delivery: int, exc: MessageError
+    ) -> None:
+        """A task whose checkpoint does not decode (written by a newer scheduler during an
+        upgrade, or damaged) is not run blind: handed back to come again, and dead-lettered once
+        it has come ``max_deliveries`` times."""
+        problem = f"the checkpoint of {key} cannot be read: {exc.message}"
+        with contextlib.suppress(nats.errors.Error):
+            if delivery >= self.config.executor.max_deliveries and await self.bus.dead_letter(
+                "executor", msg, problem
+            ):
+                await msg.term()
+                return
+            log.error("%s; not running it (delivery %d), handed back", problem, delivery)
+            await msg.nak(delay=UNREADABLE_RETRY_S)
 
     async def _fence(
         self,
