@@ -71,7 +71,7 @@ from shared.refs import MissingPath, resolve
 from shared.subjects import end_event_msg_id
 
 from .effects import Dispatch, Effects, Timer
-from .keys import Blocked, KeyBook
+from .keys import Blocked, KeyBook, Rank
 from .state import WorkflowState
 
 __all__ = ["ATTEMPTS_KEPT", "ClaimsFor", "CompensationFor", "Engine", "Verdict"]
@@ -163,8 +163,8 @@ class Engine:
         self.workflows: dict[str, WorkflowState] = {}
         self.inflight: dict[str, int] = defaultdict(int)
         self.slots: dict[str, int] = {}
-        # per pool: (-priority, ready since, seq, workflow, task)
-        self._ready: dict[str, list[tuple[int, float, int, str, str]]] = defaultdict(list)
+        # per pool: (-priority, ready since, rank, workflow, task)
+        self._ready: dict[str, list[tuple[int, float, Rank, str, str]]] = defaultdict(list)
         self._seq = itertools.count()
         self.keys = KeyBook()
         self._claims: dict[TaskRef, list[Claim]] = {}  # of tasks holding or waiting for keys
@@ -872,12 +872,17 @@ class Engine:
             return
         self._enqueue(state, task_id, now)
 
+    def _rank(self, state: WorkflowState) -> Rank:
+        """Breaks ties in the ready and waiting lines by what the record holds, so that a
+        scheduler restarted from the checkpoints lines the tasks up as its predecessor did."""
+        return (state.submitted, state.id, next(self._seq))
+
     def _enqueue(self, state: WorkflowState, task_id: str, now: datetime) -> None:
         task = state.tasks[task_id]
         if (state.id, task_id) in self._queued:
             return
         since = _ts(task.waiting_since or now)
-        item = (-state.priority(task_id), since, next(self._seq), state.id, task_id)
+        item = (-state.priority(task_id), since, self._rank(state), state.id, task_id)
         heapq.heappush(self._ready[task.spec.pool], item)
         self._queued.add((state.id, task_id))
 
@@ -1154,7 +1159,7 @@ class Engine:
             blocked.claim.key,
             state.priority(task_id),
             _ts(task.waiting_since),
-            next(self._seq),
+            self._rank(state),
             first=strategy == "cancel_in_progress",
         )
         if task.status != "waiting":

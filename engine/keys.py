@@ -21,9 +21,13 @@ import msgspec
 from shared.keys import Claim, Rate
 from shared.messages import KeyState
 
-__all__ = ["Blocked", "KeyBook", "KeyState"]
+__all__ = ["Blocked", "KeyBook", "KeyState", "Rank"]
 
 TaskRef = tuple[str, str]  # (workflow id, task id)
+# ties between tasks of one priority ready since the same moment: the workflow's submission time
+# and id (from its record), then the order the engine met its tasks in (a workflow's tasks are met
+# in their declared order when it is adopted again)
+Rank = tuple[float, str, int]
 
 
 class Blocked(msgspec.Struct, frozen=True):
@@ -44,8 +48,8 @@ class Blocked(msgspec.Struct, frozen=True):
 class KeyBook:
     def __init__(self) -> None:
         self.holders: dict[str, dict[TaskRef, Claim]] = defaultdict(dict)
-        # per key: (-priority, since, seq, workflow, task) of the tasks waiting on it
-        self.waiters: dict[str, list[tuple[int, float, int, str, str]]] = defaultdict(list)
+        # per key: (-priority, since, rank, workflow, task) of the tasks waiting on it
+        self.waiters: dict[str, list[tuple[int, float, Rank, str, str]]] = defaultdict(list)
         self.waiting_on: dict[TaskRef, str] = {}
         self.starts: dict[str, deque[float]] = defaultdict(deque)
         self.unstarted: dict[str, set[TaskRef]] = defaultdict(set)  # dispatched, not started
@@ -113,13 +117,22 @@ class KeyBook:
     # -- waiting --------------------------------------------------------------------------------
 
     def wait(
-        self, task: TaskRef, key: str, priority: int, since: float, seq: int, *, first: bool = False
+        self,
+        task: TaskRef,
+        key: str,
+        priority: int,
+        since: float,
+        rank: Rank,
+        *,
+        first: bool = False,
     ) -> None:
-        """``task`` waits on ``key``; ``first`` puts it ahead of every other waiter (a task that
-        cancelled the holder to take the slot)."""
+        """``task`` waits on ``key``, in order of priority, then ``since``, then ``rank`` (ties
+        broken by what the checkpoints hold, so a restarted scheduler lines them up the same);
+        ``first`` puts it ahead of every other waiter (a task that cancelled the holder to take
+        the slot)."""
         self.unwait(task)
         order = float("-inf") if first else since
-        heapq.heappush(self.waiters[key], (-priority, order, seq, *task))
+        heapq.heappush(self.waiters[key], (-priority, order, rank, *task))
         self.waiting_on[task] = key
         self.changed.add(key)
 

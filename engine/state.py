@@ -23,6 +23,7 @@ class WorkflowState:
     def __init__(self, record: WorkflowRecord, tasks: dict[str, TaskRecord]) -> None:
         self.record = record
         self.tasks = tasks
+        self.submitted = record.created_at.timestamp()  # ties in the lines of ready tasks
         self.order = display_order(record.task_ids, tasks)  # fan-out children, undos included
         self.dependents: dict[str, list[str]] = defaultdict(list)
         self.waiting: dict[str, int] = {}  # dependencies not completed yet, per task

@@ -270,6 +270,43 @@ def test_holders_and_waiters_are_rebuilt_from_checkpoints_in_order() -> None:
     assert waiters == [c.ids["w1"], c.ids["w2"], c.ids["w3"]]
 
 
+def adopted(c: Cluster, names: list[str]) -> Engine:
+    """A fresh engine that adopted the named workflows from copies of their checkpoints."""
+    fresh = engine()
+    for name in names:
+        state = c.engine.get(c.ids[name])
+        assert state is not None
+        record = msgspec.convert(msgspec.to_builtins(state.record), type(state.record))
+        tasks = {
+            k: msgspec.convert(msgspec.to_builtins(v), TaskRecord) for k, v in state.tasks.items()
+        }
+        fresh.adopt(record, tasks, c.now)
+    return fresh
+
+
+def test_waiters_that_tied_keep_their_order_whatever_order_they_are_adopted_in() -> None:
+    """Workflows taken in one step wait since the same moment: the tie is broken by their
+    records (submission time, id), not by the order a restarted scheduler happened to load
+    them in (it loads them concurrently)."""
+    c = Cluster()
+    c.submit("holder", [keyed()])
+    c.start("holder")
+    names = [f"w{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        c.ids[name] = wf = new_workflow_id()
+        body = msgspec.convert({"name": name, "tasks": [keyed()]}, WorkflowDefinition)
+        submitted = c.now + timedelta(milliseconds=i % 2)  # pairs submitted in one millisecond
+        c.engine.accept(SubmitWorkflow(wf, body, submitted), c.now)
+    effects = c.step()
+    before = effects.keys["server:x"]
+    assert before is not None and len(before.waiters) == len(names)
+    for order in ([*names[::-1], "holder"], [*names[3:], "holder", *names[:3]], ["holder", *names]):
+        fresh = adopted(c, order)
+        fresh.pump(c.now)
+        after = fresh.take().keys["server:x"]
+        assert after is not None and after.waiters == before.waiters, order
+
+
 # -- the keys themselves ---------------------------------------------------------------------------
 
 
