@@ -184,6 +184,7 @@ def test_workflow_completes_on_replicated_streams(
     assert sum("scheduler running" in s.log() for s in stack.schedulers) == 1  # one active
 
 
+@pytest.mark.slow
 def test_services_wait_for_a_cluster_that_is_not_ready(tmp_path: Path) -> None:
     """Services started before JetStream has a quorum (one node of three up: the usual order on
     three hosts booting) keep trying, and work once the other nodes come up."""

@@ -83,6 +83,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.slow
 @pytest.mark.stack(executors=2, env={**PROBE_ENV, **ACK_WAIT})
 def test_a_killed_executors_programs_never_run_beside_the_redelivered_attempt(
     stack: Stack,

@@ -225,6 +225,7 @@ class Up:
             print(self.output()[-6000:])
 
 
+@pytest.mark.slow
 def test_an_executor_killed_after_running_stably_comes_back_as_fast_each_time(
     tmp_path: Path,
 ) -> None:
@@ -248,6 +249,7 @@ def test_an_executor_killed_after_running_stably_comes_back_as_fast_each_time(
         assert up.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_gateway_killed_while_an_executor_waits_out_a_long_backoff_is_back_at_once(
     tmp_path: Path,
 ) -> None:
@@ -267,6 +269,7 @@ def test_a_gateway_killed_while_an_executor_waits_out_a_long_backoff_is_back_at_
         assert up.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_backoff_stops_up_within_seconds(tmp_path: Path) -> None:
     up = Up(tmp_path)
     try:
@@ -286,6 +289,7 @@ def test_sigterm_during_a_long_backoff_stops_up_within_seconds(tmp_path: Path) -
         up.stop()
 
 
+@pytest.mark.slow
 def test_up_restarts_its_nats_on_the_same_port_with_the_same_data(tmp_path: Path) -> None:
     up = Up(tmp_path)
     try:

@@ -153,6 +153,7 @@ def test_a_cancel_sent_before_the_scheduler_took_the_submission_dispatches_nothi
         "PROVISIONING_EXECUTOR_MAX_DELIVERIES": "3",
     }
 )
+@pytest.mark.slow
 def test_rolling_restarts_hand_a_long_task_back_without_failing_it(stack: Stack) -> None:
     """Each graceful restart hands the task back: more restarts than max_deliveries, and the
     task still completes (before, it failed with reason max_deliveries)."""

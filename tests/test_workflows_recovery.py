@@ -21,6 +21,7 @@ def statuses(stack: Stack, wf_id: str) -> dict[str, str]:
     return {t["id"]: t["status"] for t in view["tasks"]}
 
 
+@pytest.mark.slow
 @pytest.mark.stack(executors=2)
 def test_scheduler_killed_twice_mid_workflow_resumes_from_checkpoints(stack: Stack) -> None:
     width = 6
