@@ -208,6 +208,18 @@ def executor_id(stack: Stack, service: Service) -> str:
     return str(wait_until(find, 30, what=f"{service.name} to announce itself"))
 
 
+def running_executor(stack: Stack, wf_id: str, task_id: str) -> Service:
+    """The executor process running ``task_id`` (waits until it runs)."""
+    ids = {executor_id(stack, s): s for s in stack.executors}
+
+    def running() -> Service | None:
+        task = task_of(stack.http, wf_id, task_id)
+        return ids.get(task["executor_id"]) if task["status"] == "running" else None
+
+    found: Service = wait_until(running, 30, what=f"{task_id} to run")
+    return found
+
+
 def start_executor(stack: Stack, *args: str, env: dict[str, str] | None = None) -> Service:
     """One more executor process (stopped with the stack); returns once it is live."""
     service = stack.new_executor(len(stack.executors), *args, env=env).start()

@@ -244,32 +244,6 @@ def test_rate_waiters_are_not_woken_before_the_window_opens() -> None:
 # -- recovery --------------------------------------------------------------------------------------
 
 
-def test_holders_and_waiters_are_rebuilt_from_checkpoints_in_order() -> None:
-    c = Cluster()
-    c.submit("holder", [keyed()])
-    c.start("holder")
-    for name in ("w1", "w2", "w3"):
-        c.later(1)
-        c.submit(name, [keyed()])
-    fresh = engine()
-    # adopt in an order unlike the waiting order, as a listing of active workflows might
-    for name in ("w3", "holder", "w1", "w2"):
-        state = c.engine.get(c.ids[name])
-        assert state is not None
-        record = msgspec.convert(msgspec.to_builtins(state.record), type(state.record))
-        tasks = {
-            k: msgspec.convert(msgspec.to_builtins(v), TaskRecord) for k, v in state.tasks.items()
-        }
-        fresh.adopt(record, tasks, c.now)
-    fresh.pump(c.now)
-    effects = fresh.take()
-    assert not effects.dispatches  # the holder still holds the key: no second holder
-    assert effects.keys["server:x"] is not None
-    assert effects.keys["server:x"].holders == [f"{c.ids['holder']}.t"]
-    waiters = [w.split(".")[0] for w in effects.keys["server:x"].waiters]
-    assert waiters == [c.ids["w1"], c.ids["w2"], c.ids["w3"]]
-
-
 def adopted(c: Cluster, names: list[str]) -> Engine:
     """A fresh engine that adopted the named workflows from copies of their checkpoints."""
     fresh = engine()
@@ -282,6 +256,24 @@ def adopted(c: Cluster, names: list[str]) -> Engine:
         }
         fresh.adopt(record, tasks, c.now)
     return fresh
+
+
+def test_holders_and_waiters_are_rebuilt_from_checkpoints_in_order() -> None:
+    c = Cluster()
+    c.submit("holder", [keyed()])
+    c.start("holder")
+    for name in ("w1", "w2", "w3"):
+        c.later(1)
+        c.submit(name, [keyed()])
+    # adopt in an order unlike the waiting order, as a listing of active workflows might
+    fresh = adopted(c, ["w3", "holder", "w1", "w2"])
+    fresh.pump(c.now)
+    effects = fresh.take()
+    assert not effects.dispatches  # the holder still holds the key: no second holder
+    assert effects.keys["server:x"] is not None
+    assert effects.keys["server:x"].holders == [f"{c.ids['holder']}.t"]
+    waiters = [w.split(".")[0] for w in effects.keys["server:x"].waiters]
+    assert waiters == [c.ids["w1"], c.ids["w2"], c.ids["w3"]]
 
 
 def test_waiters_that_tied_keep_their_order_whatever_order_they_are_adopted_in() -> None:

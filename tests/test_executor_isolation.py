@@ -28,12 +28,10 @@ import pytest
 from .support import (
     PROBE_ENV,
     NatsServer,
-    Service,
     Stack,
-    executor_id,
+    running_executor,
     start_executor,
     submit,
-    task_of,
     task_processes,
     task_record,
     wait_until,
@@ -64,17 +62,6 @@ def _beats(stack: Stack) -> dict[int, list[Decimal]]:
     return found
 
 
-def _running_on(stack: Stack, wf_id: str, task_id: str) -> Service:
-    ids = {executor_id(stack, s): s for s in stack.executors}
-
-    def running() -> Service | None:
-        task = task_of(stack.http, wf_id, task_id)
-        return ids.get(task["executor_id"]) if task["status"] == "running" else None
-
-    found: Service = wait_until(running, 30, what=f"{task_id} to run")
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -91,7 +78,7 @@ def test_a_killed_executors_programs_never_run_beside_the_redelivered_attempt(
     """The issue's case: kill -9 of the executor while its task's external program runs; the
     redelivered attempt starts on the other executor only once that program is dead."""
     wf_id = submit(stack.http, [{"id": "hb", "action": "probe.heartbeat", "args": {"seconds": 8}}])
-    victim = _running_on(stack, wf_id, "hb")
+    victim = running_executor(stack, wf_id, "hb")
     first = wait_until(lambda: list(_beats(stack)), 20, what="the first copy to beat")[0]
     victim.kill9()
     # the orphaned loop runs on, with nobody to stop it but the next executor of this host
@@ -124,7 +111,7 @@ def test_an_executor_starting_on_the_host_ends_what_a_dead_one_left(stack: Stack
         stack.http,
         [{"id": "hb", "action": "probe.heartbeat", "args": {"seconds": 60}, "pool": "doomed"}],
     )
-    _running_on(stack, wf_id, "hb")
+    running_executor(stack, wf_id, "hb")
     orphan = wait_until(lambda: list(_beats(stack)), 20, what="the loop to beat")[0]
     doomed.kill9()
     footprints = list((stack.data_dir / "run" / "tasks").glob("*.json"))

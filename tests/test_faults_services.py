@@ -20,8 +20,8 @@ from .faults import Audit, audit_workflow, server, sleep, submit_retrying
 from .support import (
     Service,
     Stack,
-    executor_id,
     nats_run,
+    running_executor,
     task_of,
     task_record,
     wait_until,
@@ -48,18 +48,6 @@ def _completed(stack: Stack, wf_id: str, task_ids: list[str]) -> int:
 def _counts(stack: Stack, wf_id: str) -> dict[str, int]:
     status, view = stack.http.get(f"/workflows/{wf_id}")
     return dict(view["counts"]) if status == 200 else {}
-
-
-def _running_executor(stack: Stack, wf_id: str, task_id: str) -> Service:
-    """The executor process running ``task_id`` (waits until it runs)."""
-    ids = {executor_id(stack, s): s for s in stack.executors}
-
-    def running() -> Service | None:
-        task = task_of(stack.http, wf_id, task_id)
-        return ids.get(task["executor_id"]) if task["status"] == "running" else None
-
-    found: Service = wait_until(running, 30, what=f"{task_id} to run")
-    return found
 
 
 @pytest.mark.stack(executors=2, env=ACK_WAIT)
@@ -90,7 +78,7 @@ def test_kill9_each_service_mid_workflow_then_restart(stack: Stack) -> None:
     )
 
     # 1. the gateway: work goes on without it; it serves the same answers once back
-    victim = _running_executor(stack, wf_id, "long")
+    victim = running_executor(stack, wf_id, "long")
     stack.gateway.kill9()
     audit.fault("kill -9 gateway")
     ids = [t["id"] for t in tasks]

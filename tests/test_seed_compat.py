@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .support import VENV_BIN, Stack, free_port, wait_until
+from .support import VENV_BIN, Stack, free_port, submit, task_of, wait_until
 
 pytestmark = pytest.mark.e2e
 CLI = str(VENV_BIN / "provisioning")
@@ -220,19 +220,24 @@ def test_auto_start_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert rows["orchestrator.auto_start"] == (True, "default")
 
 
-def test_the_seed_platform_config_fails_fast_where_its_library_is_missing(tmp_path: Path) -> None:
-    """The executor checks its Nushell and library at start: the seed's file on a machine with
-    nothing under /usr/local/lib/provisioning stops it at once, the fix named, instead of every
-    task failing with `Module not found.` and being retried."""
-    path = _config_file(tmp_path, PLATFORM_FULL_CONFIG)
-    env = _env(tmp_path, PROVISIONING_CONFIG=str(path), NATS_URL=f"nats://127.0.0.1:{free_port()}")
-    started = subprocess.run(
+def _start_executor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run an executor that is expected to refuse to start; its exit and output."""
+    return subprocess.run(
         [str(VENV_BIN / "provisioning-orchestrator"), "executor"],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_the_seed_platform_config_fails_fast_where_its_library_is_missing(tmp_path: Path) -> None:
+    """The executor checks its Nushell and library at start: the seed's file on a machine with
+    nothing under /usr/local/lib/provisioning stops it at once, the fix named, instead of every
+    task failing with `Module not found.` and being retried."""
+    path = _config_file(tmp_path, PLATFORM_FULL_CONFIG)
+    env = _env(tmp_path, PROVISIONING_CONFIG=str(path), NATS_URL=f"nats://127.0.0.1:{free_port()}")
+    started = _start_executor(env)
     assert started.returncode != 0
     assert "provisioning_lib /usr/local/lib/provisioning is not a directory" in started.stderr
 
@@ -242,13 +247,7 @@ def test_the_seed_platform_config_fails_fast_where_its_library_is_missing(tmp_pa
     with (lib / "servers" / "mod.nu").open("a") as module:
         module.write("\nexport def broken [ {\n")
     path.write_text(PLATFORM_FULL_CONFIG.replace("/usr/local/lib/provisioning", str(lib)))
-    refused = subprocess.run(
-        [str(VENV_BIN / "provisioning-orchestrator"), "executor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = _start_executor(env)
     assert refused.returncode != 0
     assert "module 'servers'" in refused.stderr, refused.stderr
     assert "does not load from" in refused.stderr and "provisioning_lib" in refused.stderr
@@ -409,20 +408,12 @@ def test_pattern_3_helpers_against_a_running_orchestrator(stack: Stack) -> None:
     assert ensured.stdout.strip() == "true" and "Starting" not in ensured.stdout
 
     # report-progress [task_id, progress] for a task that is running
-    status, body = stack.http.post(
-        "/workflows",
-        {
-            "name": "reported",
-            "tasks": [{"id": "t", "action": "builtin.sleep", "args": {"seconds": 30}}],
-        },
+    wf_id = submit(
+        stack.http,
+        [{"id": "t", "action": "builtin.sleep", "args": {"seconds": 30}}],
+        name="reported",
     )
-    assert status == 202, body
-    wf_id = body["workflow_id"]
-    wait_until(
-        lambda: stack.http.get(f"/workflows/{wf_id}")[1]["tasks"][0]["status"] == "running",
-        60,
-        what="the task to run",
-    )
+    wait_until(lambda: task_of(stack.http, wf_id, "t")["status"] == "running", 60, what="the task")
     reported = _nu(
         env,
         f"use lib_provisioning/orchestrator/client.nu *; report-progress '{wf_id}.t' 42",
