@@ -23,8 +23,7 @@ def running_pid(config: Config) -> int | None:
 
 def start_background(config: Config) -> int:
     """Start ``provisioning-orchestrator up`` detached; pidfile and logs under the data dir."""
-    port = config.orchestrator.endpoint.rsplit(":", 1)[-1].split("/")[0]
-    args = ["--nats-port", "0", *(["--port", port] if port.isdigit() else [])]
+    args = ["--nats-port", "0", *localstack.port_args(config.orchestrator.endpoint)]
     return localstack.start_detached(config.data_dir, *args)
 
 
@@ -39,7 +38,7 @@ def stop_background(config: Config, timeout_s: float = 60) -> bool:
         time.sleep(0.2)
     if running_pid(config):
         return False
-    (config.data_dir / "orchestrator.pid").unlink(missing_ok=True)
+    localstack.pidfile(config.data_dir).unlink(missing_ok=True)
     return True
 
 

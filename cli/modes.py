@@ -134,13 +134,8 @@ def submit_and_maybe_wait(
     monitor: str = "workflow",
 ) -> None:
     client = state.client()
-    if shortcut and not state.config.orchestrator.infra_dir:
-        # the seed's shortcut: the orchestrator builds it from its own infra files
+    if shortcut:  # the seed's shortcut: the orchestrator builds it from its own infra files
         accepted = client.post(f"/workflows/{shortcut[0]}/create", shortcut[1])
-    elif shortcut:
-        # an infra of the user's own ([orchestrator] infra_dir): the orchestrator need not
-        # have it; the definition built here from it is what runs
-        accepted = client.post("/workflows", msgspec.to_builtins(definition))
     elif raw:
         accepted = client.call("POST", "/workflows", raw=raw[0], content_type=raw[1])
     else:

@@ -33,13 +33,12 @@ from pathlib import Path
 
 import msgspec
 
-from .processes import environ_has, stat
+from .processes import GONE, environ_has, stat
 
 __all__ = ["Footprint", "Footprints", "boot_id", "leftovers"]
 
 log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_GONE = ("Z", "X")
 
 
 class Footprint(msgspec.Struct, frozen=True):
@@ -95,7 +94,7 @@ def leftovers(key: str | None, footprint: Footprint | None, me: int) -> list[int
         if not entry.isdigit() or (pid := int(entry)) == me:
             continue
         state = stat(pid)
-        if state is None or state[0] in _GONE:
+        if state is None or state[0] in GONE:
             continue
         ours = (
             footprint is not None
@@ -167,6 +166,6 @@ class Footprints:
                         path.unlink()
                     continue
                 owner = stat(footprint.executor_pid)
-                if owner is None or owner[0] in _GONE or owner[3] != footprint.executor_started:
+                if owner is None or owner[0] in GONE or owner[3] != footprint.executor_started:
                     found.append(footprint)
         return found

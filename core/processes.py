@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Callable
 
 __all__ = [
+    "GONE",
     "Family",
     "TaskProcesses",
     "become_subreaper",
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 SWEEP_POLL_S = 0.05
-_GONE = ("Z", "X")
+GONE = ("Z", "X")
 
 
 def _prctl(option: int, arg: object) -> int | None:
@@ -185,7 +186,7 @@ class Family:
         return [
             pid
             for pid in self.adoptees()
-            if pid not in claimed and (s := stat(pid)) is not None and s[0] not in _GONE
+            if pid not in claimed and (s := stat(pid)) is not None and s[0] not in GONE
         ]
 
 
@@ -203,7 +204,7 @@ class TaskProcesses:
 
     def _leader_alive(self) -> bool:
         found = stat(self.pid)
-        return found is not None and found[3] == self.start_time and found[0] not in _GONE
+        return found is not None and found[3] == self.start_time and found[0] not in GONE
 
     def adopted(self) -> list[int]:
         """Adoptees of this task: in its session, or carrying its ``PROVISIONING_TASK_ID``."""
@@ -212,7 +213,7 @@ class TaskProcesses:
         mine = []
         for pid in self.family.adoptees():
             found = stat(pid)
-            if found is None or found[0] in _GONE:
+            if found is None or found[0] in GONE:
                 continue
             if found[2] == self.pid or environ_has(pid, self.identity):
                 mine.append(pid)
@@ -230,7 +231,7 @@ class TaskProcesses:
         found: set[int] = set()
         while roots:
             pid = roots.pop()
-            if pid in found or (s := stat(pid)) is None or s[0] in _GONE:
+            if pid in found or (s := stat(pid)) is None or s[0] in GONE:
                 continue
             found.add(pid)
             roots.extend(children(pid))
@@ -247,7 +248,7 @@ class TaskProcesses:
             if not entry.isdigit() or (found_stat := stat(entry)) is None:
                 continue
             state, ppid, session, _ = found_stat
-            if state in _GONE:
+            if state in GONE:
                 continue
             pid = int(entry)
             kids.setdefault(ppid, []).append(pid)
@@ -259,7 +260,7 @@ class TaskProcesses:
                 if child not in found:
                     found.add(child)
                     queue.append(child)
-        if leader is None or leader[0] in _GONE:
+        if leader is None or leader[0] in GONE:
             found.discard(self.pid)
         return sorted(found)
 
@@ -291,16 +292,13 @@ class TaskProcesses:
 
     async def kill_all(self) -> int:
         """SIGKILL until nothing is left (a process may fork while we sweep); return the count."""
-        killed = 0
-        for _ in range(20):
-            count = await self.signal(signal.SIGKILL)
-            if not count:
-                break
-            killed += count
-            await asyncio.sleep(SWEEP_POLL_S)
-            if self.family is not None:
-                self.family.reap()
-        return killed
+        if not self.procfs:  # nothing can be counted: the group is all there is
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            return 0
+        family = self.family
+        then = family.reap if family is not None else None
+        return await kill_pids(self.members, threaded=family is None, then=then)
 
 
 async def kill_pids(

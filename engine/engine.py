@@ -177,11 +177,7 @@ class Engine:
     def take(self) -> Effects:
         """The effects of every input since the last call, workflow counts brought up to date."""
         effects, self.effects = self.effects, Effects()
-        for state in (
-            *effects.workflows.values(),
-            *effects.counts.values(),
-            *effects.created.values(),
-        ):
+        for state in {**effects.workflows, **effects.counts, **effects.created}.values():
             state.record.counts = state.count_snapshot()
         for key in self.keys.take_changed():
             effects.keys[key] = self.keys.state(key) if self.keys.in_use(key) else None

@@ -23,7 +23,7 @@ from shared.bus import Bus
 from shared.config import Config, load_config, user_config_path
 from shared.errors import ProvisioningError
 from shared.gcpolicy import settle_heap
-from shared.localstack import start_detached
+from shared.localstack import port_args, start_detached
 from shared.logs import setup_logging
 from shared.tracing import setup_tracing, shutdown_tracing
 
@@ -136,8 +136,7 @@ def main(
         if ctx.invoked_subcommand is not None:
             raise click.UsageError("--daemon starts the local stack: give no command with it")
         settings = _load(ctx)
-        port = settings.orchestrator.endpoint.rsplit(":", 1)[-1].split("/")[0]
-        args = ["--port", port] if port.isdigit() else []
+        args = port_args(settings.orchestrator.endpoint)
         pid = start_detached(settings.data_dir, *args, config_path=config)
         click.echo(
             f"orchestrator starting in the background (pid {pid}); "

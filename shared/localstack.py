@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "pidfile",
+    "port_args",
     "read_stack_state",
     "remove_stack_state",
     "running_pid",
@@ -23,14 +25,21 @@ __all__ = [
 ]
 
 
-def _pidfile(data_dir: Path) -> Path:
+def pidfile(data_dir: Path) -> Path:
+    """Where a detached local stack keeps its pid."""
     return data_dir / "orchestrator.pid"
+
+
+def port_args(endpoint: str) -> list[str]:
+    """``up``'s ``--port`` for the stack an endpoint points at (none when it names no port)."""
+    port = endpoint.rsplit(":", 1)[-1].split("/")[0]
+    return ["--port", port] if port.isdigit() else []
 
 
 def running_pid(data_dir: Path) -> int | None:
     """The pid of the local stack this data directory's pidfile names, if it is alive."""
     try:
-        pid = int(_pidfile(data_dir).read_text().strip())
+        pid = int(pidfile(data_dir).read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
@@ -56,7 +65,7 @@ def start_detached(data_dir: Path, *up_args: str, config_path: str | None = None
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    _pidfile(data_dir).write_text(f"{proc.pid}\n")
+    pidfile(data_dir).write_text(f"{proc.pid}\n")
     return proc.pid
 
 

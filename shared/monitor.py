@@ -6,6 +6,7 @@ import shutil
 from typing import IO, Any
 
 from .api_client import ApiClient
+from .messages import TERMINAL_TASK
 
 __all__ = ["Board", "monitor_workflow", "render_summary"]
 
@@ -21,7 +22,6 @@ _COLOR = {
     "awaiting_approval": "\x1b[33m",
 }
 _RESET = "\x1b[0m"
-TERMINAL = {"completed", "failed", "cancelled", "compensation_failed"}
 
 
 def _bar(percent: int, width: int = 20) -> str:
@@ -88,7 +88,7 @@ class Board:
             started = attempt > task["attempt"] or (
                 attempt == task["attempt"] and task["status"] in ("pending", "waiting", "queued")
             )
-            if attempt == task["attempt"] and task["status"] in TERMINAL | {"skipped"}:
+            if attempt == task["attempt"] and task["status"] in TERMINAL_TASK:
                 return []  # a report that came after its attempt's end says nothing new
             if started and task.get("announced") != attempt:
                 # the executor's progress came before the scheduler's word that it started

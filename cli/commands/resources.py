@@ -51,12 +51,19 @@ def _shortcut_op(
                 params[extra] = list(kw[extra]) if extra == "apps" else kw[extra]
         name = kw["infra"]
         definition = build(name, params, state.config.orchestrator.infra_dir)
+        # the seed's shortcut: the orchestrator builds the workflow from its own infra files;
+        # with an infra of the user's own ([orchestrator] infra_dir) the orchestrator need not
+        # have it, and the definition built here from it is what is sent
+        shortcut = (
+            None
+            if state.config.orchestrator.infra_dir
+            else (kind, {"infra": name, "params": params})
+        )
         if kw.pop("plan", False):
-            body: Any = {"infra": name, "params": params}
-            path = f"/workflows/{kind}/create?plan=true"
-            if state.config.orchestrator.infra_dir:  # the user's own infra: built here
-                body, path = msgspec.to_builtins(definition), "/workflows?plan=true"
-            _plan(state, path, body, kw["output"])
+            if shortcut:
+                _plan(state, f"/workflows/{kind}/create?plan=true", shortcut[1], kw["output"])
+            else:
+                _plan(state, "/workflows?plan=true", msgspec.to_builtins(definition), kw["output"])
             return
         run_operation(
             state,
@@ -65,7 +72,7 @@ def _shortcut_op(
             mode=kw.get("mode"),
             wait=kw["wait"],
             output=kw["output"],
-            shortcut=(kind, {"infra": name, "params": params}),
+            shortcut=shortcut,
         )
 
 

@@ -55,8 +55,6 @@ class ReportSender:
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._numbers = 0
-        self.sent_messages = 0  # publishes made, for the log and tests
-        self.sent_reports = 0
 
     async def send(
         self, report: Report, *, msg_id: str | None = None, traceparent: str | None = None
@@ -107,8 +105,6 @@ class ReportSender:
                 )
             ]
         )
-        self.sent_messages += 1
-        self.sent_reports += 1
 
     async def _publish_batch(self, group: list[_Pending]) -> None:
         self._numbers += 1
@@ -129,6 +125,4 @@ class ReportSender:
                 )
             ]
         )
-        self.sent_messages += 1
-        self.sent_reports += len(group)
         log.debug("stored %d reports in one message", len(group))

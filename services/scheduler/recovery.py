@@ -45,12 +45,22 @@ class Recovery:
         self.flusher = flusher
         self.batch = max(1, batch)
 
-    async def load(self, workflow_id: str, *, active: bool = False) -> WorkflowState | None:
+    async def load(
+        self,
+        workflow_id: str,
+        *,
+        active: bool = False,
+        lost: list[tuple[str, str]] | None = None,
+    ) -> WorkflowState | None:
         """Bring one workflow back from its checkpoints; None if it is unknown or has ended.
 
         ``active``: listed in the active index (a take-over). Its recent ends are told again
         (:meth:`Engine.replay_ends`): the step that checkpointed them may have died before
-        publishing their events. One that has ended is ended again, after them."""
+        publishing their events. One that has ended is ended again, after them.
+
+        A busy task whose dispatch is gone from JetStream is sent again unless its report
+        waits; given ``lost``, those tasks are added to it instead, for the caller to check
+        against one read of the reports (:meth:`load_all`)."""
         if (state := self.engine.get(workflow_id)) is not None:
             return state
         found = await self.store.workflow(workflow_id)
@@ -59,17 +69,16 @@ class Recovery:
         record, revision = found
         now = datetime.now(UTC)
         since = now - timedelta(seconds=REPLAY_S)
-        if record.status in TERMINAL_WORKFLOW:
-            if active:
-                loaded = await self.store.tasks(workflow_id)
-                self.engine.replay_ends(record, {t: rec for t, (rec, _) in loaded.items()}, since)
-            else:
-                await self.store.unmark_active(workflow_id)  # ended, but the marker stayed
+        ended = record.status in TERMINAL_WORKFLOW
+        if ended and not active:
+            await self.store.unmark_active(workflow_id)  # ended, but the marker stayed
             return None
         loaded = await self.store.tasks(workflow_id)
         tasks = {task_id: rec for task_id, (rec, _) in loaded.items()}
         if active:
             self.engine.replay_ends(record, tasks, since)
+        if ended:
+            return None
         busy = self.engine.adopt(record, tasks, now)
         state = self.engine.get(workflow_id)
         if state is None:
@@ -83,9 +92,19 @@ class Recovery:
                 state.tasks[task_id].spec.pool, workflow_id, task_id
             )
         ]
-        pending = await self.streams.pending_reports() if gone else {}
-        for task_id in gone:
-            if subjects.task_key(workflow_id, task_id) in pending:
+        if lost is not None:
+            lost.extend((workflow_id, task_id) for task_id in gone)
+        elif gone:
+            await self._redispatch([(workflow_id, task_id) for task_id in gone], now)
+        return state
+
+    async def _redispatch(self, gone: list[tuple[str, str]], now: datetime) -> None:
+        """Send again the dispatches that are gone, but not those whose report waits (read
+        after the dispatches: an executor reports before it acks)."""
+        pending = await self.streams.pending_reports()
+        for workflow_id, task_id in gone:
+            state = self.engine.get(workflow_id)
+            if state is None or subjects.task_key(workflow_id, task_id) in pending:
                 continue
             log.info(
                 "re-publishing dispatch of %s.%s attempt %d",
@@ -94,7 +113,6 @@ class Recovery:
                 state.tasks[task_id].attempt,
             )
             self.engine.redispatch(workflow_id, task_id, now)
-        return state
 
     async def load_all(self) -> int:
         """Load the concurrency keys' rate windows, then every active workflow (whose tasks
@@ -104,8 +122,11 @@ class Recovery:
                 self.engine.restore_key(state)
                 self.flusher.key_revisions[state.key] = revision
         ids = [i for i in await self.store.active_ids() if self.engine.get(i) is None]
+        lost: list[tuple[str, str]] = []
         for start in range(0, len(ids), self.batch):
             await asyncio.gather(
-                *(self.load(i, active=True) for i in ids[start : start + self.batch])
+                *(self.load(i, active=True, lost=lost) for i in ids[start : start + self.batch])
             )
+        if lost:  # one read of the reports for them all
+            await self._redispatch(lost, datetime.now(UTC))
         return len(self.engine.workflows)
