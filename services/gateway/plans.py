@@ -169,9 +169,11 @@ async def apply_plan(request: web.Request) -> web.Response:
         state = _status(record)
         message = f"plan {plan_id} is {state}, not ready"
         return error_response(409, "conflict", message, plan_status=state)
-    applied = await request.app[STORE].workflow(apply_id(plan_id))
-    if applied is not None or await request.app[STREAMS].submission_waits(apply_id(plan_id)):
-        # (taken by the scheduler, or accepted and waiting for it: applied either way)
+    # accepted and waiting for the scheduler, or taken by it: applied either way. The queue is
+    # asked first: the scheduler checkpoints a workflow before it takes its submission off the
+    # queue, so one gone from there is in the store read after (the other order missed both)
+    waits = await request.app[STREAMS].submission_waits(apply_id(plan_id))
+    if waits or await request.app[STORE].workflow(apply_id(plan_id)) is not None:
         return error_response(
             409,
             "conflict",
