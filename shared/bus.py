@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import re
 import secrets
@@ -44,6 +43,7 @@ from . import subjects
 from .acks import Acks, Outcome
 from .auth import redact_url
 from .config import NatsConfig
+from .directget import DirectGets, Found, Read
 from .errors import BusUnavailable, ProvisioningError, QueueFull
 from .jetstream import (
     ERR_NO_PLACEMENT,
@@ -55,10 +55,6 @@ from .jetstream import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TRUNCATED,
     HDR_MSG_ID,
-    HDR_NUM_PENDING,
-    HDR_SEQUENCE,
-    HDR_STATUS,
-    HDR_SUBJECT,
 )
 
 __all__ = ["NOT_STORED", "TRANSIENT", "Bus", "KVBuckets"]
@@ -99,6 +95,14 @@ NOT_STORED: tuple[type[BaseException], ...] = (
 )
 
 
+def _last_of(subjects_: list[str]) -> dict[str, Any]:
+    return {"multi_last": subjects_, "batch": len(subjects_)}
+
+
+def _by_subject(found: list[Found]) -> dict[str, tuple[int, dict[str, str], bytes]]:
+    return {subject: (seq, headers, data) for seq, subject, headers, data in found}
+
+
 class KVBuckets:
     """Handles on the key-value buckets, bound after bootstrap."""
 
@@ -124,6 +128,7 @@ class Bus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._acks: Acks | None = None
+        self._gets: DirectGets | None = None
         self.kv = KVBuckets()
         self._drained = False
         self.ready = False  # connected and bootstrapped (set by the service)
@@ -200,6 +205,7 @@ class Bus:
         self._nc = nc
         self._js = nc.jetstream(timeout=5)
         self._acks = await Acks(nc).start()
+        self._gets = await DirectGets(nc).start()
         log.info(
             "connected to NATS at %s as %s",
             redact_url(nc.connected_url.geturl()) if nc.connected_url else "?",
@@ -613,6 +619,13 @@ class Bus:
                 timeout_s=timeout_s,
             )
 
+    @property
+    def gets(self) -> DirectGets:
+        """Batched direct gets, several in one round trip (:mod:`shared.directget`)."""
+        if self._gets is None:
+            raise BusUnavailable("not connected to NATS")
+        return self._gets
+
     async def read_stream(
         self, stream: str, subject_filter: str, *, page: int = 256, timeout_s: float = 5.0
     ) -> list[tuple[int, bytes]]:
@@ -625,15 +638,24 @@ class Bus:
         asked instead, one message per request."""
         if self.config.replicas > 1:
             return await self._read_from_leader(stream, subject_filter)
+        return await self._read_pages(stream, subject_filter, page, timeout_s, first=None)
+
+    async def _read_pages(
+        self, stream: str, subject_filter: str, page: int, timeout_s: float, *, first: Read | None
+    ) -> list[tuple[int, bytes]]:
+        """The pages of :meth:`read_stream`, after the ``first`` when it was read already."""
         out: list[tuple[int, bytes]] = []
         seq = 1
         while True:
-            request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
-            found, left = await self._direct_get(stream, request, timeout_s)
-            out.extend((s, data) for s, _, _, data in found)
-            if not left or not found:
+            if first is None:
+                request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
+                (read,) = await self.gets.read([(stream, request)], timeout_s=timeout_s)
+            else:
+                read, first = first, None
+            out.extend((s, data) for s, _, _, data in read.found)
+            if not read.left or not read.found:
                 return out
-            seq = found[-1][0] + 1
+            seq = read.found[-1][0] + 1
 
     async def read_last(
         self, stream: str, subjects_: list[str], *, timeout_s: float = 5.0
@@ -645,46 +667,36 @@ class Bus:
             raise BusUnavailable("batched last-message reads need direct gets (one replica)")
         if not subjects_:
             return {}
-        request = {"multi_last": subjects_, "batch": len(subjects_)}
-        found, _ = await self._direct_get(stream, request, timeout_s)
-        return {subject: (seq, headers, data) for seq, subject, headers, data in found}
+        (read,) = await self.gets.read([(stream, _last_of(subjects_))], timeout_s=timeout_s)
+        return _by_subject(read.found)
 
-    async def _direct_get(
-        self, stream: str, request: dict[str, Any], timeout_s: float
-    ) -> tuple[list[tuple[int, str, dict[str, str], bytes]], int]:
-        """One batched direct get: ``(sequence, subject, headers, data)`` of each message in
-        order, and how many more match after them."""
-        found: list[tuple[int, str, dict[str, str], bytes]] = []
-        status: list[tuple[str, int]] = []  # the batch's end: (status, messages left)
-        ended = asyncio.Event()
-
-        async def take(msg: Msg) -> None:
-            headers = msg.headers or {}
-            if code := headers.get(HDR_STATUS):
-                status.append((str(code), int(headers.get(HDR_NUM_PENDING) or 0)))
-                ended.set()
-            else:
-                subject = headers.get(HDR_SUBJECT, "")
-                found.append((int(headers[HDR_SEQUENCE]), subject, headers, msg.data))
-
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=take)
-        try:
-            api = f"$JS.API.DIRECT.GET.{stream}"
-            await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
-            try:
-                await asyncio.wait_for(ended.wait(), timeout_s)
-            except TimeoutError:
-                raise nats.errors.TimeoutError from None
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        code, left = status[-1]
-        if code == "404":  # nothing (more) matches
-            return found, 0
-        if code != "204":  # 204: the end of this batch, and how many are left
-            raise BusUnavailable(f"direct get from {stream} failed: status {code}")
-        return found, left
+    async def read_stream_then_last(
+        self,
+        stream: str,
+        subject_filter: str,
+        last_stream: str,
+        last_subjects: list[str],
+        *,
+        page: int = 256,
+        timeout_s: float = 5.0,
+    ) -> tuple[list[tuple[int, bytes]], dict[str, tuple[int, dict[str, str], bytes]]]:
+        """:meth:`read_stream`, then :meth:`read_last`, the second read served after the
+        whole of the first: one round trip when the first fits in a ``page``
+        (:mod:`shared.directget` says why the server keeps their order). When it does not,
+        the rest of it is read, then the last messages again (their first answer may be older
+        than the end of the first read). One replica only, as :meth:`read_last`."""
+        if self.config.replicas > 1:
+            raise BusUnavailable("batched last-message reads need direct gets (one replica)")
+        requests = [(stream, {"seq": 1, "next_by_subj": subject_filter, "batch": page})]
+        if last_subjects:
+            requests.append((last_stream, _last_of(last_subjects)))
+        reads = await self.gets.read(requests, timeout_s=timeout_s)
+        first = reads[0]
+        last = _by_subject(reads[1].found) if last_subjects else {}
+        if first.left and first.found:
+            queue = await self._read_pages(stream, subject_filter, page, timeout_s, first=first)
+            return queue, await self.read_last(last_stream, last_subjects, timeout_s=timeout_s)
+        return [(s, data) for s, _, _, data in first.found], last
 
     async def _read_from_leader(self, stream: str, subject_filter: str) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []

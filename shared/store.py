@@ -155,8 +155,22 @@ class Store:
         (replicas: see :meth:`Bus.read_last`); read each with :meth:`task` then."""
         if self.bus.config.replicas > 1:
             return None
+        stream, subjects_ = self.latest_tasks_read(keys)
+        return self.latest_tasks_from(await self.bus.read_last(stream, subjects_))
+
+    @staticmethod
+    def latest_tasks_read(keys: list[str]) -> tuple[str, list[str]]:
+        """The stream and subjects :meth:`latest_tasks` reads (for a read made together with
+        another: ``Streams.pending_reports_then_tasks``)."""
         prefix = f"$KV.{subjects.BUCKET_TASKS}."
-        found = await self.bus.read_last(f"KV_{subjects.BUCKET_TASKS}", [prefix + k for k in keys])
+        return f"KV_{subjects.BUCKET_TASKS}", [prefix + k for k in keys]
+
+    @staticmethod
+    def latest_tasks_from(
+        found: dict[str, tuple[int, dict[str, str], bytes]],
+    ) -> dict[str, tuple[TaskRecord, int]]:
+        """What :meth:`latest_tasks` returns, from the last messages read of its subjects."""
+        prefix = f"$KV.{subjects.BUCKET_TASKS}."
         out: dict[str, tuple[TaskRecord, int]] = {}
         for subject, (seq, headers, data) in found.items():
             if headers.get(HDR_KV_OPERATION) in KV_REMOVED or HDR_MARKER_REASON in headers:

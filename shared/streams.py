@@ -24,16 +24,30 @@ from .messages import (
     Report,
     ReportBatch,
     SubmitWorkflow,
+    TaskRecord,
     decode_command,
     decode_log,
     decode_report_message,
 )
+from .store import Store
 
 __all__ = ["LogLine", "LogPage", "Streams"]
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_PAGE = 1000  # stream reads one page of logs may cost, whatever its size
+
+
+def _by_task(queue: list[tuple[int, bytes]]) -> dict[str, Report]:
+    found: dict[str, Report] = {}
+    for _, data in queue:
+        try:
+            message = decode_report_message(data)
+        except MessageError:
+            continue
+        for report in message.reports if isinstance(message, ReportBatch) else [message]:
+            found[subjects.task_key(report.workflow_id, report.task_id)] = report
+    return found
 
 
 class LogLine(msgspec.Struct):
@@ -128,18 +142,26 @@ class Streams:
 
         The scheduler checkpoints a report's effect before it consumes the report: a report
         missing here is in the checkpoints read after this."""
-        found: dict[str, Report] = {}
-        queue = await self.bus.read_stream(
-            subjects.STREAM_REPORTS, subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+        return _by_task(
+            await self.bus.read_stream(
+                subjects.STREAM_REPORTS, subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+            )
         )
-        for _, data in queue:
-            try:
-                message = decode_report_message(data)
-            except MessageError:
-                continue
-            for report in message.reports if isinstance(message, ReportBatch) else [message]:
-                found[subjects.task_key(report.workflow_id, report.task_id)] = report
-        return found
+
+    async def pending_reports_then_tasks(
+        self, keys: list[str]
+    ) -> tuple[dict[str, Report], dict[str, tuple[TaskRecord, int]] | None]:
+        """:meth:`pending_reports`, then ``Store.latest_tasks(keys)``, in that order (see
+        :meth:`pending_reports`), in one round trip where the server keeps the order of two
+        reads (one replica: :meth:`Bus.read_stream_then_last`); with replicas the two reads
+        one after the other, and None for the checkpoints as ``Store.latest_tasks`` gives."""
+        if self.bus.config.replicas > 1:
+            return await self.pending_reports(), None
+        stream, last = Store.latest_tasks_read(keys)
+        queue, found = await self.bus.read_stream_then_last(
+            subjects.STREAM_REPORTS, subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS], stream, last
+        )
+        return _by_task(queue), Store.latest_tasks_from(found)
 
     # -- events ----------------------------------------------------------------------------------
 

@@ -150,3 +150,92 @@ async def test_the_last_message_of_several_subjects_in_one_read(nats_url: str) -
     async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
         with pytest.raises(BusUnavailable):
             await bus.read_last(f"KV_{subjects.BUCKET_TASKS}", [pre + "w.a"])
+
+
+async def test_a_queue_then_the_last_messages_in_one_round_trip(nats_url: str) -> None:
+    """An executor's fence reads the reports queue, then the checkpoints, as two direct gets
+    sent together: the same answers as the two reads made one after the other; a queue longer
+    than a page is read whole, and the checkpoints again after it; not with replicas."""
+    pre = f"$KV.{subjects.BUCKET_TASKS}."
+    kv = f"KV_{subjects.BUCKET_TASKS}"
+    reports = subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        assert await bus.read_stream_then_last(subjects.STREAM_REPORTS, reports, kv, []) == (
+            [],
+            {},
+        )
+        await bus.publish_many(
+            [(f"prov.report.batch.t{i}", str(i).encode(), None, None) for i in range(5)]
+        )
+        await bus.kv.tasks.put("w.a", b"1")
+        queue, last = await bus.read_stream_then_last(
+            subjects.STREAM_REPORTS, reports, kv, [pre + "w.a", pre + "w.b"], page=2
+        )
+        assert [data for _, data in queue] == [b"0", b"1", b"2", b"3", b"4"]
+        assert {s: data for s, (_, _, data) in last.items()} == {pre + "w.a": b"1"}
+        one_page = await bus.read_stream_then_last(
+            subjects.STREAM_REPORTS, reports, kv, [pre + "w.a"]
+        )
+        assert one_page == (
+            await bus.read_stream(subjects.STREAM_REPORTS, reports),
+            await bus.read_last(kv, [pre + "w.a"]),
+        )
+    async with Bus(_config(nats_url, replicas=3), name="t") as bus:  # type: ignore[arg-type]
+        with pytest.raises(BusUnavailable):
+            await bus.read_stream_then_last(subjects.STREAM_REPORTS, reports, kv, [pre + "w.a"])
+
+
+async def test_the_queue_and_the_checkpoint_never_both_miss_a_consumed_report(
+    nats_url: str,
+) -> None:
+    """The fence's order, against the server: a "scheduler" writes a checkpoint, then consumes
+    the report it holds, over and over, while readers look for every report stored so far
+    either still queued or in the checkpoint. The two reads sent together never miss one; the
+    same two reads in the wrong order, by a reader slow between them, do (the harness can
+    fail)."""
+    key = "w.fence"
+    subject = f"$KV.{subjects.BUCKET_TASKS}.{key}"
+    kv = f"KV_{subjects.BUCKET_TASKS}"
+    reports = subjects.STREAM_SUBJECTS[subjects.STREAM_REPORTS]
+    async with Bus(_config(nats_url), name="t") as bus:  # type: ignore[arg-type]
+        await bus.bootstrap()
+        await bus.kv.tasks.put(key, b"0")
+        consumer = await bus.js.pull_subscribe_bind(
+            subjects.CONSUMER_REPORTS, stream=subjects.STREAM_REPORTS
+        )
+        stored = 0
+        done = asyncio.Event()
+
+        async def scheduler() -> None:
+            nonlocal stored
+            for i in range(1, 301):
+                await bus.publish_many([(f"prov.report.batch.f{i}", str(i).encode(), None, None)])
+                stored = i
+                (msg,) = await consumer.fetch(1)
+                await bus.kv.tasks.put(key, msg.data)  # the checkpoint first
+                await msg.ack_sync()  # then the report leaves the queue
+            done.set()
+
+        async def missed(right: bool) -> int:
+            misses = 0
+            while not done.is_set():
+                before = stored
+                if right:
+                    queue, last = await bus.read_stream_then_last(
+                        subjects.STREAM_REPORTS, reports, kv, [subject]
+                    )
+                else:
+                    last = await bus.read_last(kv, [subject])
+                    await asyncio.sleep(0.002)  # a reader that is slow for a moment
+                    queue = await bus.read_stream(subjects.STREAM_REPORTS, reports)
+                seen = {int(data) for _, data in queue}
+                checkpoint = int(last[subject][2])
+                misses += sum(1 for i in range(checkpoint + 1, before + 1) if i not in seen)
+            return misses
+
+        writer = asyncio.create_task(scheduler())
+        right, wrong = await asyncio.gather(missed(True), missed(False))
+        await writer
+        assert right == 0
+        assert wrong > 0

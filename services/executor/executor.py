@@ -345,8 +345,7 @@ class Executor:
             # group's checkpoints (one read where it can be made; see _fence for the order).
             # If they cannot be read, none of the group runs now: handed back, they come again.
             try:
-                pending = await self.streams.pending_reports()
-                checkpoints = await self.store.latest_tasks(
+                pending, checkpoints = await self.streams.pending_reports_then_tasks(
                     [subjects.task_key(d.workflow_id, d.task_id) for _, d in received]
                 )
             except (ProvisioningError, nats.errors.Error, nats.js.errors.Error) as exc:
