@@ -8,11 +8,11 @@ SIGKILL after a grace period; whatever is left when the task ends is killed too,
 outlives its task. "Every process" is the child's session plus its descendants, and, when this
 process is a child subreaper (the executor), the orphans it adopted from them
 (:mod:`core.processes`). On Linux the child also gets SIGKILL if the runner's process dies
-(``setpriv --pdeathsig``), and what it started is found and killed by the next executor
-before the task runs again (:mod:`core.leftovers`).
+(``provisioning-launch``, else ``setpriv --pdeathsig``), and what it started is found and
+killed by the next executor before the task runs again (:mod:`core.leftovers`).
 
-With a :class:`TaskUser` the child runs as that user (``setpriv --reuid --regid
---clear-groups``): it cannot read the runner's ``/proc/<pid>/environ`` nor files only the
+With a :class:`TaskUser` the child runs as that user (switched by the same launcher, with no
+supplementary groups): it cannot read the runner's ``/proc/<pid>/environ`` nor files only the
 runner's user may read. Its working directory is ``<tmp>/prov-task-*/work``, owned by it inside
 a directory it cannot rename; the result file is opened without following links and must be a
 regular file of the task's user. Tasks keep their own state (the local provider's records) in
@@ -129,19 +129,29 @@ async def _exit_of(proc: asyncio.subprocess.Process) -> int:
         wait.cancel()
 
 
+LAUNCH = "provisioning-launch"  # core/launch.c, built by `make install` beside the interpreter
+
+
 def _launcher(task_user: TaskUser | None) -> tuple[list[str], dict[str, Any]]:
     """The prefix that starts a task's program, and what ``create_subprocess_exec`` must do
-    itself. ``setpriv`` (util-linux) sets the parent-death signal (the child dies with its
-    runner) and switches to the task's user after the fork, so Python keeps spawning with
-    vfork; its own ``user=``/``group=`` would make every spawn a full fork of the runner."""
-    setpriv = shutil.which("setpriv", path=SAFE_PATH) if sys.platform.startswith("linux") else None
-    if setpriv:
-        switch = (
-            [f"--reuid={task_user.uid}", f"--regid={task_user.gid}", "--clear-groups"]
-            if task_user
-            else []
-        )
-        return [setpriv, *switch, "--pdeathsig", "KILL", "--"], {}
+    itself. ``provisioning-launch`` (:file:`core/launch.c`) switches to the task's user and
+    sets the parent-death signal (the child dies with its runner) after the fork, so Python
+    keeps spawning with vfork; its own ``user=``/``group=`` would make every spawn a full fork
+    of the runner. Where it was not built, ``setpriv`` (util-linux) does the same at about
+    three times the cost (docs/performance.md); where neither is, the spawn switches users
+    itself and the child starts without the parent-death signal."""
+    if sys.platform.startswith("linux"):
+        launch = Path(sys.executable).parent / LAUNCH
+        if os.access(launch, os.X_OK):
+            ids = [str(task_user.uid), str(task_user.gid)] if task_user else ["-", "-"]
+            return [str(launch), *ids], {}
+        if setpriv := shutil.which("setpriv", path=SAFE_PATH):
+            switch = (
+                [f"--reuid={task_user.uid}", f"--regid={task_user.gid}", "--clear-groups"]
+                if task_user
+                else []
+            )
+            return [setpriv, *switch, "--pdeathsig", "KILL", "--"], {}
     if task_user:
         return [], {"user": task_user.uid, "group": task_user.gid, "extra_groups": []}
     return [], {}
@@ -212,6 +222,8 @@ class Runner:
         self.task_user = task_user
         self.task_uid = task_user.uid if task_user else os.geteuid()
         self._prefix, self._spawn_user = _launcher(task_user)
+        # for the executor's start-up line: which of the three ways tasks start
+        self.launcher = Path(self._prefix[0]).name if self._prefix else "the spawn itself"
         self._nu_path: str | None = None
         self._state_moved = False
         self.family = Family()

@@ -244,8 +244,9 @@ def executor(ctx: click.Context, max_concurrent_tasks: int | None, pool: str | N
     # just above): secrets leave it, and /proc/self/environ.
     dropped = isolation.scrub_environment()
     log.info(
-        "tasks run as %s; %s; %d variables dropped from this process's environment",
+        "tasks run as %s, started by %s; %s; %d variables dropped from this process's environment",
         f"{task_user.name} (uid {task_user.uid})" if task_user else "this executor's user",
+        runner.launcher,
         "child subreaper" if adopts else "not a child subreaper",
         len(dropped),
     )
