@@ -47,6 +47,7 @@ import msgspec
 
 from shared.errors import ProvisioningError
 
+from .access import denied
 from .leftovers import Footprints, leftovers
 from .processes import Family, TaskProcesses, kill_pids
 from .providers import Providers
@@ -172,10 +173,28 @@ def move_state(data_dir: Path) -> None:
         log.info("moved the local provider's records from %s to %s", old, new)
 
 
-def _find_program(name: str, path: str) -> str | None:
-    """``name`` as an absolute path, looked up on the child's PATH; None if not executable."""
-    found = shutil.which(name, path=path)
-    return os.path.abspath(found) if found else None
+def _find_program(name: str, path: str, user: TaskUser | None) -> tuple[str | None, str]:
+    """``name`` as an absolute path, looked up on the child's PATH as the child would: the
+    first that ``user`` (the task user; None: this process's) may execute, skipping those it
+    may not, as ``execvp`` does. ``(None, why)`` when there is none."""
+    if os.sep in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d, name) for d in path.split(os.pathsep) if d]
+    refused = ""
+    for candidate in candidates:
+        if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+            continue
+        if user is not None:
+            # the file (links followed), and the directory it was found in (a link's own)
+            why = denied(Path(candidate), "x", user.uid, {user.gid}) or denied(
+                Path(candidate).parent, "x", user.uid, {user.gid}
+            )
+            if why is not None:
+                refused = refused or f"; {candidate}: the task user {user.name!r} may not: {why}"
+                continue
+        return os.path.abspath(candidate), ""
+    return None, refused
 
 
 def _error_message(stderr_tail: list[str]) -> str:
@@ -304,13 +323,13 @@ class Runner:
             result_file = workdir / "result.json"
             env = self.environment(action, task_env, workdir, args)
             env["PROVISIONING_RESULT_FILE"] = str(result_file)
-            program = _find_program(argv[0], env["PATH"])
+            program, refused = _find_program(argv[0], env["PATH"], self.task_user)
             if program is None:
                 return RunResult(
                     "failed",
                     reason="error",
                     error=f"cannot start {argv[0]!r}: not found or not executable "
-                    f"(PATH={env['PATH']})",
+                    f"(PATH={env['PATH']}){refused}",
                 )
             argv[0] = program
             self.family.spawning += 1

@@ -72,7 +72,7 @@ class Receiver:
         self._decoded = 0  # exports of raw_traces decoded into _spans
         self.raw_traces: list[bytes] = []  # every export as received (decompressed)
         self.metrics: dict[str, set[str]] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # held by tests around reads of spans
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):

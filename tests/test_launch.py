@@ -153,3 +153,30 @@ def _gone(pid: int) -> bool:
     except OSError:
         return True
     return state == "Z"  # killed, waiting for init (or the test's subreaper) to collect it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a task user needs root")
+def test_a_program_is_looked_up_as_the_task_user_would(tmp_path: Path) -> None:
+    """The task's PATH is searched for what the task user may execute, skipping what it may
+    not (as execvp does): a copy in a directory closed to it is passed over for the next one;
+    with none it may run, the error says which one it found and why it may not."""
+    from core.runner import _find_program
+
+    nobody = pwd.getpwnam("nobody")
+    user = TaskUser("nobody", nobody.pw_uid, nobody.pw_gid)
+    closed, open_ = tmp_path / "closed", tmp_path / "open"
+    for directory in (closed, open_):
+        directory.mkdir()
+        (directory / "tool").write_text("#!/bin/sh\n")
+        (directory / "tool").chmod(0o755)
+    tmp_path.chmod(0o755)
+    closed.chmod(0o700)  # root's only
+    open_.chmod(0o755)
+    path = f"{closed}:{open_}"
+    assert _find_program("tool", path, None) == (str(closed / "tool"), "")
+    assert _find_program("tool", path, user) == (str(open_ / "tool"), "")
+    program, why = _find_program("tool", str(closed), user)
+    assert program is None
+    assert f"{closed / 'tool'}: the task user 'nobody' may not: {closed} is not searchable" in why
+    assert _find_program(str(closed / "tool"), "", user)[0] is None
+    assert _find_program("no-such-tool", path, user) == (None, "")

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from core.access import denied
 from core.runner import STATE_DIR, TaskUser, move_state
 from shared.errors import ConfigError
 
@@ -163,7 +164,7 @@ def check_access(task_user: TaskUser | None, needs: Iterable[tuple[Path, str]]) 
     groups = {task_user.gid, *os.getgrouplist(task_user.name, task_user.gid)}
     problems = []
     for path, want in needs:
-        if (why := _denied(path, want, task_user.uid, groups)) is not None:
+        if (why := denied(path, want, task_user.uid, groups)) is not None:
             problems.append(f"{path}: {why}")
     if problems:
         raise ConfigError(
@@ -175,29 +176,6 @@ def check_access(task_user: TaskUser | None, needs: Iterable[tuple[Path, str]]) 
         )
 
 
-def _denied(path: Path, want: str, uid: int, groups: set[int]) -> str | None:
-    bits = {"r": 4, "w": 2, "x": 1}
-    resolved = path.resolve()
-    for parent in reversed(resolved.parents):
-        if not _allowed(parent, 1, uid, groups):
-            return f"{parent} is not searchable"
-    if not resolved.exists():
-        return "missing"
-    wanted = bits[want] | (1 if resolved.is_dir() else 0)
-    return None if _allowed(resolved, wanted, uid, groups) else f"not {want!r}"
-
-
-def _allowed(path: Path, wanted: int, uid: int, groups: set[int]) -> bool:
-    info = path.stat()
-    if info.st_uid == uid:
-        granted = info.st_mode >> 6
-    elif info.st_gid in groups:
-        granted = info.st_mode >> 3
-    else:
-        granted = info.st_mode
-    return granted & wanted == wanted
-
-
 def warn_readable(task_user: TaskUser | None, paths: Iterable[Path]) -> None:
     """Log a warning for each of ``paths`` (files that may hold secrets, such as the
     configuration file) that the task user can read."""
@@ -205,7 +183,7 @@ def warn_readable(task_user: TaskUser | None, paths: Iterable[Path]) -> None:
         return
     groups = {task_user.gid, *os.getgrouplist(task_user.name, task_user.gid)}
     for path in paths:
-        if path.is_file() and _denied(path, "r", task_user.uid, groups) is None:
+        if path.is_file() and denied(path, "r", task_user.uid, groups) is None:
             log.warning(
                 "%s is readable by the task user %r: if it holds secrets, chmod 600 it",
                 path,
@@ -219,7 +197,7 @@ def tools_denied(task_user: TaskUser | None) -> str | None:
     if task_user is None:
         return None
     groups = {task_user.gid, *os.getgrouplist(task_user.name, task_user.gid)}
-    return _denied(Path(sys.executable), "x", task_user.uid, groups)
+    return denied(Path(sys.executable), "x", task_user.uid, groups)
 
 
 def warn_unreachable_tools(task_user: TaskUser | None) -> None:
