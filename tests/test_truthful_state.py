@@ -212,6 +212,11 @@ def test_an_accepted_workflow_is_visible_before_the_scheduler_takes_it(stack: St
         assert [w["workflow_id"] for w in queued] == [wf_id]
         status, reply = stack.http.post(f"/workflows/{wf_id}/retry")
         assert status == 409 and "not run yet" in reply["error"]["message"], reply
+        # it exists (not a 404): nothing of it awaits approval yet
+        for decision, body in (("approve", {}), ("reject", {"reason": "no"})):
+            status, reply = stack.http.post(f"/workflows/{wf_id}/{decision}", body)
+            assert status == 409 and "waits for the scheduler" in reply["error"]["message"], reply
+            assert reply["error"]["details"]["workflow_status"] == "queued", reply
         status, task = stack.http.get(f"/tasks/{wf_id}.a")
         assert status == 200 and task["status"] == "pending" and task["attempt"] == 0, task
         status, logs = stack.http.get(f"/tasks/{wf_id}.a/logs")

@@ -87,6 +87,7 @@ from .common import (
     REGISTRY,
     STORE,
     STREAMS,
+    lookup_workflow,
 )
 from .common import error_response as _error
 from .common import json_body as _json_body
@@ -595,24 +596,6 @@ async def _summary_of_waiting(request: web.Request, wf_id: str) -> WorkflowSumma
     return workflow_summary(found[0]) if found is not None else None
 
 
-async def _lookup(
-    request: web.Request, wf_id: str
-) -> tuple[WorkflowRecord, int] | SubmitWorkflow | None:
-    """The workflow's record, else its submission still waiting in the queue, else None.
-
-    Checked record, queue, record: the scheduler writes the record before it acks (removes) the
-    submission, so a workflow being taken over between the first two looks is seen by the third.
-    """
-    store = request.app[STORE]
-    found = await store.workflow(wf_id)
-    if found is not None:
-        return found
-    pending = await request.app[STREAMS].pending_submission(wf_id)
-    if pending is not None:
-        return pending
-    return await store.workflow(wf_id)
-
-
 async def _recent_pending(request: web.Request, wf_id: str) -> WorkflowSummary | None:
     """The summary of a submission accepted here and still waiting in the queue, if it is one;
     whether it waits is asked of JetStream without reading the submission back."""
@@ -632,7 +615,7 @@ async def get_workflow(request: web.Request) -> web.Response:
     if found is None:
         if not include and (summary := await _recent_pending(request, wf_id)) is not None:
             return json_response(summary)
-        found = await _lookup(request, wf_id)
+        found = await lookup_workflow(request, wf_id)
     if found is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(found, SubmitWorkflow):
@@ -648,7 +631,7 @@ async def get_workflow(request: web.Request) -> web.Response:
 
 
 async def _workflow_exists(request: web.Request, wf_id: str) -> bool:
-    return await _lookup(request, wf_id) is not None
+    return await lookup_workflow(request, wf_id) is not None
 
 
 async def _sse_response(request: web.Request) -> web.StreamResponse:
@@ -724,7 +707,7 @@ async def cancel_workflow(request: web.Request) -> web.Response:
     # behind it wins. Asked before the record is read: the scheduler writes the record of the
     # new run before it removes the retry from the queue, so one of the two looks sees it.
     retry_waits = await request.app[STREAMS].pending_command("retry", wf_id) is not None
-    looked_up = await _lookup(request, wf_id)
+    looked_up = await lookup_workflow(request, wf_id)
     if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     found = None if isinstance(looked_up, SubmitWorkflow) else looked_up
@@ -745,7 +728,7 @@ async def cancel_workflow(request: web.Request) -> web.Response:
 
 async def retry_workflow(request: web.Request) -> web.Response:
     wf_id = _workflow_id(request)
-    looked_up = await _lookup(request, wf_id)
+    looked_up = await lookup_workflow(request, wf_id)
     if looked_up is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
     if isinstance(looked_up, SubmitWorkflow):

@@ -19,13 +19,23 @@ from shared.messages import (
     Approval,
     ApproveWorkflow,
     RejectWorkflow,
+    SubmitWorkflow,
     WorkflowRecord,
     encode,
 )
 from shared.tracing import headers_with_context
 
 from .bodies import ApproveBody, RejectBody, decode_body
-from .common import ANONYMOUS, BUS, CONFIG, STORE, caller, json_body, workflow_id
+from .common import (
+    ANONYMOUS,
+    BUS,
+    CONFIG,
+    STORE,
+    caller,
+    json_body,
+    lookup_workflow,
+    workflow_id,
+)
 from .responses import Approving, Rejecting, json_response
 
 __all__ = ["approve", "reject"]
@@ -44,9 +54,14 @@ async def _gates(
 ) -> tuple[WorkflowRecord, list[tuple[str | None, Approval]]]:
     """The workflow and its gates that wait (``(task id or None, approval)``)."""
     store = request.app[STORE]
-    found = await store.workflow(wf_id)
+    found = await lookup_workflow(request, wf_id)
     if found is None:
         raise NotFound(f"no workflow {wf_id}", workflow_id=wf_id)
+    if isinstance(found, SubmitWorkflow):  # accepted: its gates wait only once it is taken
+        raise Conflict(
+            f"workflow {wf_id} waits for the scheduler; nothing of it awaits approval yet",
+            workflow_status="queued",
+        )
     record = found[0]
     gates: list[tuple[str | None, Approval]] = []
     if record.approval_deadline is not None and record.approval is not None and task is None:

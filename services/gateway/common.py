@@ -16,6 +16,7 @@ from shared.bus import Bus
 from shared.config import Config
 from shared.errors import DefinitionError, NotFound
 from shared.ids import is_workflow_id, split_task_key
+from shared.messages import SubmitWorkflow, WorkflowRecord
 from shared.parsing import DefinitionParser
 from shared.store import Store
 from shared.streams import Streams
@@ -38,6 +39,7 @@ __all__ = [
     "caller",
     "error_response",
     "json_body",
+    "lookup_workflow",
     "task_ids",
     "workflow_id",
 ]
@@ -92,3 +94,22 @@ async def json_body(request: web.Request) -> Any:
 
 def caller(request: web.Request) -> str:
     return str(request.get(CALLER, ANONYMOUS))
+
+
+async def lookup_workflow(
+    request: web.Request, wf_id: str
+) -> tuple[WorkflowRecord, int] | SubmitWorkflow | None:
+    """The workflow's record, else its submission still waiting in the queue (accepted, not
+    taken by the scheduler yet), else None.
+
+    Checked record, queue, record: the scheduler writes the record before it acks (removes) the
+    submission, so a workflow being taken over between the first two looks is seen by the third.
+    """
+    store = request.app[STORE]
+    found = await store.workflow(wf_id)
+    if found is not None:
+        return found
+    pending = await request.app[STREAMS].pending_submission(wf_id)
+    if pending is not None:
+        return pending
+    return await store.workflow(wf_id)
