@@ -217,11 +217,22 @@ def test_an_accepted_workflow_is_visible_before_the_scheduler_takes_it(stack: St
             status, reply = stack.http.post(f"/workflows/{wf_id}/{decision}", body)
             assert status == 409 and "waits for the scheduler" in reply["error"]["message"], reply
             assert reply["error"]["details"]["workflow_status"] == "queued", reply
+        # a plan accepted, not taken: it is planning, and applying it is refused as not ready
+        status, plan = stack.http.post(
+            "/workflows?plan=true",
+            {"name": "plan", "tasks": [{"id": "a", "action": "builtin.noop"}]},
+        )
+        assert status == 202, plan
+        status, reply = stack.http.post(f"/plans/{plan['plan_id']}/apply", {})
+        assert status == 409 and reply["error"]["details"]["plan_status"] == "planning", reply
         status, task = stack.http.get(f"/tasks/{wf_id}.a")
         assert status == 200 and task["status"] == "pending" and task["attempt"] == 0, task
         status, logs = stack.http.get(f"/tasks/{wf_id}.a/logs")
         assert status == 200 and logs["lines"] == [], logs
         assert stack.http.get(f"/tasks/{wf_id}.zz")[0] == 404
+        status, reply = stack.http.post(f"/tasks/{wf_id}.a/progress", {"progress": 5})
+        assert status == 409 and "has not started" in reply["error"]["message"], reply
+        assert stack.http.post(f"/tasks/{wf_id}.zz/progress", {"progress": 5})[0] == 404
     finally:
         stack.scheduler.signal(signal.SIGCONT)
     assert stack.http.wait_workflow(wf_id)["status"] == "completed"

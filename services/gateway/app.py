@@ -850,7 +850,10 @@ async def post_progress(request: web.Request) -> web.Response:
         raise DefinitionError("message is not valid Unicode", reason="wrong_field") from None
     found = await request.app[STORE].task(wf_id, task_id)
     if found is None:
-        raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        if await _waiting_task(request, wf_id, task_id) is None:
+            raise NotFound(f"no task {wf_id}.{task_id}", task_id=f"{wf_id}.{task_id}")
+        message = f"task {wf_id}.{task_id} has not started: its workflow waits for the scheduler"
+        return _error(409, "conflict", message)
     record = found[0]
     if record.status in TERMINAL_TASK:
         return _error(409, "conflict", f"task {wf_id}.{task_id} is already {record.status}")

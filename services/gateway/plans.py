@@ -163,6 +163,10 @@ async def _replan(request: web.Request, definition: WorkflowDefinition) -> dict[
 
 async def apply_plan(request: web.Request) -> web.Response:
     plan_id = workflow_id(request)
+    waiting = await request.app[STREAMS].pending_submission(plan_id)
+    if waiting is not None and waiting.mode == "plan":  # accepted, not taken yet: not ready
+        message = f"plan {plan_id} is planning, not ready"
+        return error_response(409, "conflict", message, plan_status="planning")
     record, tasks = await _load_plan(request, plan_id)
     config = request.app[CONFIG]
     if record.status != "completed":
