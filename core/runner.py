@@ -323,7 +323,9 @@ class Runner:
             result_file = workdir / "result.json"
             env = self.environment(action, task_env, workdir, args)
             env["PROVISIONING_RESULT_FILE"] = str(result_file)
-            program, refused = _find_program(argv[0], env["PATH"], self.task_user)
+            # nu itself: the executor checked at start that the task user may run it
+            user = None if argv[0] == self.nu_path else self.task_user
+            program, refused = _find_program(argv[0], env["PATH"], user)
             if program is None:
                 return RunResult(
                     "failed",
