@@ -109,13 +109,14 @@ def main() -> int:
         data_dir = Path(tmp) / "data"
         kwargs: dict[str, Any] = {}
         if opts.executor:
-            from core.processes import become_subreaper
+            from core.processes import become_subreaper, watch_children_by_pidfd
             from services.executor import isolation
 
             os.chmod(tmp, 0o711)  # noqa: S103 - the task user passes through, as in /tmp
             kwargs["task_user"] = task_user = isolation.resolve_task_user("")
             _, kwargs["runtime_dir"] = isolation.prepare_data_dir(data_dir, task_user)
             become_subreaper()
+            watch_children_by_pidfd()
         runner = Runner(nu_binary=nu, data_dir=data_dir, **kwargs)
         bare = _bare(nu, opts.tasks, Path(tmp))
         through = asyncio.run(_through_runner(runner, opts.tasks, opts.parallel))
