@@ -138,9 +138,9 @@ def _launcher(task_user: TaskUser | None) -> tuple[list[str], dict[str, Any]]:
     itself. ``provisioning-launch`` (:file:`core/launch.c`) switches to the task's user and
     sets the parent-death signal (the child dies with its runner) after the fork, so Python
     keeps spawning with vfork; its own ``user=``/``group=`` would make every spawn a full fork
-    of the runner. Where it was not built, ``setpriv`` (util-linux) does the same at about
-    three times the cost (docs/performance.md); where neither is, the spawn switches users
-    itself and the child starts without the parent-death signal."""
+    of the runner. Where it was not built, ``setpriv`` (util-linux) does the same, adding
+    about three times the CPU per spawn (docs/performance.md); where neither is, the spawn
+    switches users itself and the child starts without the parent-death signal."""
     if sys.platform.startswith("linux"):
         launch = Path(sys.executable).parent / LAUNCH
         if os.access(launch, os.X_OK):
