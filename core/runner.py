@@ -186,10 +186,12 @@ def _find_program(name: str, path: str, user: TaskUser | None) -> tuple[str | No
         if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
             continue
         if user is not None:
-            # the file (links followed), and the directory it was found in (a link's own)
-            why = denied(Path(candidate), "x", user.uid, {user.gid}) or denied(
-                Path(candidate).parent, "x", user.uid, {user.gid}
-            )
+            # the file, links followed; a link's own directory too (the only one not among
+            # the directories above what it leads to)
+            found, groups = Path(candidate), {user.gid}
+            why = denied(found, "x", user.uid, groups)
+            if why is None and found.is_symlink():
+                why = denied(found.parent, "x", user.uid, groups)
             if why is not None:
                 refused = refused or f"; {candidate}: the task user {user.name!r} may not: {why}"
                 continue

@@ -638,24 +638,27 @@ class Bus:
         asked instead, one message per request."""
         if self.config.replicas > 1:
             return await self._read_from_leader(stream, subject_filter)
-        return await self._read_pages(stream, subject_filter, page, timeout_s, first=None)
+        return await self._read_pages(stream, subject_filter, page, timeout_s)
 
     async def _read_pages(
-        self, stream: str, subject_filter: str, page: int, timeout_s: float, *, first: Read | None
+        self,
+        stream: str,
+        subject_filter: str,
+        page: int,
+        timeout_s: float,
+        read: Read | None = None,
     ) -> list[tuple[int, bytes]]:
-        """The pages of :meth:`read_stream`, after the ``first`` when it was read already."""
+        """The pages of :meth:`read_stream`, from ``read`` (its first) when it was made."""
         out: list[tuple[int, bytes]] = []
-        seq = 1
         while True:
-            if first is None:
+            if read is None:
+                seq = out[-1][0] + 1 if out else 1
                 request = {"seq": seq, "next_by_subj": subject_filter, "batch": page}
                 (read,) = await self.gets.read([(stream, request)], timeout_s=timeout_s)
-            else:
-                read, first = first, None
             out.extend((s, data) for s, _, _, data in read.found)
             if not read.left or not read.found:
                 return out
-            seq = read.found[-1][0] + 1
+            read = None
 
     async def read_last(
         self, stream: str, subjects_: list[str], *, timeout_s: float = 5.0
@@ -694,7 +697,7 @@ class Bus:
         first = reads[0]
         last = _by_subject(reads[1].found) if last_subjects else {}
         if first.left and first.found:
-            queue = await self._read_pages(stream, subject_filter, page, timeout_s, first=first)
+            queue = await self._read_pages(stream, subject_filter, page, timeout_s, first)
             return queue, await self.read_last(last_stream, last_subjects, timeout_s=timeout_s)
         return [(s, data) for s, _, _, data in first.found], last
 

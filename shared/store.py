@@ -149,19 +149,11 @@ class Store:
             return None
         return decode_task(entry.value), entry.revision or 0
 
-    async def latest_tasks(self, keys: list[str]) -> dict[str, tuple[TaskRecord, int]] | None:
-        """The checkpoints of several tasks (by task key) in one read, as they are now: those
-        that exist and decode, with their revisions. None where that read cannot be made
-        (replicas: see :meth:`Bus.read_last`); read each with :meth:`task` then."""
-        if self.bus.config.replicas > 1:
-            return None
-        stream, subjects_ = self.latest_tasks_read(keys)
-        return self.latest_tasks_from(await self.bus.read_last(stream, subjects_))
-
     @staticmethod
     def latest_tasks_read(keys: list[str]) -> tuple[str, list[str]]:
-        """The stream and subjects :meth:`latest_tasks` reads (for a read made together with
-        another: ``Streams.pending_reports_then_tasks``)."""
+        """The stream and subjects that hold the newest checkpoints of several tasks (by task
+        key), for one batched read of their last messages (``Bus.read_last``), made together
+        with another by ``Streams.pending_reports_then_tasks``."""
         prefix = f"$KV.{subjects.BUCKET_TASKS}."
         return f"KV_{subjects.BUCKET_TASKS}", [prefix + k for k in keys]
 
@@ -169,7 +161,8 @@ class Store:
     def latest_tasks_from(
         found: dict[str, tuple[int, dict[str, str], bytes]],
     ) -> dict[str, tuple[TaskRecord, int]]:
-        """What :meth:`latest_tasks` returns, from the last messages read of its subjects."""
+        """The checkpoints among the last messages read of :meth:`latest_tasks_read`'s subjects,
+        by task key, with their revisions: those that exist and decode."""
         prefix = f"$KV.{subjects.BUCKET_TASKS}."
         out: dict[str, tuple[TaskRecord, int]] = {}
         for subject, (seq, headers, data) in found.items():

@@ -151,10 +151,11 @@ class Streams:
     async def pending_reports_then_tasks(
         self, keys: list[str]
     ) -> tuple[dict[str, Report], dict[str, tuple[TaskRecord, int]] | None]:
-        """:meth:`pending_reports`, then ``Store.latest_tasks(keys)``, in that order (see
-        :meth:`pending_reports`), in one round trip where the server keeps the order of two
-        reads (one replica: :meth:`Bus.read_stream_then_last`); with replicas the two reads
-        one after the other, and None for the checkpoints as ``Store.latest_tasks`` gives."""
+        """:meth:`pending_reports`, then the newest checkpoints of the tasks ``keys`` (by task
+        key, with their revisions), in that order (see :meth:`pending_reports`), in one round
+        trip where the server keeps the order of two reads (one replica:
+        :meth:`Bus.read_stream_then_last`). With replicas, the reports alone and None for the
+        checkpoints: they are read one by one then (``Store.task``), after the reports."""
         if self.bus.config.replicas > 1:
             return await self.pending_reports(), None
         stream, last = Store.latest_tasks_read(keys)

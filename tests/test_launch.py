@@ -5,6 +5,7 @@ uses it (setpriv only where it was not built)."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import signal
@@ -71,8 +72,6 @@ def test_it_switches_to_the_task_user_with_no_other_group(launch: Path) -> None:
 
 
 def _group(gid: int) -> str:
-    import grp
-
     return grp.getgrgid(gid).gr_name
 
 
