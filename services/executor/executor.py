@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from core.actions import run_action, task_environment
 from core.registry import Registry
@@ -58,14 +58,15 @@ from shared.metrics import Metrics
 from shared.pull import Puller
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import current_traceparent, message_span
+from shared.tracing import consumer_span, current_traceparent
 
 from .reports import ReportSender
 
 __all__ = ["Executor"]
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("provisioning.executor")
+tracer_name = "provisioning.executor"
+tracer = trace.get_tracer(tracer_name)
 LOG_FLUSH_S = 0.2
 LOG_FLUSH_LINES = 100
 LOG_FLUSH_BYTES = 128 * 1024
@@ -632,11 +633,10 @@ class Executor:
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        with message_span(
-            tracer,
+        with consumer_span(
+            tracer_name,
             f"execute {dispatch.task_id}",
             msg.subject,
-            kind=SpanKind.CONSUMER,
             headers=msg.headers,
             attributes={
                 "workflow.id": dispatch.workflow_id,
