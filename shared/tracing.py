@@ -26,6 +26,7 @@ from opentelemetry.util.types import AttributeValue
 from . import __version__
 from .config import TracingConfig
 from .metrics import setup_metrics, shutdown_metrics
+from .otlp import OtlpHttpSpanExporter, exporter_applies
 from .spans import LightTracer, light_spans_apply
 
 __all__ = [
@@ -67,6 +68,8 @@ def _exporter(config: TracingConfig) -> SpanExporter | None:
     endpoint = config.endpoint.rstrip("/")
     if endpoint and not endpoint.endswith("/v1/traces"):
         endpoint += "/v1/traces"
+    if endpoint and exporter_applies():
+        return OtlpHttpSpanExporter(endpoint)
     return OTLPSpanExporter(endpoint=endpoint or None)
 
 

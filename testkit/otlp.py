@@ -72,6 +72,8 @@ class Receiver:
         self._decoded = 0  # exports of raw_traces decoded into _spans
         self.raw_traces: list[bytes] = []  # every export as received (decompressed)
         self.metrics: dict[str, set[str]] = {}
+        self.refusals: list[int] = []  # HTTP statuses to answer the next exports with
+        self.posts = 0  # exports received, refused ones included
         self.lock = threading.RLock()  # held by tests around reads of spans
         receiver = self
 
@@ -81,6 +83,14 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    receiver.posts += 1
+                    refusal = receiver.refusals.pop(0) if receiver.refusals else None
+                if refusal is not None:
+                    self.send_response(refusal)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 if self.path == "/v1/traces":
