@@ -11,7 +11,7 @@ and its retries are the SDK's, unchanged.
 
 It is used only where it gives the span the SDK would give: the default sampler (parent
 based, always on), no span limits set, the SDK enabled (:func:`light_spans_apply`); otherwise
-``shared.tracing.consumer_span`` uses the SDK's tracer. Its attributes are set by this code
+``shared.tracing.hot_span`` uses the SDK's tracer. Its attributes are set by this code
 (ids, counts, names), never taken from a task.
 """
 
@@ -80,9 +80,20 @@ class LightTracer:
         parent: SpanContext,
         kind: SpanKind,
         attributes: dict[str, AttributeValue],
+        *,
+        links: Sequence[Link] = (),
+        start_ns: int | None = None,
     ) -> LightSpan:
         """A span, child of ``parent`` (a new trace when it is not valid)."""
-        return LightSpan(self, name, parent if parent.is_valid else None, kind, attributes)
+        return LightSpan(
+            self,
+            name,
+            parent if parent.is_valid else None,
+            kind,
+            attributes,
+            links=links,
+            start_ns=start_ns,
+        )
 
 
 class LightSpan(trace.Span):
@@ -99,6 +110,9 @@ class LightSpan(trace.Span):
         parent: SpanContext | None,
         kind: SpanKind,
         attributes: dict[str, AttributeValue],
+        *,
+        links: Sequence[Link] = (),
+        start_ns: int | None = None,
     ) -> None:
         self._tracer = tracer
         self._name = name
@@ -122,7 +136,8 @@ class LightSpan(trace.Span):
             trace_flags=TraceFlags(flags),
             trace_state=parent.trace_state if parent is not None else None,
         )
-        self._start = time.time_ns()
+        self._links = list(links)
+        self._start = start_ns or time.time_ns()
         self._end: int | None = None
         self._token: object | None = None
 
@@ -168,7 +183,8 @@ class LightSpan(trace.Span):
             self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
-        log.debug("links are not kept on %s", self._name)
+        if self.is_recording() and context.is_valid:  # as the SDK: an invalid context is no link
+            self._links.append(Link(context, attributes))
 
     def update_name(self, name: str) -> None:
         if self.is_recording():
@@ -219,7 +235,7 @@ class LightSpan(trace.Span):
                 resource=tracer.resource,
                 attributes=self._attributes,
                 events=tuple(self._events),
-                links=_NO_LINKS,
+                links=tuple(self._links),
                 kind=self._kind,
                 status=self._status,
                 start_time=self._start,
@@ -227,6 +243,3 @@ class LightSpan(trace.Span):
                 instrumentation_scope=tracer.scope,
             )
         )
-
-
-_NO_LINKS: Sequence[Link] = ()

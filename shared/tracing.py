@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 
 from opentelemetry import propagate, trace
@@ -30,10 +30,10 @@ from .otlp import OtlpHttpSpanExporter, exporter_applies
 from .spans import LightTracer, light_spans_apply
 
 __all__ = [
-    "consumer_span",
     "context_from",
     "current_traceparent",
     "headers_with_context",
+    "hot_span",
     "message_span",
     "resource_for",
     "setup_tracing",
@@ -163,31 +163,41 @@ def _messaging(
     }
 
 
-def consumer_span(
+def hot_span(
     scope: str,
     name: str,
     subject: str,
     *,
+    kind: SpanKind,
     attributes: Mapping[str, AttributeValue],
     headers: Mapping[str, str] | None,
+    links: Sequence[trace.Link] = (),
+    start_ns: int | None = None,
 ) -> AbstractContextManager[trace.Span]:
-    """:func:`message_span` for a CONSUMER on the hot path (a span per task): the same span,
-    recorded as a :class:`shared.spans.LightSpan` where that makes the span the SDK would
-    (the default sampler, no span limits), by the SDK's tracer ``scope`` otherwise."""
+    """:func:`message_span` on a hot path (a task's execution, a scheduler step's dispatches
+    and reports): the same span, recorded as a :class:`shared.spans.LightSpan` where that
+    makes the span the SDK would (the default sampler, no span limits), by the SDK's tracer
+    ``scope`` otherwise. ``headers`` carry the parent (none: a new trace)."""
     if _light is None:
-        return message_span(
-            trace.get_tracer(scope),
+        return trace.get_tracer(scope).start_as_current_span(
             name,
-            subject,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            headers=headers,
+            context=context_from(headers),
+            kind=kind,
+            attributes=_messaging(subject, kind, attributes),
+            links=links,
+            start_time=start_ns,
         )
     light = _light_tracers.get(scope)
     if light is None:
         light = _light_tracers[scope] = LightTracer(*_light, InstrumentationScope(scope, ""))
-    kind = SpanKind.CONSUMER
-    return light.start(name, span_context_of(headers), kind, _messaging(subject, kind, attributes))
+    return light.start(
+        name,
+        span_context_of(headers),
+        kind,
+        _messaging(subject, kind, attributes),
+        links=links,
+        start_ns=start_ns,
+    )
 
 
 def current_traceparent() -> str | None:

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from shared import tracing
 from shared.spans import MAX_EVENTS, LightSpan, LightTracer, light_spans_apply
@@ -76,18 +76,26 @@ def _fields(span: ReadableSpan) -> dict[str, Any]:
         "status": (span.status.status_code, span.status.description),
         "resource": span.resource.attributes,
         "scope": span.instrumentation_scope,
+        "links": [(link.context, dict(link.attributes or {})) for link in span.links],
+        "start": span.start_time,
     }
 
 
 def test_a_light_span_is_the_span_the_sdk_makes(pair: Pair) -> None:
     headers = pair.parent_headers()
-    with tracing.message_span(
-        pair.sdk,
+    linked = tracing.span_context_of(pair.parent_headers())
+    with pair.sdk.start_as_current_span(
         "execute t1",
-        "prov.dispatch",
+        context=tracing.context_from(headers),
         kind=SpanKind.CONSUMER,
-        headers=headers,
-        attributes=ATTRIBUTES,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": "prov.dispatch",
+            "messaging.operation.type": "process",
+            **ATTRIBUTES,
+        },
+        links=[Link(linked)],
+        start_time=1_000,
     ) as span:
         span.add_event("progress", {"progress.percent": 40})
         span.set_attribute("task.outcome", "failed")
@@ -102,15 +110,18 @@ def test_a_light_span_is_the_span_the_sdk_makes(pair: Pair) -> None:
             "messaging.operation.type": "process",
             **ATTRIBUTES,
         },
+        links=[Link(linked)],
+        start_ns=1_000,
     ) as light:
         light.add_event("progress", {"progress.percent": 40})
         light.set_attribute("task.outcome", "failed")
         light.set_status(Status(StatusCode.ERROR, "boom"))
-    _, sdk_span, light_span = pair.spans()
+    _, _, sdk_span, light_span = pair.spans()
     assert _fields(light_span) == _fields(sdk_span)
     assert light_span.context.span_id not in (0, sdk_span.context.span_id)
-    assert light_span.start_time and light_span.end_time
+    assert light_span.start_time == 1_000 and light_span.end_time
     assert light_span.start_time <= light_span.end_time
+    assert [link.context for link in light_span.links] == [linked]
     # and the exporter encodes it as it encodes the SDK's (one resource, one scope)
     request = encode_spans([sdk_span, light_span])
     (resource_spans,) = request.resource_spans
@@ -185,10 +196,13 @@ def test_status_and_end_follow_the_sdk(pair: Pair) -> None:
         light.set_status(Status(StatusCode.ERROR, "late"))  # OK is final
         light.set_status(StatusCode.UNSET)
         light.update_name("renamed")
+        light.add_link(trace.INVALID_SPAN_CONTEXT)  # no link, as with the SDK
+        light.add_link(light.get_span_context(), {"why": "test"})
     light.end()  # twice: once exported
     light.set_attribute("after", "end")
     (span,) = pair.spans()
     assert span.name == "renamed" and span.status.status_code is StatusCode.OK
+    assert [dict(link.attributes or {}) for link in span.links] == [{"why": "test"}]
     assert "after" not in (span.attributes or {})
 
 
@@ -227,13 +241,14 @@ def test_light_spans_only_where_the_sdk_would_make_the_same(
     assert light_spans_apply(environ) is applies
 
 
-def test_consumer_span_falls_back_to_the_sdk(monkeypatch: pytest.MonkeyPatch, pair: Pair) -> None:
+def test_hot_span_falls_back_to_the_sdk(monkeypatch: pytest.MonkeyPatch, pair: Pair) -> None:
+    kind = SpanKind.CONSUMER
     monkeypatch.setattr(tracing, "_light", None)
-    with tracing.consumer_span(SCOPE, "execute t1", "s", attributes={}, headers=None) as span:
+    with tracing.hot_span(SCOPE, "execute t1", "s", kind=kind, attributes={}, headers=None) as span:
         assert not isinstance(span, LightSpan)
     monkeypatch.setattr(tracing, "_light", (pair.light.processor, pair.light.resource))
     monkeypatch.setattr(tracing, "_light_tracers", {})
-    with tracing.consumer_span(SCOPE, "execute t1", "s", attributes={}, headers=None) as span:
+    with tracing.hot_span(SCOPE, "execute t1", "s", kind=kind, attributes={}, headers=None) as span:
         assert isinstance(span, LightSpan)
     (recorded,) = pair.spans()
     assert recorded.instrumentation_scope == InstrumentationScope(SCOPE, "")

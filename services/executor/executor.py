@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from core.actions import run_action, task_environment
 from core.registry import Registry
@@ -58,7 +58,7 @@ from shared.metrics import Metrics
 from shared.pull import Puller
 from shared.store import Store
 from shared.streams import Streams
-from shared.tracing import consumer_span, current_traceparent
+from shared.tracing import current_traceparent, hot_span
 
 from .reports import ReportSender
 
@@ -633,10 +633,11 @@ class Executor:
     async def _execute(self, running: _Running) -> None:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
-        with consumer_span(
+        with hot_span(
             tracer_name,
             f"execute {dispatch.task_id}",
             msg.subject,
+            kind=SpanKind.CONSUMER,
             headers=msg.headers,
             attributes={
                 "workflow.id": dispatch.workflow_id,

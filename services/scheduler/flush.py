@@ -29,7 +29,6 @@ from collections import Counter
 
 import nats.errors
 from nats.aio.msg import Msg
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from engine import Effects, WorkflowState
@@ -39,12 +38,12 @@ from shared.bus import Bus
 from shared.messages import encode
 from shared.metrics import Metrics
 from shared.store import Store
-from shared.tracing import context_from, headers_with_context, message_span, tracing_enabled
+from shared.tracing import headers_with_context, hot_span, tracing_enabled
 
-__all__ = ["COUNTS_INTERVAL_S", "WRITE_CHUNK", "Flusher"]
+__all__ = ["COUNTS_INTERVAL_S", "TRACER_NAME", "WRITE_CHUNK", "Flusher"]
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("provisioning.scheduler")
+TRACER_NAME = "provisioning.scheduler"  # the scheduler's spans, here and in service.py
 
 WRITE_CHUNK = 512  # concurrent KV writes or publishes at a time
 # A workflow record holds every task id: 10,000 of them make it ~100 KB, and writing it again in
@@ -210,12 +209,12 @@ class Flusher:
             first = dispatches[0].message
             parent = {"traceparent": dispatches[0].traceparent} if dispatches[0].traceparent else {}
             many = len(dispatches) > 1
-            with message_span(
-                tracer,
+            with hot_span(
+                TRACER_NAME,
                 f"dispatch {len(dispatches)} tasks" if many else f"dispatch {first.task_id}",
                 subjects.dispatch_subject(first.pool, wf_id, first.task_id),
                 kind=SpanKind.PRODUCER,
-                context=context_from(parent),
+                headers=parent,
                 attributes={
                     "workflow.id": wf_id,
                     "messaging.batch.message_count": len(dispatches),
