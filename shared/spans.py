@@ -64,6 +64,11 @@ def light_spans_apply(environ: Mapping[str, str] = os.environ) -> bool:
     return not any(environ.get(name) for name in _LIMITS)
 
 
+def _says_something(context: SpanContext, attributes: Attributes) -> bool:
+    """The SDK's test of a link worth keeping: to a span, or with attributes or a state."""
+    return bool(context.is_valid or attributes or context.trace_state)
+
+
 class LightTracer:
     """Makes :class:`LightSpan` s for one instrumentation scope, ending into ``processor``."""
 
@@ -136,7 +141,8 @@ class LightSpan(trace.Span):
             trace_flags=TraceFlags(flags),
             trace_state=parent.trace_state if parent is not None else None,
         )
-        self._links = list(links)
+        # as the SDK: a link to no span is kept only when it says something
+        self._links = [link for link in links if _says_something(link.context, link.attributes)]
         self._start = start_ns or time.time_ns()
         self._end: int | None = None
         self._token: object | None = None
@@ -183,7 +189,7 @@ class LightSpan(trace.Span):
             self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
-        if self.is_recording() and context.is_valid:  # as the SDK: an invalid context is no link
+        if self.is_recording() and _says_something(context, attributes):
             self._links.append(Link(context, attributes))
 
     def update_name(self, name: str) -> None:

@@ -50,6 +50,7 @@ _provider: TracerProvider | None = None
 # None: the SDK's tracer makes every span (see shared.spans)
 _light: tuple[SpanProcessor, Resource] | None = None
 _light_tracers: dict[str, LightTracer] = {}
+_sdk_tracers: dict[str, trace.Tracer] = {}
 
 
 def _exporter(config: TracingConfig) -> SpanExporter | None:
@@ -179,7 +180,10 @@ def hot_span(
     makes the span the SDK would (the default sampler, no span limits), by the SDK's tracer
     ``scope`` otherwise. ``headers`` carry the parent (none: a new trace)."""
     if _light is None:
-        return trace.get_tracer(scope).start_as_current_span(
+        tracer = _sdk_tracers.get(scope)
+        if tracer is None:  # a proxy: it follows the provider set later, if any
+            tracer = _sdk_tracers[scope] = trace.get_tracer(scope)
+        return tracer.start_as_current_span(
             name,
             context=context_from(headers),
             kind=kind,

@@ -65,8 +65,8 @@ from .reports import ReportSender
 __all__ = ["Executor"]
 
 log = logging.getLogger(__name__)
-tracer_name = "provisioning.executor"
-tracer = trace.get_tracer(tracer_name)
+TRACER_NAME = "provisioning.executor"
+tracer = trace.get_tracer(TRACER_NAME)
 LOG_FLUSH_S = 0.2
 LOG_FLUSH_LINES = 100
 LOG_FLUSH_BYTES = 128 * 1024
@@ -634,7 +634,7 @@ class Executor:
         dispatch, msg, delivery = running.dispatch, running.msg, running.delivery
         key = subjects.task_key(dispatch.workflow_id, dispatch.task_id)
         with hot_span(
-            tracer_name,
+            TRACER_NAME,
             f"execute {dispatch.task_id}",
             msg.subject,
             kind=SpanKind.CONSUMER,
