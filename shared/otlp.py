@@ -340,13 +340,24 @@ class OtlpHttpSpanExporter(SpanExporter):
             self._conn = None
 
     def _post(self, body: bytes, timeout_s: float) -> int:
+        reused = self._conn is not None and self._conn.sock is not None
+        try:
+            return self._send(body, timeout_s)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+        # the collector closed the kept connection while it was idle (its keep-alive timeout):
+        # not a failure of the collector, so again at once on a new connection
+        return self._send(body, timeout_s)
+
+    def _send(self, body: bytes, timeout_s: float) -> int:
         conn = self._connection(timeout_s)
         try:
             conn.request("POST", self._path, body, {"Content-Type": "application/x-protobuf"})
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException):
-            self._close()  # a kept connection the collector closed: the next try opens one
+            self._close()  # the next try opens a new connection
             raise
         if response.will_close:
             self._close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -167,6 +168,42 @@ def test_the_exporter_drops_what_the_collector_refuses_for_good(receiver: Receiv
     exporter = OtlpHttpSpanExporter(f"{receiver.endpoint}/v1/traces", timeout_s=10)
     assert exporter.export(_spans()[:2]) is SpanExportResult.FAILURE
     assert receiver.posts == 1 and receiver.spans == []
+
+
+class _KeepAliveThenClose(BaseHTTPRequestHandler):
+    """HTTP/1.1 that promises to keep the connection, then closes it after answering: what a
+    collector's idle timeout does to a kept connection between two exports."""
+
+    protocol_version = "HTTP/1.1"
+    bodies: list[bytes] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.close_connection = True  # without saying so
+
+
+def test_a_kept_connection_closed_while_idle_is_opened_again_at_once() -> None:
+    _KeepAliveThenClose.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveThenClose)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        exporter = OtlpHttpSpanExporter(f"http://127.0.0.1:{port}/v1/traces", timeout_s=10)
+        backoffs: list[float] = []
+        wait = exporter._stopped.wait
+        exporter._stopped.wait = lambda s: backoffs.append(s) or wait(s)  # type: ignore[method-assign]
+        assert exporter.export(_spans()[:1]) is SpanExportResult.SUCCESS
+        assert exporter.export(_spans()[:2]) is SpanExportResult.SUCCESS  # on a closed one
+        assert len(_KeepAliveThenClose.bodies) == 2 and backoffs == []
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_the_exporter_gives_up_within_its_timeout() -> None:
