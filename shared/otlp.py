@@ -99,11 +99,7 @@ def _any_value(value: Any) -> bytes:
         return b"\x0a" + (_SMALL[size] if size < 128 else _varint(size)) + encoded
     if kind is int and -(1 << 63) <= value < 1 << 63:
         return b"\x18" + _varint(value)
-    if kind is bool:
-        return b"\x10\x01" if value else b"\x10\x00"
-    if kind is float:
-        return b"\x21" + _DOUBLE.pack(value)
-    # the rest as the SDK tests it, in its order (subclasses, sequences, mappings)
+    # the rest as the SDK tests it, in its order (bools, subclasses, sequences, mappings)
     if value is None:
         return b""
     if isinstance(value, bool):

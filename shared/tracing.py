@@ -143,13 +143,20 @@ def message_span(
     attributes: Mapping[str, AttributeValue],
     headers: Mapping[str, str] | None = None,
     context: Context | None = None,
+    links: Sequence[trace.Link] = (),
+    start_time: int | None = None,
 ) -> AbstractContextManager[trace.Span]:
     """A span for one NATS message, after the messaging semantic conventions: PRODUCER for a
     publish, CONSUMER for processing. A CONSUMER span continues the trace in ``headers``."""
     if headers is not None:
         context = context_from(headers)
     return tracer.start_as_current_span(
-        name, context=context, kind=kind, attributes=_messaging(subject, kind, attributes)
+        name,
+        context=context,
+        kind=kind,
+        attributes=_messaging(subject, kind, attributes),
+        links=links,
+        start_time=start_time,
     )
 
 
@@ -183,11 +190,13 @@ def hot_span(
         tracer = _sdk_tracers.get(scope)
         if tracer is None:  # a proxy: it follows the provider set later, if any
             tracer = _sdk_tracers[scope] = trace.get_tracer(scope)
-        return tracer.start_as_current_span(
+        return message_span(
+            tracer,
             name,
-            context=context_from(headers),
+            subject,
             kind=kind,
-            attributes=_messaging(subject, kind, attributes),
+            attributes=attributes,
+            headers=headers or {},  # none: a new trace, not the current one
             links=links,
             start_time=start_ns,
         )

@@ -84,38 +84,36 @@ def _fields(span: ReadableSpan) -> dict[str, Any]:
 def test_a_light_span_is_the_span_the_sdk_makes(pair: Pair) -> None:
     headers = pair.parent_headers()
     linked = tracing.span_context_of(pair.parent_headers())
+    attributes = {
+        "messaging.system": "nats",
+        "messaging.destination.name": "prov.dispatch",
+        "messaging.operation.type": "process",
+        **ATTRIBUTES,
+    }
+
+    def use(span: trace.Span) -> None:
+        span.add_event("progress", {"progress.percent": 40})
+        span.set_attribute("task.outcome", "failed")
+        span.set_status(Status(StatusCode.ERROR, "boom"))
+
     with pair.sdk.start_as_current_span(
         "execute t1",
         context=tracing.context_from(headers),
         kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "nats",
-            "messaging.destination.name": "prov.dispatch",
-            "messaging.operation.type": "process",
-            **ATTRIBUTES,
-        },
+        attributes=attributes,
         links=[Link(linked)],
         start_time=1_000,
     ) as span:
-        span.add_event("progress", {"progress.percent": 40})
-        span.set_attribute("task.outcome", "failed")
-        span.set_status(Status(StatusCode.ERROR, "boom"))
+        use(span)
     with pair.light.start(
         "execute t1",
         tracing.span_context_of(headers),
         SpanKind.CONSUMER,
-        {
-            "messaging.system": "nats",
-            "messaging.destination.name": "prov.dispatch",
-            "messaging.operation.type": "process",
-            **ATTRIBUTES,
-        },
+        attributes,
         links=[Link(linked)],
         start_ns=1_000,
     ) as light:
-        light.add_event("progress", {"progress.percent": 40})
-        light.set_attribute("task.outcome", "failed")
-        light.set_status(Status(StatusCode.ERROR, "boom"))
+        use(light)
     _, _, sdk_span, light_span = pair.spans()
     assert _fields(light_span) == _fields(sdk_span)
     assert light_span.context.span_id not in (0, sdk_span.context.span_id)
