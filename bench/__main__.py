@@ -245,6 +245,18 @@ def bare_nushell(n: int, parallel: int, data_dir: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def runner_alone_nushell(n: int, parallel: int) -> dict[str, float]:
+    """The same Nushell tasks through the executor's runner in one process, no bus, no
+    scheduler (`bench.runner_overhead --bench-task`, as the executor sets it up), against bare
+    runs at the same parallelism: what of the Nushell figure is the runner's."""
+    out = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "bench.runner_overhead", "--bench-task", "--executor",
+         "--tasks", str(n), "--parallel", str(parallel)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def dag_scale(stack: Stack, n: int) -> dict[str, float]:
     """A 10,000-task DAG: 100 layers of fan-out/fan-in. Accept, validate, schedule."""
     width = 100
@@ -332,6 +344,10 @@ def main() -> int:
             )
         finally:
             _close(stack)
+        results["runner_alone_nushell"] = step(
+            "nushell tasks through the runner alone",
+            lambda: runner_alone_nushell(nu_n, slots),
+        )
         stack = _stack(tmp / "dag", quiet)
         try:
             results["dag"] = step("10,000-task DAG", lambda: dag_scale(stack, 10_000))
@@ -463,6 +479,15 @@ def _report(r: dict[str, Any], rows: list[Row]) -> None:
     )
     rows.append(
         ("bare nu runs, same parallelism", f"{r['bare_nushell_s']:,.1f} runs/s", "1.00", "")
+    )
+    alone = r["runner_alone_nushell"]
+    rows.append(
+        (
+            "Nushell tasks via the runner alone (no bus)",
+            f"{alone['runner_per_s']:,.1f} tasks/s",
+            f"{alone['ratio']:.2f} of bare",
+            "",
+        )
     )
     dag = r["dag"]
     rows.append(("10,000-task DAG accepted (202)", f"{dag['accept_s']:.2f} s", "", ""))

@@ -8,6 +8,11 @@ sweeps), CPU of the children (``nu`` and whatever the runner adds around it), fo
 and for bare spawns. ``--executor`` sets the runner up as the executor does: a child
 subreaper (cheap, exact sweeps) keeping footprints, and as root a task user. Run it on a quiet
 machine; two runs side by side say more than one.
+
+``--bench-task`` runs `make bench`'s own Nushell task instead (``server.list``, as the stack
+runs it) through the runner at ``--parallel``, against the same bare ``nu`` runs at the same
+parallelism that `make bench` compares the whole stack with, and prints both rates and their
+ratio: the runner's share of the Nushell figure without the message path around it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 from core.registry import load_registry
 from core.runner import Runner, resolve_binary
+
+from .__main__ import bare_nushell
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -52,9 +59,13 @@ def _figures(n: int, wall: float, before: tuple[float, float]) -> dict[str, floa
     }
 
 
-async def _through_runner(runner: Runner, n: int, parallel: int) -> dict[str, float]:
-    registry = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib")
-    action = registry.get("probe.echo")
+async def _through_runner(
+    runner: Runner, n: int, parallel: int, *, bench_task: bool = False
+) -> dict[str, float]:
+    if bench_task:  # make bench's Nushell task, with its arguments
+        action = load_registry().get("server.list")
+    else:
+        action = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib").get("probe.echo")
     slots = asyncio.Semaphore(parallel)
 
     async def nothing(*_: Any) -> None:
@@ -64,7 +75,7 @@ async def _through_runner(runner: Runner, n: int, parallel: int) -> dict[str, fl
         async with slots:
             done = await runner.run(
                 action,
-                {"i": i},
+                {"infra": "bench"} if bench_task else {"i": i},
                 task_env={"PROVISIONING_TASK_ID": f"bench.t{i}"},
                 timeout_s=60,
                 on_line=nothing,
@@ -78,7 +89,8 @@ async def _through_runner(runner: Runner, n: int, parallel: int) -> dict[str, fl
     await one(-1)  # warm caches (the binary, the library)
     before, t0 = _cpu(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
-    return _figures(n, time.perf_counter() - t0, before)
+    wall = time.perf_counter() - t0
+    return _figures(n, wall, before) | ({"per_s": round(n / wall, 1)} if bench_task else {})
 
 
 def _bare(nu: str, n: int, data_dir: Path) -> dict[str, float]:
@@ -103,6 +115,11 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--executor", action="store_true", help="set up as the executor does")
+    parser.add_argument(
+        "--bench-task",
+        action="store_true",
+        help="make bench's Nushell task, against bare runs at the same parallelism",
+    )
     opts = parser.parse_args()
     nu = resolve_binary("nu")
     with tempfile.TemporaryDirectory(prefix="bench-runner-") as tmp:
@@ -118,6 +135,21 @@ def main() -> int:
             become_subreaper()
             watch_children_by_pidfd()
         runner = Runner(nu_binary=nu, data_dir=data_dir, **kwargs)
+        if opts.bench_task:
+            (Path(tmp) / "bare").mkdir()
+            # bare runs on either side of the runner's, so a drift of the machine evens out
+            bare_before = bare_nushell(opts.tasks, opts.parallel, Path(tmp) / "bare")
+            through = asyncio.run(
+                _through_runner(runner, opts.tasks, opts.parallel, bench_task=True)
+            )
+            bare_per_s = (
+                bare_before + bare_nushell(opts.tasks, opts.parallel, Path(tmp) / "bare")
+            ) / 2
+            print(json.dumps({"tasks": opts.tasks, "parallel": opts.parallel,
+                              "executor": opts.executor, "runner_per_s": through["per_s"],
+                              "bare_per_s": round(bare_per_s, 1),
+                              "ratio": round(through["per_s"] / bare_per_s, 3)}))  # fmt: skip
+            return 0
         bare = _bare(nu, opts.tasks, Path(tmp))
         through = asyncio.run(_through_runner(runner, opts.tasks, opts.parallel))
     overhead = {k: round(through[k] - bare[k], 2) for k in through}
