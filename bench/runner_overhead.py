@@ -27,10 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.registry import load_registry
+from core.registry import Action, load_registry
 from core.runner import Runner, resolve_binary
 
 from .__main__ import bare_nushell
@@ -60,12 +61,12 @@ def _figures(n: int, wall: float, before: tuple[float, float]) -> dict[str, floa
 
 
 async def _through_runner(
-    runner: Runner, n: int, parallel: int, *, bench_task: bool = False
+    runner: Runner,
+    action: Action,
+    args: Callable[[int], dict[str, Any]],
+    n: int,
+    parallel: int,
 ) -> dict[str, float]:
-    if bench_task:  # make bench's Nushell task, with its arguments
-        action = load_registry().get("server.list")
-    else:
-        action = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib").get("probe.echo")
     slots = asyncio.Semaphore(parallel)
 
     async def nothing(*_: Any) -> None:
@@ -75,7 +76,7 @@ async def _through_runner(
         async with slots:
             done = await runner.run(
                 action,
-                {"infra": "bench"} if bench_task else {"i": i},
+                args(i),
                 task_env={"PROVISIONING_TASK_ID": f"bench.t{i}"},
                 timeout_s=60,
                 on_line=nothing,
@@ -89,13 +90,10 @@ async def _through_runner(
     await one(-1)  # warm caches (the binary, the library)
     before, t0 = _cpu(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
-    wall = time.perf_counter() - t0
-    return _figures(n, wall, before) | ({"per_s": round(n / wall, 1)} if bench_task else {})
+    return _figures(n, time.perf_counter() - t0, before)
 
 
-def _bare(nu: str, n: int, data_dir: Path) -> dict[str, float]:
-    registry = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib")
-    action = registry.get("probe.echo")
+def _bare(nu: str, action: Action, n: int, data_dir: Path) -> dict[str, float]:
     env = {
         "PATH": f"{Path(nu).parent}:/usr/bin:/bin",
         "NU_LIB_DIRS": ":".join(action.lib_dirs),
@@ -135,23 +133,32 @@ def main() -> int:
             become_subreaper()
             watch_children_by_pidfd()
         runner = Runner(nu_binary=nu, data_dir=data_dir, **kwargs)
-        if opts.bench_task:
-            (Path(tmp) / "bare").mkdir()
+        if opts.bench_task:  # make bench's Nushell task, with its arguments
+            bare_dir = Path(tmp) / "bare"
+            bare_dir.mkdir()
             # bare runs on either side of the runner's, so a drift of the machine evens out
-            bare_before = bare_nushell(opts.tasks, opts.parallel, Path(tmp) / "bare")
+            bare_first = bare_nushell(opts.tasks, opts.parallel, bare_dir)
             through = asyncio.run(
-                _through_runner(runner, opts.tasks, opts.parallel, bench_task=True)
+                _through_runner(
+                    runner,
+                    load_registry().get("server.list"),
+                    lambda _: {"infra": "bench"},
+                    opts.tasks,
+                    opts.parallel,
+                )
             )
-            bare_per_s = (
-                bare_before + bare_nushell(opts.tasks, opts.parallel, Path(tmp) / "bare")
-            ) / 2
+            bare_per_s = (bare_first + bare_nushell(opts.tasks, opts.parallel, bare_dir)) / 2
+            runner_per_s = 1000 / through["wall_ms"]
             print(json.dumps({"tasks": opts.tasks, "parallel": opts.parallel,
-                              "executor": opts.executor, "runner_per_s": through["per_s"],
+                              "executor": opts.executor, "runner_per_s": round(runner_per_s, 1),
                               "bare_per_s": round(bare_per_s, 1),
-                              "ratio": round(through["per_s"] / bare_per_s, 3)}))  # fmt: skip
+                              "ratio": round(runner_per_s / bare_per_s, 3)}))  # fmt: skip
             return 0
-        bare = _bare(nu, opts.tasks, Path(tmp))
-        through = asyncio.run(_through_runner(runner, opts.tasks, opts.parallel))
+        probe = load_registry(FIXTURES / "registry.toml", FIXTURES / "nulib").get("probe.echo")
+        bare = _bare(nu, probe, opts.tasks, Path(tmp))
+        through = asyncio.run(
+            _through_runner(runner, probe, lambda i: {"i": i}, opts.tasks, opts.parallel)
+        )
     overhead = {k: round(through[k] - bare[k], 2) for k in through}
     print(json.dumps({"tasks": opts.tasks, "parallel": opts.parallel, "executor": opts.executor,
                       "bare": bare, "runner": through, "runner_minus_bare": overhead}))  # fmt: skip
